@@ -1,0 +1,359 @@
+//! Command-line parsing (stage one, clap) and validation into a [`Plan`] (stage two).
+//! Nothing here does I/O; bad input fails before any device is touched.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+
+use crate::compress::Codec;
+use crate::engine::{Direction, Mode, Params, Plan, Transport};
+use crate::hash::HashAlgo;
+use crate::protocol::MAX_BLOCK;
+use crate::report::Output;
+
+/// Raw arguments as clap parses them.
+#[derive(Debug, Parser)]
+#[command(
+    name = "basyn",
+    version,
+    about = "Copy and synchronize block devices and disk images, locally or over SSH",
+    disable_help_flag = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Exit codes: 0 done, data identical; 1 usage or precondition error, nothing changed;\n\
+                  2 copy/sync error, the receiving device may be partly changed; 3 check found differences."
+)]
+struct RawArgs {
+    /// Print help (`-h` is the host).
+    #[arg(long = "help", action = ArgAction::Help)]
+    help: Option<bool>,
+
+    /// Local device or image file (e.g. /dev/sda1).
+    #[arg(short = 'l', long = "local", value_name = "DEVICE")]
+    local: Option<PathBuf>,
+
+    /// Remote device or image file (e.g. /dev/vg_backups/copy-sda1).
+    #[arg(short = 'r', long = "remote", value_name = "DEVICE")]
+    remote: Option<PathBuf>,
+
+    /// Remote SSH host; without it the remote device is on this machine and no SSH is used.
+    #[arg(short = 'h', long = "host", value_name = "HOST")]
+    host: Option<String>,
+
+    /// Remote SSH port (default: as the ssh config says, else 22).
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    port: Option<u16>,
+
+    /// Remote SSH user (default: as the ssh config says, else the current user).
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    user: Option<String>,
+
+    /// PUSH: local is the source; PULL: remote is the source. Without it nothing is transferred.
+    #[arg(short = 'a', long = "action", value_enum, ignore_case = true)]
+    action: Option<ActionArg>,
+
+    /// SYNC: send only differing blocks; COPY: send everything (mandatory with --action).
+    #[arg(short = 'm', long = "mode", value_enum, ignore_case = true)]
+    mode: Option<ModeArg>,
+
+    /// Compare both devices after the action (or, without an action, only compare).
+    #[arg(long)]
+    recheck: bool,
+
+    /// Print transfer statistics when done.
+    #[arg(long)]
+    stat: bool,
+
+    /// Log what basyn is doing to stdout.
+    #[arg(long)]
+    verbose: bool,
+
+    /// Show a progress bar on stderr.
+    #[arg(long)]
+    progress: bool,
+
+    /// Print per-block detail to stderr.
+    #[arg(long)]
+    debug: bool,
+
+    /// Hash function for block comparison.
+    #[arg(long, value_enum, ignore_case = true, default_value = "blake3", value_name = "HASH")]
+    hash: HashArg,
+
+    /// Block size in KiB for comparison and transfer.
+    #[arg(long, default_value_t = 2048, value_name = "KB")]
+    buffer: u64,
+
+    /// Chunk size in KiB: a differing buffer is compared in chunks and only differing chunks are sent.
+    #[arg(long, value_name = "KB")]
+    chunk: Option<u64>,
+
+    /// Compression level (0 disables compression).
+    #[arg(long, value_name = "N")]
+    zlevel: Option<u32>,
+
+    /// Compression codec (default: zstd over SSH, none locally).
+    #[arg(long, value_enum, ignore_case = true, value_name = "CODEC")]
+    compress: Option<CompressArg>,
+
+    /// Override the size, same-device and in-use refusals.
+    #[arg(long)]
+    force: bool,
+
+    #[command(subcommand)]
+    command: Option<SubArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+enum SubArgs {
+    /// Serve one device over stdin/stdout (run by basyn itself, locally or over SSH).
+    #[command(hide = true)]
+    Serve {
+        /// The only device this endpoint may touch.
+        path: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ActionArg {
+    Push,
+    Pull,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    Sync,
+    Copy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum HashArg {
+    Blake3,
+    Sha1,
+    Sha224,
+    Sha256,
+    Sha384,
+    Sha512,
+    Blake2b,
+    Blake2s,
+    Md5,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompressArg {
+    Zstd,
+    Zlib,
+    None,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    /// A copy, sync or check.
+    Run(Box<Plan>),
+    /// `basyn serve PATH`.
+    Serve(PathBuf),
+}
+
+/// Why parsing stopped.
+#[derive(Debug)]
+pub enum Stop {
+    /// `--help` or `--version`: print this on stdout, exit 0.
+    Info(String),
+    /// A usage error: one line, exit 1.
+    Usage(String),
+}
+
+/// Parses and validates the command line.
+pub fn parse<I, T>(args: I) -> Result<Command, Stop>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let raw = RawArgs::try_parse_from(args).map_err(|e| match e.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => Stop::Info(e.to_string()),
+        _ => Stop::Usage(first_line(&e.to_string())),
+    })?;
+    if let Some(SubArgs::Serve { path }) = raw.command {
+        return Ok(Command::Serve(path));
+    }
+    plan(raw).map(|p| Command::Run(Box::new(p))).map_err(Stop::Usage)
+}
+
+/// clap's message without its "error: " prefix and usage block.
+fn first_line(text: &str) -> String {
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+    line.trim_start_matches("error: ").trim().to_string()
+}
+
+fn plan(raw: RawArgs) -> Result<Plan, String> {
+    let local = raw.local.ok_or("missing --local DEVICE (-l)")?;
+    let remote = raw.remote.ok_or("missing --remote DEVICE (-r)")?;
+    if raw.host.is_none() {
+        if raw.port.is_some() {
+            return Err("--port needs --host".into());
+        }
+        if raw.user.is_some() {
+            return Err("--user needs --host".into());
+        }
+    }
+    let transport = match raw.host {
+        None => Transport::Local,
+        Some(host) => return Err(format!("--host {host}: the SSH transport is not available in this build yet")),
+    };
+    let action = match (raw.action, raw.mode) {
+        (None, None) => None,
+        (None, Some(_)) => return Err("--mode needs --action (PUSH or PULL)".into()),
+        (Some(_), None) => return Err("--action needs --mode (SYNC or COPY)".into()),
+        (Some(a), Some(m)) => Some((
+            match a {
+                ActionArg::Push => Direction::Push,
+                ActionArg::Pull => Direction::Pull,
+            },
+            match m {
+                ModeArg::Sync => Mode::Sync,
+                ModeArg::Copy => Mode::Copy,
+            },
+        )),
+    };
+    let max_kb = (MAX_BLOCK / 1024) as u64;
+    if raw.buffer == 0 || raw.buffer > max_kb {
+        return Err(format!("--buffer must be between 1 and {max_kb} KB, not {}", raw.buffer));
+    }
+    let chunk = match raw.chunk {
+        None => None,
+        Some(0) => return Err("--chunk must be at least 1 KB".into()),
+        Some(c) if c > raw.buffer => {
+            return Err(format!("--chunk ({c} KB) must not be larger than --buffer ({} KB)", raw.buffer));
+        }
+        Some(c) => Some(c as usize * 1024),
+    };
+    let over_ssh = !matches!(transport, Transport::Local);
+    let codec = codec(raw.compress, raw.zlevel, over_ssh)?;
+    Ok(Plan {
+        local,
+        remote,
+        transport,
+        action,
+        recheck: raw.recheck,
+        params: Params { hash: hash(raw.hash), buffer: raw.buffer as usize * 1024, chunk, codec },
+        force: raw.force,
+        output: Output { stat: raw.stat, verbose: raw.verbose, progress: raw.progress, debug: raw.debug },
+    })
+}
+
+fn hash(h: HashArg) -> HashAlgo {
+    match h {
+        HashArg::Blake3 => HashAlgo::Blake3,
+        HashArg::Sha1 => HashAlgo::Sha1,
+        HashArg::Sha224 => HashAlgo::Sha224,
+        HashArg::Sha256 => HashAlgo::Sha256,
+        HashArg::Sha384 => HashAlgo::Sha384,
+        HashArg::Sha512 => HashAlgo::Sha512,
+        HashArg::Blake2b => HashAlgo::Blake2b,
+        HashArg::Blake2s => HashAlgo::Blake2s,
+        HashArg::Md5 => HashAlgo::Md5,
+    }
+}
+
+/// zstd level 3 over SSH by default, nothing locally unless asked; `--zlevel 0` disables.
+fn codec(compress: Option<CompressArg>, zlevel: Option<u32>, over_ssh: bool) -> Result<Codec, String> {
+    let chosen = match compress {
+        Some(c) => c,
+        None if over_ssh || zlevel.is_some_and(|l| l > 0) => CompressArg::Zstd,
+        None => CompressArg::None,
+    };
+    match (chosen, zlevel) {
+        (_, Some(0)) | (CompressArg::None, _) => Ok(Codec::None),
+        (CompressArg::Zstd, None) => Ok(Codec::Zstd(3)),
+        (CompressArg::Zstd, Some(l)) if l <= 19 => Ok(Codec::Zstd(l as i32)),
+        (CompressArg::Zstd, Some(l)) => Err(format!("--zlevel {l}: zstd levels are 0 to 19")),
+        (CompressArg::Zlib, None) => Ok(Codec::Zlib(6)),
+        (CompressArg::Zlib, Some(l)) if l <= 9 => Ok(Codec::Zlib(l)),
+        (CompressArg::Zlib, Some(l)) => Err(format!("--zlevel {l}: zlib levels are 0 to 9")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_plan(args: &[&str]) -> Plan {
+        let mut all = vec!["basyn"];
+        all.extend_from_slice(args);
+        match parse(all) {
+            Ok(Command::Run(p)) => *p,
+            other => panic!("expected a plan, got {other:?}"),
+        }
+    }
+
+    fn usage(args: &[&str]) -> String {
+        let mut all = vec!["basyn"];
+        all.extend_from_slice(args);
+        match parse(all) {
+            Err(Stop::Usage(m)) => m,
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn short_and_long_options_mean_the_same() {
+        let a = run_plan(&["-l", "a", "-r", "b", "-a", "push", "-m", "SYNC"]);
+        let b = run_plan(&["--local=a", "--remote=b", "--action=PUSH", "--mode=sync"]);
+        assert_eq!(a.action, Some((Direction::Push, Mode::Sync)));
+        assert_eq!(a.action, b.action);
+        assert_eq!(a.local, b.local);
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let p = run_plan(&["-l", "a", "-r", "b"]);
+        assert_eq!(p.params.hash, HashAlgo::Blake3);
+        assert_eq!(p.params.buffer, 2048 * 1024);
+        assert_eq!(p.params.chunk, None);
+        assert_eq!(p.params.codec, Codec::None);
+        assert_eq!(p.action, None);
+    }
+
+    #[test]
+    fn values_are_case_insensitive() {
+        let p = run_plan(&["-l", "a", "-r", "b", "--hash=sha1", "-a", "Pull", "-m", "cOpY"]);
+        assert_eq!(p.params.hash, HashAlgo::Sha1);
+        assert_eq!(p.action, Some((Direction::Pull, Mode::Copy)));
+        assert_eq!(run_plan(&["-l", "a", "-r", "b", "--hash=BLAKE2S"]).params.hash, HashAlgo::Blake2s);
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        assert_eq!(usage(&["-l", "a", "-r", "b", "-a", "push"]), "--action needs --mode (SYNC or COPY)");
+        assert_eq!(usage(&["-r", "b"]), "missing --local DEVICE (-l)");
+        assert!(usage(&["-l", "a", "-r", "b", "--hash", "crc32"]).contains("crc32"));
+        assert!(usage(&["-l", "a", "-r", "b", "--chunk", "4096"]).contains("--chunk"));
+        assert!(usage(&["-l", "a", "-r", "b", "--buffer", "0"]).contains("--buffer"));
+        assert!(usage(&["-l", "a", "-r", "b", "--bogus"]).contains("--bogus"));
+        assert!(!usage(&["-l", "a", "-r", "b", "--bogus"]).contains('\n'));
+    }
+
+    #[test]
+    fn compression_choices() {
+        assert_eq!(codec(None, None, true), Ok(Codec::Zstd(3)));
+        assert_eq!(codec(None, Some(0), true), Ok(Codec::None));
+        assert_eq!(codec(None, None, false), Ok(Codec::None));
+        assert_eq!(codec(None, Some(5), false), Ok(Codec::Zstd(5)));
+        assert_eq!(codec(Some(CompressArg::Zlib), Some(9), false), Ok(Codec::Zlib(9)));
+        assert!(codec(Some(CompressArg::Zlib), Some(12), false).is_err());
+    }
+
+    #[test]
+    fn dash_h_is_the_host_and_help_is_long_only() {
+        assert!(usage(&["-l", "a", "-r", "b", "-h", "example.org"]).contains("example.org"));
+        assert!(matches!(parse(["basyn", "--help"]), Err(Stop::Info(_))));
+    }
+
+    #[test]
+    fn serve_takes_a_path() {
+        assert!(
+            matches!(parse(["basyn", "serve", "/dev/x"]), Ok(Command::Serve(p)) if p == std::path::Path::new("/dev/x"))
+        );
+    }
+}

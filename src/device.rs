@@ -1,0 +1,509 @@
+//! Devices: open, size, read and write regular files and block devices, their identity,
+//! and the safety checks made before anything is written.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Which end of the transfer a device is on, as the user named it (`--local`/`--remote`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The `--local` device.
+    Local,
+    /// The `--remote` device.
+    Remote,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Local => "local",
+            Side::Remote => "remote",
+        })
+    }
+}
+
+/// What kind of thing a device path names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    /// A regular file (a disk image).
+    File,
+    /// A block device.
+    Block,
+}
+
+/// Who a device is, precisely enough to tell whether two paths name the same storage.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// The kernel's boot id: identities from different boots or hosts never match.
+    pub boot_id: String,
+    /// File or block device.
+    pub kind: Kind,
+    /// `st_dev` and `st_ino` of the path itself.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Device number of a block device (`st_rdev`), 0 for files.
+    pub rdev: u64,
+    /// For a loop device, `st_dev`/`st_ino` of its backing file.
+    pub backing: Option<(u64, u64)>,
+}
+
+impl Identity {
+    /// True when both identities certainly name the same storage on the same running host.
+    pub fn same_storage(&self, other: &Identity) -> bool {
+        if self.boot_id.is_empty() || self.boot_id != other.boot_id {
+            return false;
+        }
+        let key = |i: &Identity| match i.kind {
+            Kind::File => (0, i.dev, i.ino),
+            Kind::Block => (1, i.rdev, 0),
+        };
+        let file_key = |i: &Identity| (i.kind == Kind::File).then_some((i.dev, i.ino));
+        key(self) == key(other)
+            || (self.backing.is_some() && self.backing == file_key(other))
+            || (other.backing.is_some() && other.backing == file_key(self))
+    }
+}
+
+/// Why a device cannot be used.
+#[derive(Debug)]
+pub enum Problem {
+    /// The path does not exist.
+    Missing,
+    /// The path exists but is neither a regular file nor a block device.
+    WrongKind(&'static str),
+    /// Opening or querying failed.
+    Io(&'static str, io::Error),
+    /// The source has no data.
+    Empty,
+    /// Receiver and source sizes differ.
+    SizeMismatch { size: u64, source: u64 },
+    /// A block device receiver is smaller than the source, which `--force` cannot fix.
+    TooSmall { size: u64, source: u64 },
+    /// Source and receiver are the same storage.
+    SameDevice(String),
+    /// The receiver is mounted, held or backs a loop device.
+    InUse(String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Missing => f.write_str("no such file or device"),
+            Problem::WrongKind(what) => write!(f, "is {what}, not a regular file or block device"),
+            Problem::Io(doing, e) => write!(f, "cannot {doing}: {}", describe_io(e)),
+            Problem::Empty => f.write_str("nothing to sync: the source is empty (size 0)"),
+            Problem::SizeMismatch { size, source } => write!(
+                f,
+                "size {size} differs from source size {source} (use --force to resize a file or sync onto a larger block device)"
+            ),
+            Problem::TooSmall { size, source } => {
+                write!(f, "size {size} is smaller than source size {source}; a block device cannot be grown")
+            }
+            Problem::SameDevice(other) => write!(f, "is the same device as the source {other} (use --force to allow)"),
+            Problem::InUse(why) => write!(f, "is in use: {why} (use --force to write anyway)"),
+        }
+    }
+}
+
+/// A device that cannot be used, naming its side and path.
+#[derive(Debug, thiserror::Error)]
+#[error("{side} {path}: {problem}")]
+pub struct DeviceError {
+    /// Which end.
+    pub side: Side,
+    /// The path as the user gave it.
+    pub path: String,
+    /// What is wrong.
+    pub problem: Problem,
+}
+
+/// `strerror`-style text for an I/O error, without Rust's "(os error N)" suffix.
+pub fn describe_io(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => text,
+    }
+}
+
+/// What the receiver must accept, learned from the source.
+#[derive(Clone, Debug)]
+pub struct ReceiverSpec {
+    /// Size of the source: the number of bytes that will be synchronized.
+    pub source_size: u64,
+    /// The source's identity, to refuse syncing a device onto itself.
+    pub source: Option<Identity>,
+    /// Source path for messages.
+    pub source_name: String,
+    /// `--force`: resize files, accept larger block devices, skip the in-use and same-device refusals.
+    pub force: bool,
+}
+
+/// An open device.
+#[derive(Debug)]
+pub struct Device {
+    file: File,
+    path: PathBuf,
+    side: Side,
+    kind: Kind,
+    size: u64,
+    identity: Identity,
+    created: bool,
+}
+
+impl Device {
+    /// Checks that `path` exists and is a file or block device, without opening it.
+    pub fn probe(path: &Path, side: Side) -> Result<Kind, DeviceError> {
+        let err = |problem| DeviceError { side, path: path.display().to_string(), problem };
+        let meta = fs::metadata(path).map_err(|e| err(stat_problem(e)))?;
+        kind_of(&meta).map_err(err)
+    }
+
+    /// Opens a source (or a device to be compared) read-only.
+    pub fn open_read(path: &Path, side: Side) -> Result<Device, DeviceError> {
+        let err = |problem| DeviceError { side, path: path.display().to_string(), problem };
+        let meta = fs::metadata(path).map_err(|e| err(stat_problem(e)))?;
+        let kind = kind_of(&meta).map_err(err)?;
+        let file = File::open(path).map_err(|e| err(Problem::Io("open for reading", e)))?;
+        advise_sequential(&file);
+        Device::finish_open(file, path, side, kind, false)
+    }
+
+    /// Opens (or creates) a receiving device after the safety checks in DESIGN.
+    pub fn open_receiver(path: &Path, side: Side, spec: &ReceiverSpec) -> Result<Device, DeviceError> {
+        let err = |problem| DeviceError { side, path: path.display().to_string(), problem };
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Device::create(path, side, spec),
+            Err(e) => return Err(err(stat_problem(e))),
+        };
+        let kind = kind_of(&meta).map_err(err)?;
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if kind == Kind::Block && !spec.force {
+            // O_EXCL on a block device fails with EBUSY while it is mounted or held,
+            // and keeps others from claiming it exclusively while we write.
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let file = opts.open(path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                err(Problem::InUse("the kernel reports it busy (mounted or held)".to_string()))
+            } else {
+                err(Problem::Io("open for writing", e))
+            }
+        })?;
+        let mut dev = Device::finish_open(file, path, side, kind, false)?;
+        if let Some(src) = &spec.source
+            && !spec.force
+            && dev.identity.same_storage(src)
+        {
+            return Err(err(Problem::SameDevice(spec.source_name.clone())));
+        }
+        if !spec.force
+            && let Some(why) = in_use(&dev)
+        {
+            return Err(err(Problem::InUse(why)));
+        }
+        if dev.size != spec.source_size {
+            let mismatch = Problem::SizeMismatch { size: dev.size, source: spec.source_size };
+            match (spec.force, kind) {
+                (false, _) => return Err(err(mismatch)),
+                (true, Kind::File) => {
+                    dev.file.set_len(spec.source_size).map_err(|e| err(Problem::Io("resize", e)))?;
+                    dev.size = spec.source_size;
+                }
+                (true, Kind::Block) if dev.size < spec.source_size => {
+                    return Err(err(Problem::TooSmall { size: dev.size, source: spec.source_size }));
+                }
+                (true, Kind::Block) => {}
+            }
+        }
+        Ok(dev)
+    }
+
+    fn create(path: &Path, side: Side, spec: &ReceiverSpec) -> Result<Device, DeviceError> {
+        let err = |problem| DeviceError { side, path: path.display().to_string(), problem };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| err(Problem::Io("create", e)))?;
+        if let Err(e) = file.set_len(spec.source_size) {
+            let _ = fs::remove_file(path);
+            return Err(err(Problem::Io("size the new file", e)));
+        }
+        let mut dev = Device::finish_open(file, path, side, Kind::File, false)?;
+        dev.created = true;
+        Ok(dev)
+    }
+
+    fn finish_open(file: File, path: &Path, side: Side, kind: Kind, created: bool) -> Result<Device, DeviceError> {
+        let err = |problem| DeviceError { side, path: path.display().to_string(), problem };
+        let meta = file.metadata().map_err(|e| err(Problem::Io("stat", e)))?;
+        let size = match kind {
+            Kind::File => meta.len(),
+            Kind::Block => block_size(&file).map_err(|e| err(Problem::Io("read the block device size", e)))?,
+        };
+        let identity = Identity {
+            boot_id: boot_id(),
+            kind,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            rdev: meta.rdev(),
+            backing: if kind == Kind::Block { loop_backing(meta.rdev()) } else { None },
+        };
+        Ok(Device { file, path: path.to_path_buf(), side, kind, size, identity, created })
+    }
+
+    /// Size in bytes (for a block device, from the `BLKGETSIZE64` ioctl).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Identity for same-device checks.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// True if this open created the file.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The path as given.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Which end this device is on.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Wraps an I/O failure with this device's side and path.
+    pub fn error(&self, doing: &'static str, e: io::Error) -> DeviceError {
+        DeviceError { side: self.side, path: self.path.display().to_string(), problem: Problem::Io(doing, e) }
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("device ended before offset {}", offset + buf.len() as u64),
+                )
+            } else {
+                e
+            };
+            self.error("read", e)
+        })
+    }
+
+    /// Writes all of `data` at `offset`.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.file.write_all_at(data, offset).map_err(|e| self.error("write", e))
+    }
+
+    /// Makes written data durable (`fdatasync`).
+    pub fn sync(&self) -> Result<(), DeviceError> {
+        self.file.sync_data().map_err(|e| self.error("flush (fdatasync)", e))
+    }
+}
+
+fn stat_problem(e: io::Error) -> Problem {
+    if e.kind() == io::ErrorKind::NotFound { Problem::Missing } else { Problem::Io("access", e) }
+}
+
+fn kind_of(meta: &fs::Metadata) -> Result<Kind, Problem> {
+    let ft = meta.file_type();
+    if ft.is_file() {
+        Ok(Kind::File)
+    } else if ft.is_block_device() {
+        Ok(Kind::Block)
+    } else if ft.is_dir() {
+        Err(Problem::WrongKind("a directory"))
+    } else if ft.is_char_device() {
+        Err(Problem::WrongKind("a character device"))
+    } else {
+        Err(Problem::WrongKind("a special file"))
+    }
+}
+
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+fn block_size(file: &File) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+fn advise_sequential(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain advisory syscall on a valid descriptor; failure is harmless.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}
+
+/// The running kernel's boot id, or empty if it cannot be read.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn major_minor(rdev: u64) -> (u32, u32) {
+    (libc::major(rdev as libc::dev_t), libc::minor(rdev as libc::dev_t))
+}
+
+/// The kernel name of a block device (`sda1`, `loop3`) from its device number.
+fn block_name(rdev: u64) -> Option<String> {
+    let (maj, min) = major_minor(rdev);
+    let link = fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+fn loop_backing(rdev: u64) -> Option<(u64, u64)> {
+    let name = block_name(rdev)?;
+    let backing = fs::read_to_string(format!("/sys/class/block/{name}/loop/backing_file")).ok()?;
+    let meta = fs::metadata(backing.trim()).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Why a receiver must not be written, if it is mounted, held by another device,
+/// or (for an image file) backs a loop device.
+fn in_use(dev: &Device) -> Option<String> {
+    match dev.kind {
+        Kind::Block => {
+            let name = block_name(dev.identity.rdev)?;
+            let holders: Vec<String> = fs::read_dir(format!("/sys/class/block/{name}/holders"))
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            if !holders.is_empty() {
+                return Some(format!("held by {}", holders.join(", ")));
+            }
+            let mut numbers = vec![major_minor(dev.identity.rdev)];
+            numbers.extend(partitions_of(&name));
+            mounted_at(&numbers).map(|m| format!("mounted at {m}"))
+        }
+        Kind::File => {
+            let me = (dev.identity.dev, dev.identity.ino);
+            let dir = fs::read_dir("/sys/block").ok()?;
+            for entry in dir.filter_map(|e| e.ok()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with("loop") {
+                    continue;
+                }
+                let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
+                if let Ok(meta) = fs::metadata(backing.trim())
+                    && (meta.dev(), meta.ino()) == me
+                {
+                    return Some(format!("it backs /dev/{name}"));
+                }
+            }
+            None
+        }
+    }
+}
+
+fn partitions_of(name: &str) -> Vec<(u32, u32)> {
+    let Ok(dir) = fs::read_dir(format!("/sys/class/block/{name}")) else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| e.path().join("partition").exists())
+        .filter_map(|e| fs::read_to_string(e.path().join("dev")).ok())
+        .filter_map(|s| {
+            let (a, b) = s.trim().split_once(':')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+fn mounted_at(numbers: &[(u32, u32)]) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for line in info.lines() {
+        let mut fields = line.split(' ');
+        let (Some(_), Some(_), Some(majmin), Some(_), Some(mount_point)) =
+            (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let Some((a, b)) = majmin.split_once(':') else { continue };
+        if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>())
+            && numbers.contains(&(a, b))
+        {
+            return Some(mount_point.to_string());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(size: u64, force: bool) -> ReceiverSpec {
+        ReceiverSpec { source_size: size, source: None, source_name: "src".into(), force }
+    }
+
+    #[test]
+    fn a_missing_receiver_file_is_created_at_the_source_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("new.img");
+        let dev = Device::open_receiver(&p, Side::Remote, &spec(12345, false)).unwrap();
+        assert!(dev.created());
+        assert_eq!(fs::metadata(&p).unwrap().len(), 12345);
+    }
+
+    #[test]
+    fn a_size_mismatch_names_both_sizes_and_force_resizes_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dst.img");
+        fs::write(&p, vec![0u8; 100]).unwrap();
+        let e = Device::open_receiver(&p, Side::Remote, &spec(200, false)).unwrap_err();
+        assert_eq!(
+            e.to_string().split(" (use").next().unwrap(),
+            format!("remote {}: size 100 differs from source size 200", p.display())
+        );
+        assert_eq!(fs::metadata(&p).unwrap().len(), 100);
+        Device::open_receiver(&p, Side::Remote, &spec(200, true)).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().len(), 200);
+    }
+
+    #[test]
+    fn the_same_file_is_recognised_through_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.img");
+        fs::write(&p, vec![1u8; 10]).unwrap();
+        let src = Device::open_read(&p, Side::Local).unwrap();
+        let mut s = spec(10, false);
+        s.source = Some(src.identity().clone());
+        let e = Device::open_receiver(&p, Side::Remote, &s).unwrap_err();
+        assert!(matches!(e.problem, Problem::SameDevice(_)), "{e}");
+    }
+
+    #[test]
+    fn io_errors_read_like_strerror() {
+        let e = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(describe_io(&e), "no space left on device");
+    }
+}

@@ -1,0 +1,77 @@
+//! COPY: stream every block from source to receiver in order, with reads, compression
+//! and sending overlapped (PUSH) or a window of reads in flight (PULL).
+
+use std::collections::VecDeque;
+
+use super::pipeline::{self, Blocks};
+use super::{Direction, Fault, Params};
+use crate::device::Device;
+use crate::endpoint::Endpoint;
+use crate::protocol::{BlockFrame, Frame, Message, ProtocolError};
+use crate::report::Reporter;
+
+/// Bytes of reads kept in flight for PULL.
+const PULL_WINDOW: u64 = 32 << 20;
+
+/// Copies `len` bytes in `dir`; returns the bytes written.
+pub fn run(
+    local: &Device,
+    ep: &mut Endpoint,
+    len: u64,
+    params: &Params,
+    dir: Direction,
+    rep: &Reporter,
+) -> Result<u64, Fault> {
+    let blocks = Blocks { len, block: params.buffer as u64 };
+    match dir {
+        Direction::Push => push(local, ep, blocks, params, rep),
+        Direction::Pull => pull(local, ep, blocks, rep),
+    }
+}
+
+fn push(local: &Device, ep: &mut Endpoint, blocks: Blocks, params: &Params, rep: &Reporter) -> Result<u64, Fault> {
+    let codec = params.codec;
+    std::thread::scope(|scope| {
+        let (rx, _reader) =
+            pipeline::spawn(scope, local, blocks, 8, move |offset, data| BlockFrame::encode(offset, &data, codec));
+        let mut written = 0;
+        for item in rx {
+            let item = item?;
+            ep.send(&Frame::Block(item.value))?;
+            rep.advance(item.len as u64);
+            written += item.len as u64;
+        }
+        Ok(written)
+    })
+}
+
+fn pull(local: &Device, ep: &mut Endpoint, blocks: Blocks, rep: &Reporter) -> Result<u64, Fault> {
+    let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
+    let mut inflight = 0u64;
+    let mut next = 0u64;
+    let mut written = 0u64;
+    loop {
+        while next < blocks.count() && (pending.is_empty() || inflight + blocks.block <= PULL_WINDOW) {
+            let (offset, len) = blocks.span(next);
+            ep.send(&Frame::Control(Message::Read { offset, len: len as u32 }))?;
+            pending.push_back((offset, len));
+            inflight += len as u64;
+            next += 1;
+        }
+        let Some((offset, len)) = pending.pop_front() else { break };
+        let block = match ep.recv()? {
+            Frame::Block(b) if b.offset == offset && b.raw_len as usize == len => b,
+            _ => {
+                return Err(Fault::Protocol(ProtocolError::Unexpected(format!(
+                    "reply where data for offset {offset} was expected"
+                ))));
+            }
+        };
+        let data = block.decode(offset + len as u64)?;
+        local.write_at(offset, &data)?;
+        inflight -= len as u64;
+        written += len as u64;
+        rep.advance(len as u64);
+    }
+    Ok(written)
+}

@@ -1,0 +1,173 @@
+//! Block digests: one enum over every supported algorithm, digests as small fixed arrays.
+
+use std::fmt;
+
+use sha2::Digest as _;
+
+/// Largest digest any supported algorithm produces (SHA-512, BLAKE2b-512).
+pub const MAX_DIGEST_LEN: usize = 64;
+
+/// A hash algorithm selectable with `--hash`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum HashAlgo {
+    /// BLAKE3, 256-bit output: the default.
+    Blake3,
+    /// SHA-1, the original tool's default; collision-broken, kept for compatibility.
+    Sha1,
+    /// SHA-224.
+    Sha224,
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+    /// BLAKE2b with 512-bit output.
+    Blake2b,
+    /// BLAKE2s with 256-bit output.
+    Blake2s,
+    /// MD5; broken, kept for compatibility.
+    Md5,
+}
+
+impl HashAlgo {
+    /// Every algorithm, in the order the help text lists them.
+    pub const ALL: [HashAlgo; 9] = [
+        HashAlgo::Blake3,
+        HashAlgo::Sha1,
+        HashAlgo::Sha224,
+        HashAlgo::Sha256,
+        HashAlgo::Sha384,
+        HashAlgo::Sha512,
+        HashAlgo::Blake2b,
+        HashAlgo::Blake2s,
+        HashAlgo::Md5,
+    ];
+
+    /// Length in bytes of this algorithm's digests.
+    pub fn digest_len(self) -> usize {
+        match self {
+            HashAlgo::Blake3 | HashAlgo::Sha256 | HashAlgo::Blake2s => 32,
+            HashAlgo::Sha1 => 20,
+            HashAlgo::Sha224 => 28,
+            HashAlgo::Sha384 => 48,
+            HashAlgo::Sha512 | HashAlgo::Blake2b => 64,
+            HashAlgo::Md5 => 16,
+        }
+    }
+
+    /// The name users type and logs print.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgo::Blake3 => "BLAKE3",
+            HashAlgo::Sha1 => "SHA1",
+            HashAlgo::Sha224 => "SHA224",
+            HashAlgo::Sha256 => "SHA256",
+            HashAlgo::Sha384 => "SHA384",
+            HashAlgo::Sha512 => "SHA512",
+            HashAlgo::Blake2b => "BLAKE2B",
+            HashAlgo::Blake2s => "BLAKE2S",
+            HashAlgo::Md5 => "MD5",
+        }
+    }
+
+    /// Digest of one block of data.
+    pub fn digest(self, data: &[u8]) -> Digest {
+        fn from(bytes: impl AsRef<[u8]>) -> Digest {
+            Digest::from_slice(bytes.as_ref())
+        }
+        match self {
+            HashAlgo::Blake3 => from(blake3::hash(data).as_bytes()),
+            HashAlgo::Sha1 => from(sha1::Sha1::digest(data)),
+            HashAlgo::Sha224 => from(sha2::Sha224::digest(data)),
+            HashAlgo::Sha256 => from(sha2::Sha256::digest(data)),
+            HashAlgo::Sha384 => from(sha2::Sha384::digest(data)),
+            HashAlgo::Sha512 => from(sha2::Sha512::digest(data)),
+            HashAlgo::Blake2b => from(blake2::Blake2b512::digest(data)),
+            HashAlgo::Blake2s => from(blake2::Blake2s256::digest(data)),
+            HashAlgo::Md5 => from(md5::Md5::digest(data)),
+        }
+    }
+
+    /// Digests of consecutive `piece`-sized pieces of `data` (the last may be shorter).
+    pub fn digest_pieces(self, data: &[u8], piece: usize) -> Vec<Digest> {
+        data.chunks(piece.max(1)).map(|p| self.digest(p)).collect()
+    }
+}
+
+impl fmt::Display for HashAlgo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A digest of up to [`MAX_DIGEST_LEN`] bytes, stored inline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest {
+    len: u8,
+    bytes: [u8; MAX_DIGEST_LEN],
+}
+
+impl Digest {
+    /// Copies a digest out of `bytes`; panics only if `bytes` is longer than any digest,
+    /// which callers rule out by slicing with [`HashAlgo::digest_len`].
+    pub fn from_slice(bytes: &[u8]) -> Digest {
+        assert!(bytes.len() <= MAX_DIGEST_LEN, "digest longer than {MAX_DIGEST_LEN} bytes");
+        let mut out = [0u8; MAX_DIGEST_LEN];
+        out[..bytes.len()].copy_from_slice(bytes);
+        Digest { len: bytes.len() as u8, bytes: out }
+    }
+
+    /// The digest's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.as_bytes() {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_answers_for_empty_input() {
+        let hex = |a: HashAlgo| a.digest(b"").to_string();
+        assert_eq!(hex(HashAlgo::Md5), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(hex(HashAlgo::Sha1), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+        assert_eq!(hex(HashAlgo::Sha256), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(hex(HashAlgo::Blake3), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
+    }
+
+    #[test]
+    fn every_algorithm_has_its_declared_length_and_tells_inputs_apart() {
+        for algo in HashAlgo::ALL {
+            let a = algo.digest(b"block a");
+            let b = algo.digest(b"block b");
+            assert_eq!(a.as_bytes().len(), algo.digest_len(), "{algo}");
+            assert_ne!(a, b, "{algo}");
+            assert_eq!(a, algo.digest(b"block a"), "{algo}");
+        }
+    }
+
+    #[test]
+    fn pieces_cover_a_short_tail() {
+        let data = vec![7u8; 10];
+        let d = HashAlgo::Blake3.digest_pieces(&data, 4);
+        assert_eq!(d.len(), 3);
+        assert_eq!(d[2], HashAlgo::Blake3.digest(&data[8..]));
+    }
+}

@@ -1,0 +1,15 @@
+//! basyn: copy and synchronize block devices and disk images, locally or over SSH.
+//!
+//! The binary (`main.rs`) parses the command line with [`cli`] and hands a [`engine::Plan`]
+//! to [`engine::run`]; the far end of every run is [`serve::serve`] behind an
+//! [`endpoint::Endpoint`].
+
+pub mod cli;
+pub mod compress;
+pub mod device;
+pub mod endpoint;
+pub mod engine;
+pub mod hash;
+pub mod protocol;
+pub mod report;
+pub mod serve;

@@ -1,0 +1,53 @@
+//! The `basyn` binary: parse, call, map errors to exit codes.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+
+use basyn::cli::{self, Command, Stop};
+use basyn::{engine, serve};
+
+fn main() -> ExitCode {
+    let code = match cli::parse(std::env::args_os()) {
+        Err(Stop::Info(text)) => {
+            print!("{text}");
+            0
+        }
+        Err(Stop::Usage(msg)) => {
+            eprintln!("basyn: {msg}; see 'basyn --help'");
+            1
+        }
+        Ok(Command::Serve(path)) => serve_stdio(&path),
+        Ok(Command::Run(plan)) => {
+            let mut stats = Default::default();
+            let result = engine::run(&plan, &mut stats);
+            if plan.output.stat {
+                print!("{}", stats.render());
+            }
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("basyn: {e}");
+                    e.exit_code()
+                }
+            }
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+/// Serves over the raw stdin/stdout descriptors: std's stdout is line-buffered, which
+/// would split binary frames at every newline byte.
+fn serve_stdio(path: &std::path::Path) -> i32 {
+    let fds = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|i| std::io::stdout().as_fd().try_clone_to_owned().map(|o| (i, o)));
+    match fds {
+        Ok((input, output)) => serve::serve(path, File::from(input), File::from(output)),
+        Err(e) => {
+            eprintln!("basyn serve: cannot use stdin/stdout: {e}");
+            2
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! What the user sees: `--verbose` log lines on stdout, `--debug` detail and the
+//! `--progress` bar on stderr, and the `--stat` summary.
+
+use std::fmt::Display;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Which kinds of output the user asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Output {
+    /// `--stat`.
+    pub stat: bool,
+    /// `--verbose`.
+    pub verbose: bool,
+    /// `--progress`.
+    pub progress: bool,
+    /// `--debug`.
+    pub debug: bool,
+}
+
+/// Routes log, debug and progress output.
+pub struct Reporter {
+    output: Output,
+    bar: Option<ProgressBar>,
+    started: Instant,
+}
+
+impl Reporter {
+    /// A reporter whose clock starts now.
+    pub fn new(output: Output) -> Reporter {
+        Reporter { output, bar: None, started: Instant::now() }
+    }
+
+    /// Time since the reporter was made.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// True if `--debug` output is wanted (to skip building its text otherwise).
+    pub fn debugging(&self) -> bool {
+        self.output.debug
+    }
+
+    /// A `--verbose` line on stdout.
+    pub fn log(&self, line: impl Display) {
+        if self.output.verbose {
+            self.suspend(|| {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            });
+        }
+    }
+
+    /// A `--debug` line on stderr.
+    pub fn debug(&self, line: impl Display) {
+        if self.output.debug {
+            self.suspend(|| eprintln!("debug: {line}"));
+        }
+    }
+
+    fn suspend(&self, f: impl FnOnce()) {
+        match &self.bar {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+
+    /// Starts a progress bar over `total` bytes (shown only with `--progress`).
+    pub fn start(&mut self, label: &str, total: u64) {
+        self.finish();
+        if !self.output.progress {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "{msg:>8} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_message(label.to_string());
+        self.bar = Some(bar);
+    }
+
+    /// Advances the progress bar by `bytes`.
+    pub fn advance(&self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+
+    /// Completes and removes the progress bar.
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
+        }
+    }
+}
+
+/// The figures `--stat` prints.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Size of the source device.
+    pub device_size: u64,
+    /// Bytes received from the far endpoint.
+    pub rx: u64,
+    /// Bytes sent to the far endpoint.
+    pub tx: u64,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+    /// Blocks compared (SYNC, recheck).
+    pub blocks_compared: u64,
+    /// Blocks found different.
+    pub blocks_differing: u64,
+    /// Bytes of device data written to the receiver.
+    pub bytes_written: u64,
+}
+
+impl Stats {
+    /// The summary in the original tool's terms, one figure per line.
+    pub fn render(&self) -> String {
+        let both = self.rx + self.tx;
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let ratio = if self.device_size == 0 { 0.0 } else { both as f64 * 100.0 / self.device_size as f64 };
+        format!(
+            "Device size: {} bytes ({})\n\
+             Traffic:     Rx {} bytes, Tx {} bytes, Both {} bytes ({})\n\
+             Ratio:       {:.2} %\n\
+             Time:        {:.3} s\n\
+             Bandwidth:   Real {}/s, Effective {}/s\n\
+             Blocks:      {} compared, {} differing, {} bytes written\n",
+            self.device_size,
+            human(self.device_size as f64),
+            self.rx,
+            self.tx,
+            both,
+            human(both as f64),
+            ratio,
+            self.elapsed.as_secs_f64(),
+            human(both as f64 / secs),
+            human(self.device_size as f64 / secs),
+            self.blocks_compared,
+            self.blocks_differing,
+            self.bytes_written,
+        )
+    }
+}
+
+/// Binary-prefixed size: `1.50 MiB`.
+pub fn human(bytes: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{v:.0} B") } else { format!("{v:.2} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_show_every_figure_of_the_original() {
+        let s = Stats { device_size: 1 << 30, rx: 1000, tx: 24, elapsed: Duration::from_secs(2), ..Stats::default() };
+        let text = s.render();
+        for needle in [
+            "Device size: 1073741824 bytes",
+            "Rx 1000 bytes",
+            "Tx 24 bytes",
+            "Both 1024 bytes",
+            "Ratio:",
+            "Time:        2.000 s",
+            "Real 512 B/s",
+            "Effective 512.00 MiB/s",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0.0), "0 B");
+        assert_eq!(human(1536.0), "1.50 KiB");
+        assert_eq!(human(3.0 * 1024.0 * 1024.0 * 1024.0), "3.00 GiB");
+    }
+}
