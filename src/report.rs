@@ -24,13 +24,43 @@ pub struct Output {
 pub struct Reporter {
     output: Output,
     bar: Option<ProgressBar>,
+    plain: Option<PlainProgress>,
     started: Instant,
+}
+
+/// Progress for a stderr that is not a terminal (logs, cron): a line at most every
+/// [`PLAIN_INTERVAL`] and one at the end, instead of a redrawn bar.
+struct PlainProgress {
+    label: String,
+    total: u64,
+    done: std::cell::Cell<u64>,
+    started: Instant,
+    last: std::cell::Cell<Instant>,
+}
+
+const PLAIN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl PlainProgress {
+    fn line(&self) -> String {
+        let done = self.done.get();
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let rate = done as f64 / secs;
+        let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
+        let eta = if rate > 0.0 { (self.total.saturating_sub(done)) as f64 / rate } else { 0.0 };
+        format!(
+            "{}: {pct:5.1}% {}/{} {}/s ETA {eta:.0}s",
+            self.label,
+            human(done as f64),
+            human(self.total as f64),
+            human(rate)
+        )
+    }
 }
 
 impl Reporter {
     /// A reporter whose clock starts now.
     pub fn new(output: Output) -> Reporter {
-        Reporter { output, bar: None, started: Instant::now() }
+        Reporter { output, bar: None, plain: None, started: Instant::now() }
     }
 
     /// Time since the reporter was made.
@@ -74,6 +104,17 @@ impl Reporter {
         if !self.output.progress {
             return;
         }
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let now = Instant::now();
+            self.plain = Some(PlainProgress {
+                label: label.to_string(),
+                total,
+                done: 0.into(),
+                started: now,
+                last: now.into(),
+            });
+            return;
+        }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
             "{msg:>8} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
@@ -90,12 +131,22 @@ impl Reporter {
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
         }
+        if let Some(p) = &self.plain {
+            p.done.set(p.done.get() + bytes);
+            if p.last.get().elapsed() >= PLAIN_INTERVAL {
+                p.last.set(Instant::now());
+                eprintln!("{}", p.line());
+            }
+        }
     }
 
     /// Completes and removes the progress bar.
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish();
+        }
+        if let Some(p) = self.plain.take() {
+            eprintln!("{}", p.line());
         }
     }
 }
