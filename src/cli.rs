@@ -11,6 +11,7 @@ use crate::engine::{Direction, Mode, Params, Plan, Transport};
 use crate::hash::HashAlgo;
 use crate::protocol::MAX_BLOCK;
 use crate::report::Output;
+use crate::ssh::Target;
 
 /// Raw arguments as clap parses them.
 #[derive(Debug, Parser)]
@@ -88,6 +89,10 @@ struct RawArgs {
     #[arg(long, value_name = "KB")]
     chunk: Option<u64>,
 
+    /// Path of basyn on the remote host (default: `basyn` on its PATH, else upload this one).
+    #[arg(long = "remote-path", value_name = "PATH")]
+    remote_path: Option<String>,
+
     /// Compression level (0 disables compression).
     #[arg(long, value_name = "N")]
     zlevel: Option<u32>,
@@ -112,6 +117,9 @@ enum SubArgs {
         /// The only device this endpoint may touch.
         path: PathBuf,
     },
+    /// Print the protocol version this build speaks (used before uploading over SSH).
+    #[command(hide = true)]
+    Protocol,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -153,6 +161,8 @@ pub enum Command {
     Run(Box<Plan>),
     /// `basyn serve PATH`.
     Serve(PathBuf),
+    /// `basyn protocol`.
+    Protocol,
 }
 
 /// Why parsing stopped.
@@ -174,8 +184,10 @@ where
         clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => Stop::Info(e.to_string()),
         _ => Stop::Usage(first_line(&e.to_string())),
     })?;
-    if let Some(SubArgs::Serve { path }) = raw.command {
-        return Ok(Command::Serve(path));
+    match raw.command {
+        Some(SubArgs::Serve { path }) => return Ok(Command::Serve(path)),
+        Some(SubArgs::Protocol) => return Ok(Command::Protocol),
+        None => {}
     }
     plan(raw).map(|p| Command::Run(Box::new(p))).map_err(Stop::Usage)
 }
@@ -189,17 +201,13 @@ fn first_line(text: &str) -> String {
 fn plan(raw: RawArgs) -> Result<Plan, String> {
     let local = raw.local.ok_or("missing --local DEVICE (-l)")?;
     let remote = raw.remote.ok_or("missing --remote DEVICE (-r)")?;
-    if raw.host.is_none() {
-        if raw.port.is_some() {
-            return Err("--port needs --host".into());
-        }
-        if raw.user.is_some() {
-            return Err("--user needs --host".into());
-        }
-    }
     let transport = match raw.host {
+        None if raw.port.is_some() => return Err("--port needs --host".into()),
+        None if raw.user.is_some() => return Err("--user needs --host".into()),
+        None if raw.remote_path.is_some() => return Err("--remote-path needs --host".into()),
         None => Transport::Local,
-        Some(host) => return Err(format!("--host {host}: the SSH transport is not available in this build yet")),
+        Some(host) if host.is_empty() || host.starts_with('-') => return Err(format!("invalid --host {host:?}")),
+        Some(host) => Transport::Ssh(Target { host, port: raw.port, user: raw.user, remote_path: raw.remote_path }),
     };
     let action = match (raw.action, raw.mode) {
         (None, None) => None,
@@ -346,7 +354,23 @@ mod tests {
 
     #[test]
     fn dash_h_is_the_host_and_help_is_long_only() {
-        assert!(usage(&["-l", "a", "-r", "b", "-h", "example.org"]).contains("example.org"));
+        let p = run_plan(&["-l", "a", "-r", "b", "-h", "example.org"]);
+        assert_eq!(
+            p.transport,
+            Transport::Ssh(Target { host: "example.org".into(), port: None, user: None, remote_path: None })
+        );
+        assert_eq!(p.params.codec, Codec::Zstd(3));
+        let p = run_plan(&["-l", "a", "-r", "b", "-h", "x", "-p", "2222", "-u", "bob", "--remote-path", "/opt/basyn"]);
+        assert_eq!(
+            p.transport,
+            Transport::Ssh(Target {
+                host: "x".into(),
+                port: Some(2222),
+                user: Some("bob".into()),
+                remote_path: Some("/opt/basyn".into())
+            })
+        );
+        assert_eq!(usage(&["-l", "a", "-r", "b", "-p", "22"]), "--port needs --host");
         assert!(matches!(parse(["basyn", "--help"]), Err(Stop::Info(_))));
     }
 

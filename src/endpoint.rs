@@ -45,6 +45,8 @@ pub trait Process: Send {
     fn kill(&mut self);
     /// Waits for it to exit and describes an abnormal exit ("killed by signal 9").
     fn wait(&mut self) -> Option<String>;
+    /// Like `wait`, but gives up after `limit`: `None` if it is still running.
+    fn wait_for(&mut self, limit: Duration) -> Option<Option<String>>;
 }
 
 impl Process for Child {
@@ -56,6 +58,18 @@ impl Process for Child {
             Ok(st) if st.success() => None,
             Ok(st) => Some(describe_status(st)),
             Err(e) => Some(format!("could not be waited for: {e}")),
+        }
+    }
+    fn wait_for(&mut self, limit: Duration) -> Option<Option<String>> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match self.try_wait() {
+                Ok(Some(st)) if st.success() => return Some(None),
+                Ok(Some(st)) => return Some(Some(describe_status(st))),
+                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Ok(None) => return None,
+                Err(e) => return Some(Some(format!("could not be waited for: {e}"))),
+            }
         }
     }
 }
@@ -217,14 +231,14 @@ impl Endpoint {
     /// Queues a frame (flushed before the next wait for a reply).
     pub fn send(&mut self, frame: &Frame) -> Result<(), EndpointError> {
         let sent = self.writer_mut().and_then(|w| w.send(frame).map_err(ProtocolError::from));
-        sent.map_err(|e| self.fail("sending to the endpoint", e))
+        sent.map_err(|e| self.fail("sending", e))
     }
 
     /// Waits for the next reply; an `Abort` from the endpoint becomes an error.
     pub fn recv(&mut self) -> Result<Frame, EndpointError> {
         let flushed = self.writer_mut().and_then(|w| w.flush().map_err(ProtocolError::from));
         if let Err(e) = flushed {
-            return Err(self.fail("sending to the endpoint", e));
+            return Err(self.fail("sending", e));
         }
         match self.replies.recv() {
             Ok(Ok(Frame::Control(Message::Abort { code, message }))) => {
@@ -232,8 +246,8 @@ impl Endpoint {
                 Err(EndpointError::Abort { code, message })
             }
             Ok(Ok(frame)) => Ok(frame),
-            Ok(Err(e)) => Err(self.fail("waiting for the endpoint", e)),
-            Err(_) => Err(self.fail("waiting for the endpoint", ProtocolError::Closed)),
+            Ok(Err(e)) => Err(self.fail("waiting for a reply", e)),
+            Err(_) => Err(self.fail("waiting for a reply", ProtocolError::Closed)),
         }
     }
 
@@ -288,8 +302,8 @@ impl Endpoint {
         }
         let status = self.reap();
         let context = match status {
-            Some(s) => format!("{doing}: the endpoint {s}"),
-            None => doing.to_string(),
+            Some(s) => format!("the remote endpoint or the connection failed while {doing} (the endpoint {s})"),
+            None => format!("the remote endpoint or the connection failed while {doing}"),
         };
         EndpointError::Broken { context, source }
     }
@@ -301,7 +315,10 @@ impl Endpoint {
         }
         self.finished = true;
         self.writer = None;
-        std::thread::sleep(Duration::from_millis(20));
+        // Closing our side usually ends it; give it a moment to report its own status.
+        if let Some(status) = self.process.wait_for(Duration::from_secs(1)) {
+            return status;
+        }
         self.process.kill();
         self.process.wait()
     }

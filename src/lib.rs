@@ -13,3 +13,4 @@ pub mod hash;
 pub mod protocol;
 pub mod report;
 pub mod serve;
+pub mod ssh;

@@ -18,6 +18,10 @@ fn main() -> ExitCode {
             1
         }
         Ok(Command::Serve(path)) => serve_stdio(&path),
+        Ok(Command::Protocol) => {
+            println!("{}", basyn::ssh::protocol_line());
+            0
+        }
         Ok(Command::Run(plan)) => {
             let mut stats = Default::default();
             let result = engine::run(&plan, &mut stats);

@@ -194,7 +194,7 @@ pub enum ProtocolError {
     #[error("the connection closed unexpectedly")]
     Closed,
     /// Reading or writing the stream failed.
-    #[error("connection failed: {0}")]
+    #[error("{}", crate::device::describe_io(.0))]
     Io(#[from] io::Error),
     /// The stream does not start with basyn's magic.
     #[error("the peer does not speak the basyn protocol (got {0:02x?})")]

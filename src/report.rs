@@ -106,13 +106,8 @@ impl Reporter {
         }
         if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let now = Instant::now();
-            self.plain = Some(PlainProgress {
-                label: label.to_string(),
-                total,
-                done: 0.into(),
-                started: now,
-                last: now.into(),
-            });
+            self.plain =
+                Some(PlainProgress { label: label.to_string(), total, done: 0.into(), started: now, last: now.into() });
             return;
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());

@@ -39,6 +39,8 @@ pub enum Mode {
 pub enum Transport {
     /// `basyn serve` as a child process on this machine.
     Local,
+    /// `basyn serve` on another host, over SSH.
+    Ssh(crate::ssh::Target),
 }
 
 /// Parameters shared by every phase of a run.
@@ -140,9 +142,10 @@ impl Fault {
     }
 }
 
-fn connect(plan: &Plan) -> Result<Endpoint, Fault> {
-    let link = match plan.transport {
+fn connect(plan: &Plan, rep: &Reporter) -> Result<Endpoint, Fault> {
+    let link = match &plan.transport {
         Transport::Local => Link::local_child(&plan.remote)?,
+        Transport::Ssh(target) => crate::ssh::connect(target, &plan.remote, &|line| rep.log(line))?,
     };
     Ok(Endpoint::connect(link)?)
 }
@@ -165,7 +168,7 @@ fn run_phases(plan: &Plan, rep: &mut Reporter, stats: &mut Stats) -> Result<(), 
     match plan.action {
         None if !plan.recheck => {
             Device::probe(&plan.local, Side::Local).map_err(|e| Error::Refused(e.to_string()))?;
-            let mut ep = connect(plan).map_err(Fault::refused)?;
+            let mut ep = connect(plan, rep).map_err(Fault::refused)?;
             ep.open(Access::Probe, plan.params.hash, Codec::None).map_err(|e| Fault::from(e).refused())?;
             ep.close().map_err(|e| Fault::from(e).refused())?;
             rep.log(format_args!(
@@ -210,7 +213,7 @@ fn transfer(plan: &Plan, rep: &mut Reporter, dir: Direction, mode: Mode, stats: 
             if local.size() == 0 {
                 return Err(empty(Side::Local, &plan.local));
             }
-            let mut ep = connect(plan).map_err(Fault::refused)?;
+            let mut ep = connect(plan, rep).map_err(Fault::refused)?;
             let access = Access::Write {
                 source_size: local.size(),
                 source: Some(local.identity().clone()),
@@ -225,7 +228,7 @@ fn transfer(plan: &Plan, rep: &mut Reporter, dir: Direction, mode: Mode, stats: 
             (local, ep, len)
         }
         Direction::Pull => {
-            let mut ep = connect(plan).map_err(Fault::refused)?;
+            let mut ep = connect(plan, rep).map_err(Fault::refused)?;
             let opened = ep.open(Access::Read, p.hash, p.codec).map_err(|e| Fault::from(e).refused())?;
             if opened.size == 0 {
                 return Err(empty(Side::Remote, &plan.remote));
@@ -280,7 +283,7 @@ fn recheck(plan: &Plan, rep: &mut Reporter, synced: Option<u64>, stats: &mut Sta
     let after_action = synced.is_some();
     let fail = |msg: String| if after_action { Error::RecheckFailed(msg) } else { Error::Differ(msg) };
     let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Error::Refused(e.to_string()))?;
-    let mut ep = connect(plan).map_err(Fault::refused)?;
+    let mut ep = connect(plan, rep).map_err(Fault::refused)?;
     let opened = ep.open(Access::Read, p.hash, Codec::None).map_err(|e| Fault::from(e).refused())?;
     let len = match synced {
         Some(len) => len,
