@@ -465,6 +465,63 @@ mod tests {
         assert_eq!(round_trip(&frames), frames);
     }
 
+    /// A version-1 session whose encoding must never change (`fixtures/protocol/`).
+    fn golden_session() -> Vec<Frame> {
+        let identity = Identity {
+            boot_id: "8d1c9a52-1f5e-4c33-9b1a-2f4e6d7c8b9a".into(),
+            kind: Kind::Block,
+            dev: 5,
+            ino: 1234,
+            rdev: (7 << 8) | 3,
+            backing: Some((2049, 77)),
+        };
+        vec![
+            Frame::Control(Message::Hello { version: 1, features: FEATURE_ZSTD | FEATURE_ZLIB }),
+            Frame::Control(Message::Open {
+                access: Access::Write {
+                    source_size: 1 << 30,
+                    source: Some(identity.clone()),
+                    source_name: "local /dev/vg0/root".into(),
+                    force: false,
+                },
+                hash: HashAlgo::Blake3,
+                codec: Codec::Zstd(3),
+            }),
+            Frame::Control(Message::Opened { size: 1 << 30, kind: Kind::File, identity, created: true }),
+            Frame::Control(Message::HashBlocks { offset: 2 << 20, len: 16 << 20, block: 2 << 20 }),
+            Frame::Digests((0u8..64).collect()),
+            Frame::Control(Message::Read { offset: 4096, len: 8 }),
+            Frame::Block(BlockFrame { offset: 4096, raw_len: 8, codec: PayloadCodec::Raw, payload: b"basyn!\n\0".to_vec() }),
+            Frame::Control(Message::Flush),
+            Frame::Control(Message::Flushed),
+            Frame::Control(Message::Abort { code: AbortCode::Precondition, message: "remote /x: no such file or device".into() }),
+            Frame::Control(Message::Close),
+        ]
+    }
+
+    #[test]
+    fn the_version_1_encoding_matches_the_golden_fixture() {
+        let mut bytes = Vec::new();
+        let mut w = FrameWriter::new(&mut bytes, Arc::default());
+        w.start().unwrap();
+        for f in golden_session() {
+            w.send(&f).unwrap();
+        }
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v1.bin");
+        if std::env::var_os("BASYN_BLESS").is_some() {
+            std::fs::write(path, &bytes).unwrap();
+        }
+        let golden = std::fs::read(path).expect("fixtures/protocol/session-v1.bin (BASYN_BLESS=1 writes it)");
+        assert_eq!(bytes, golden, "the wire encoding changed; bump VERSION instead");
+        let mut r = FrameReader::new(&golden[..], Arc::default());
+        r.start().unwrap();
+        let mut decoded = Vec::new();
+        while let Some(f) = r.recv().unwrap() {
+            decoded.push(f);
+        }
+        assert_eq!(decoded, golden_session());
+    }
+
     #[test]
     fn oversized_frames_are_refused_before_allocation() {
         let mut bytes = MAGIC.to_vec();
