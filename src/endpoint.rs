@@ -333,3 +333,27 @@ impl Drop for Endpoint {
         }
     }
 }
+
+/// An endpoint served by a thread of this process, for unit tests of the engine.
+#[cfg(test)]
+pub fn in_process(path: &Path) -> Link {
+    struct Thread(Option<std::thread::JoinHandle<i32>>);
+    impl Process for Thread {
+        fn kill(&mut self) {}
+        fn wait(&mut self) -> Option<String> {
+            match self.0.take().map(|t| t.join()) {
+                Some(Ok(0)) | None => None,
+                Some(Ok(code)) => Some(format!("exited with status {code}")),
+                Some(Err(_)) => Some("panicked".to_string()),
+            }
+        }
+        fn wait_for(&mut self, _: Duration) -> Option<Option<String>> {
+            Some(self.wait())
+        }
+    }
+    let (req_r, req_w) = std::io::pipe().expect("pipe");
+    let (rep_r, rep_w) = std::io::pipe().expect("pipe");
+    let path = path.to_path_buf();
+    let t = std::thread::spawn(move || crate::serve::serve(&path, req_r, rep_w));
+    Link { reader: Box::new(rep_r), writer: Box::new(req_w), process: Box::new(Thread(Some(t))) }
+}

@@ -491,10 +491,18 @@ mod tests {
             Frame::Control(Message::HashBlocks { offset: 2 << 20, len: 16 << 20, block: 2 << 20 }),
             Frame::Digests((0u8..64).collect()),
             Frame::Control(Message::Read { offset: 4096, len: 8 }),
-            Frame::Block(BlockFrame { offset: 4096, raw_len: 8, codec: PayloadCodec::Raw, payload: b"basyn!\n\0".to_vec() }),
+            Frame::Block(BlockFrame {
+                offset: 4096,
+                raw_len: 8,
+                codec: PayloadCodec::Raw,
+                payload: b"basyn!\n\0".to_vec(),
+            }),
             Frame::Control(Message::Flush),
             Frame::Control(Message::Flushed),
-            Frame::Control(Message::Abort { code: AbortCode::Precondition, message: "remote /x: no such file or device".into() }),
+            Frame::Control(Message::Abort {
+                code: AbortCode::Precondition,
+                message: "remote /x: no such file or device".into(),
+            }),
             Frame::Control(Message::Close),
         ]
     }

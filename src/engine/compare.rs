@@ -239,3 +239,101 @@ mod tests {
         assert_eq!(runs(&[], 4, 34), vec![]);
     }
 }
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+    use crate::compress::Codec;
+    use crate::device::{ReceiverSpec, Side};
+    use crate::endpoint::{Endpoint, in_process};
+    use crate::hash::HashAlgo;
+    use crate::protocol::Access;
+    use crate::report::{Output, Reporter};
+    use proptest::prelude::*;
+
+    /// Syncs `src` onto `dst` in `dir` with the given geometry and returns what was done.
+    fn sync(src: &[u8], dst: &[u8], buffer: usize, chunk: Option<usize>, dir: Direction) -> (Comparison, Vec<u8>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (lp, rp) = (tmp.path().join("local"), tmp.path().join("remote"));
+        let (local_bytes, remote_bytes) = match dir {
+            Direction::Push => (src, dst),
+            Direction::Pull => (dst, src),
+        };
+        std::fs::write(&lp, local_bytes).unwrap();
+        std::fs::write(&rp, remote_bytes).unwrap();
+        let params = Params { hash: HashAlgo::Blake3, buffer, chunk, codec: Codec::Zstd(1) };
+        let mut ep = Endpoint::connect(in_process(&rp)).unwrap();
+        let spec =
+            ReceiverSpec { source_size: src.len() as u64, source: None, source_name: "src".into(), force: false };
+        let local = match dir {
+            Direction::Push => {
+                let access = Access::Write {
+                    source_size: src.len() as u64,
+                    source: None,
+                    source_name: "src".into(),
+                    force: false,
+                };
+                ep.open(access, params.hash, params.codec).unwrap();
+                Device::open_read(&lp, Side::Local).unwrap()
+            }
+            Direction::Pull => {
+                ep.open(Access::Read, params.hash, params.codec).unwrap();
+                Device::open_receiver(&lp, Side::Local, &spec).unwrap()
+            }
+        };
+        let rep = Reporter::new(Output::default());
+        let c = run(&local, &mut ep, src.len() as u64, &params, Purpose::Sync(dir), &rep).unwrap();
+        ep.flush_device().unwrap();
+        ep.close().unwrap();
+        let receiver = match dir {
+            Direction::Push => rp,
+            Direction::Pull => lp,
+        };
+        (c, std::fs::read(receiver).unwrap())
+    }
+
+    /// Bytes SYNC must write: whole differing blocks, or differing chunks within them.
+    fn expected_written(src: &[u8], dst: &[u8], buffer: usize, chunk: Option<usize>) -> (u64, u64) {
+        let mut blocks = 0;
+        let mut bytes = 0;
+        for (a, b) in src.chunks(buffer).zip(dst.chunks(buffer)) {
+            if a == b {
+                continue;
+            }
+            blocks += 1;
+            bytes += match chunk {
+                None => a.len() as u64,
+                Some(c) => a.chunks(c).zip(b.chunks(c)).filter(|(x, y)| x != y).map(|(x, _)| x.len() as u64).sum(),
+            };
+        }
+        (blocks, bytes)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn sync_writes_exactly_the_differing_blocks_or_chunks(
+            len in 1usize..200_000,
+            buffer_kb in 1usize..24,
+            chunk_kb in proptest::option::of(1usize..6),
+            edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..12),
+            pull in any::<bool>(),
+        ) {
+            let buffer = buffer_kb * 1024;
+            let chunk = chunk_kb.map(|c| c.min(buffer_kb) * 1024);
+            let src: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut dst = src.clone();
+            for (at, v) in &edits {
+                let i = at.index(len);
+                dst[i] = dst[i].wrapping_add(v | 1);
+            }
+            let dir = if pull { Direction::Pull } else { Direction::Push };
+            let (c, receiver) = sync(&src, &dst, buffer, chunk, dir);
+            prop_assert!(receiver == src, "receiver differs from source after sync");
+            let (blocks, bytes) = expected_written(&src, &dst, buffer, chunk);
+            prop_assert_eq!(c.blocks, len.div_ceil(buffer) as u64);
+            prop_assert_eq!(c.differing, blocks);
+            prop_assert_eq!(c.written, bytes);
+        }
+    }
+}
