@@ -65,6 +65,8 @@ impl Identity {
         key(self) == key(other)
             || (self.backing.is_some() && self.backing == file_key(other))
             || (other.backing.is_some() && other.backing == file_key(self))
+            // Two loop devices over one file.
+            || (self.backing.is_some() && self.backing == other.backing)
     }
 }
 
@@ -87,6 +89,8 @@ pub enum Problem {
     SameDevice(String),
     /// The receiver is mounted, held or backs a loop device.
     InUse(String),
+    /// The receiver is a read-only block device.
+    ReadOnly,
 }
 
 impl fmt::Display for Problem {
@@ -105,6 +109,7 @@ impl fmt::Display for Problem {
             }
             Problem::SameDevice(other) => write!(f, "is the same device as the source {other} (use --force to allow)"),
             Problem::InUse(why) => write!(f, "is in use: {why} (use --force to write anyway)"),
+            Problem::ReadOnly => f.write_str("is a read-only block device"),
         }
     }
 }
@@ -202,6 +207,12 @@ impl Device {
             }
         })?;
         let mut dev = Device::finish_open(file, path, side, kind, false)?;
+        // The kernel lets O_RDWR open a read-only block device and fails only the writes.
+        if kind == Kind::Block
+            && block_read_only(&dev.file).map_err(|e| err(Problem::Io("query the read-only flag", e)))?
+        {
+            return Err(err(Problem::ReadOnly));
+        }
         if let Some(src) = &spec.source
             && !spec.force
             && dev.identity.same_storage(src)
@@ -357,6 +368,20 @@ fn block_size(file: &File) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(size)
+}
+
+/// `BLKROGET`: `_IO(0x12, 94)`.
+const BLKROGET: libc::c_ulong = 0x125e;
+
+fn block_read_only(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut ro: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut ro as *mut libc::c_int) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ro != 0)
 }
 
 fn advise_sequential(file: &File) {

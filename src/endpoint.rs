@@ -285,6 +285,11 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Ends a session that failed on our side: the endpoint is stopped, not asked.
+    pub fn abandon(mut self) {
+        self.reap();
+    }
+
     /// Turns a broken connection into an error, preferring the endpoint's own
     /// explanation (an `Abort` it sent before going away) and its exit status.
     fn fail(&mut self, doing: &str, source: ProtocolError) -> EndpointError {

@@ -63,29 +63,72 @@ fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &mut Frame
         None => return Ok(()),
         Some(other) => return Err(ProtocolError::Unexpected(format!("{other:?} before Hello")).into()),
     }
-    let (access, hash, codec) = match r.recv()? {
-        Some(Frame::Control(Message::Open { access, hash, codec })) => (access, hash, codec),
-        None => return Ok(()),
-        Some(other) => return Err(ProtocolError::Unexpected(format!("{other:?} before Open")).into()),
-    };
+    // The session may open the device several times (a transfer, then a recheck),
+    // each Open replacing the previous one.
+    let mut open: Option<Opened> = None;
+    let mut buf = Vec::new();
+    loop {
+        let Some(frame) = r.recv()? else { return Ok(()) };
+        match (frame, open.as_ref()) {
+            (Frame::Control(Message::Open { access, hash, codec }), _) => {
+                // Release the previous open first: an exclusive open must not meet our own.
+                drop(open.take());
+                let (reply, now) = open_device(path, access, hash, codec)?;
+                w.message(reply)?;
+                open = now;
+            }
+            (Frame::Control(Message::HashBlocks { offset, len, block }), Some(o)) => {
+                let digests = hash_range(&o.device, o.limit, o.hash, offset, len, block, &mut buf)?;
+                w.send(&Frame::Digests(digests))?;
+                w.flush()?;
+            }
+            (Frame::Control(Message::Read { offset, len }), Some(o)) => {
+                check_range(o.limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
+                buf.resize(len as usize, 0);
+                o.device.read_at(offset, &mut buf).map_err(failed)?;
+                w.send(&Frame::Block(crate::protocol::BlockFrame::encode(offset, &buf, o.codec)))?;
+                w.flush()?;
+            }
+            (Frame::Block(block), Some(o)) if o.writable => {
+                let data = block.decode(o.limit)?;
+                o.device.write_at(block.offset, &data).map_err(failed)?;
+            }
+            (Frame::Control(Message::Flush), o) => {
+                if let Some(o) = o.filter(|o| o.writable) {
+                    o.device.sync().map_err(failed)?;
+                }
+                w.message(Message::Flushed)?;
+            }
+            (Frame::Control(Message::Close), _) => return Ok(()),
+            (other, _) => return Err(ProtocolError::Unexpected(describe(&other)).into()),
+        }
+    }
+}
+
+/// The device as the current `Open` left it.
+struct Opened {
+    device: Device,
+    /// Bytes that may be touched: the device size, or the source size for a receiver.
+    limit: u64,
+    writable: bool,
+    hash: HashAlgo,
+    codec: crate::compress::Codec,
+}
+
+/// Opens the served device as asked; a refusal is an `Abort` with the precondition code.
+fn open_device(
+    path: &Path,
+    access: Access,
+    hash: HashAlgo,
+    codec: crate::compress::Codec,
+) -> Result<(Message, Option<Opened>), Abort> {
     let refused = |e: DeviceError| Abort { code: AbortCode::Precondition, message: e.to_string() };
     let (device, limit) = match &access {
         Access::Probe => {
             let kind = Device::probe(path, Side::Remote).map_err(refused)?;
-            w.message(Message::Opened {
-                size: 0,
-                kind,
-                identity: crate::device::Identity {
-                    boot_id: String::new(),
-                    kind,
-                    dev: 0,
-                    ino: 0,
-                    rdev: 0,
-                    backing: None,
-                },
-                created: false,
-            })?;
-            return wait_close(r);
+            let identity =
+                crate::device::Identity { boot_id: String::new(), kind, dev: 0, ino: 0, rdev: 0, backing: None };
+            return Ok((Message::Opened { size: 0, kind, identity, created: false }, None));
         }
         Access::Read => {
             let d = Device::open_read(path, Side::Remote).map_err(refused)?;
@@ -102,50 +145,14 @@ fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &mut Frame
             (Device::open_receiver(path, Side::Remote, &spec).map_err(refused)?, *source_size)
         }
     };
-    w.message(Message::Opened {
+    let reply = Message::Opened {
         size: device.size(),
         kind: device.kind(),
         identity: device.identity().clone(),
         created: device.created(),
-    })?;
+    };
     let writable = matches!(access, Access::Write { .. });
-    let mut buf = Vec::new();
-    loop {
-        let Some(frame) = r.recv()? else { return Ok(()) };
-        match frame {
-            Frame::Control(Message::HashBlocks { offset, len, block }) => {
-                let digests = hash_range(&device, limit, hash, offset, len, block, &mut buf)?;
-                w.send(&Frame::Digests(digests))?;
-                w.flush()?;
-            }
-            Frame::Control(Message::Read { offset, len }) => {
-                check_range(limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
-                buf.resize(len as usize, 0);
-                device.read_at(offset, &mut buf).map_err(failed)?;
-                w.send(&Frame::Block(crate::protocol::BlockFrame::encode(offset, &buf, codec)))?;
-                w.flush()?;
-            }
-            Frame::Block(block) if writable => {
-                let data = block.decode(limit)?;
-                device.write_at(block.offset, &data).map_err(failed)?;
-            }
-            Frame::Control(Message::Flush) => {
-                if writable {
-                    device.sync().map_err(failed)?;
-                }
-                w.message(Message::Flushed)?;
-            }
-            Frame::Control(Message::Close) => return Ok(()),
-            other => return Err(ProtocolError::Unexpected(describe(&other)).into()),
-        }
-    }
-}
-
-fn wait_close<R: Read>(r: &mut FrameReader<R>) -> Result<(), Abort> {
-    match r.recv()? {
-        None | Some(Frame::Control(Message::Close)) => Ok(()),
-        Some(other) => Err(ProtocolError::Unexpected(describe(&other)).into()),
-    }
+    Ok((reply, Some(Opened { device, limit, writable, hash, codec })))
 }
 
 fn describe(frame: &Frame) -> String {

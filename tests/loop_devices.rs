@@ -314,7 +314,6 @@ fn a_loop_device_and_its_backing_file_are_the_same_device() {
 }
 
 #[test]
-#[ignore = "bug: two loop devices over the same file are not recognised as the same device"]
 fn two_loop_devices_over_one_file_are_the_same_device() {
     let data = random_data(17, 4 * MIB);
     for dir in DIRS {
@@ -330,7 +329,6 @@ fn two_loop_devices_over_one_file_are_the_same_device() {
 }
 
 #[test]
-#[ignore = "bug: a read-only loop device receiver fails with exit 2 at the first write instead of being refused (exit 1)"]
 fn a_read_only_loop_device_is_refused_as_receiver() {
     let size = 4 * MIB;
     let source = random_data(18, size);

@@ -165,30 +165,80 @@ pub fn run(plan: &Plan, stats: &mut Stats) -> Result<(), Error> {
 }
 
 fn run_phases(plan: &Plan, rep: &mut Reporter, stats: &mut Stats) -> Result<(), Error> {
+    // One endpoint (one SSH connection) serves every phase of the run; it is connected
+    // lazily so that local refusals come first and cost no connection.
+    let mut ep: Option<Endpoint> = None;
+    let result = phases(plan, rep, &mut ep, stats);
+    let Some(e) = ep else { return result.map(|_| ()) };
+    stats.rx = e.rx.get();
+    stats.tx = e.tx.get();
+    match result {
+        // A clean end of session: the endpoint must exit cleanly too.
+        Ok(action) => match (e.close(), action) {
+            (Ok(()), _) => Ok(()),
+            (Err(err), None) => Err(Fault::from(err).refused()),
+            (Err(err), Some(dir)) => Err(Fault::from(err).transfer(&receiver_name(plan, dir))),
+        },
+        Err(err) => {
+            e.abandon();
+            Err(err)
+        }
+    }
+}
+
+/// Runs the phases the plan asks for; returns the direction of the action, if any.
+fn phases(
+    plan: &Plan,
+    rep: &mut Reporter,
+    ep: &mut Option<Endpoint>,
+    stats: &mut Stats,
+) -> Result<Option<Direction>, Error> {
     match plan.action {
         None if !plan.recheck => {
             Device::probe(&plan.local, Side::Local).map_err(|e| Error::Refused(e.to_string()))?;
-            let mut ep = connect(plan, rep).map_err(Fault::refused)?;
-            ep.open(Access::Probe, plan.params.hash, Codec::None).map_err(|e| Fault::from(e).refused())?;
-            ep.close().map_err(|e| Fault::from(e).refused())?;
+            let e = endpoint(plan, rep, ep)?;
+            e.open(Access::Probe, plan.params.hash, Codec::None).map_err(|e| Fault::from(e).refused())?;
             rep.log(format_args!(
                 "both devices exist: {} and {}",
                 name(Side::Local, &plan.local),
                 name(Side::Remote, &plan.remote)
             ));
+            Ok(None)
         }
-        None => recheck(plan, rep, None, stats)?,
+        None => recheck(plan, rep, ep, None, stats).map(|()| None),
         Some((dir, mode)) => {
-            let len = transfer(plan, rep, dir, mode, stats)?;
+            let len = transfer(plan, rep, ep, dir, mode, stats)?;
             if plan.recheck {
-                recheck(plan, rep, Some(len), stats)?;
+                recheck(plan, rep, ep, Some(len), stats)?;
             }
+            Ok(Some(dir))
         }
     }
-    Ok(())
 }
 
-fn transfer(plan: &Plan, rep: &mut Reporter, dir: Direction, mode: Mode, stats: &mut Stats) -> Result<u64, Error> {
+fn receiver_name(plan: &Plan, dir: Direction) -> String {
+    match dir {
+        Direction::Push => name(Side::Remote, &plan.remote),
+        Direction::Pull => name(Side::Local, &plan.local),
+    }
+}
+
+/// The run's endpoint, connected on first use. A failure to connect changes nothing.
+fn endpoint<'a>(plan: &Plan, rep: &Reporter, ep: &'a mut Option<Endpoint>) -> Result<&'a mut Endpoint, Error> {
+    if ep.is_none() {
+        *ep = Some(connect(plan, rep).map_err(Fault::refused)?);
+    }
+    ep.as_mut().ok_or(Error::Refused("internal error: no endpoint".into()))
+}
+
+fn transfer(
+    plan: &Plan,
+    rep: &mut Reporter,
+    ep: &mut Option<Endpoint>,
+    dir: Direction,
+    mode: Mode,
+    stats: &mut Stats,
+) -> Result<u64, Error> {
     let p = &plan.params;
     let (source, receiver) = match dir {
         Direction::Push => (name(Side::Local, &plan.local), name(Side::Remote, &plan.remote)),
@@ -207,13 +257,13 @@ fn transfer(plan: &Plan, rep: &mut Reporter, dir: Direction, mode: Mode, stats: 
         )
     };
     // Open both ends; every refusal happens here, before anything is written.
-    let (local, mut ep, len) = match dir {
+    let (local, ep, len) = match dir {
         Direction::Push => {
             let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Error::Refused(e.to_string()))?;
             if local.size() == 0 {
                 return Err(empty(Side::Local, &plan.local));
             }
-            let mut ep = connect(plan, rep).map_err(Fault::refused)?;
+            let ep = endpoint(plan, rep, ep)?;
             let access = Access::Write {
                 source_size: local.size(),
                 source: Some(local.identity().clone()),
@@ -228,7 +278,7 @@ fn transfer(plan: &Plan, rep: &mut Reporter, dir: Direction, mode: Mode, stats: 
             (local, ep, len)
         }
         Direction::Pull => {
-            let mut ep = connect(plan, rep).map_err(Fault::refused)?;
+            let ep = endpoint(plan, rep, ep)?;
             let opened = ep.open(Access::Read, p.hash, p.codec).map_err(|e| Fault::from(e).refused())?;
             if opened.size == 0 {
                 return Err(empty(Side::Remote, &plan.remote));
@@ -252,9 +302,9 @@ fn transfer(plan: &Plan, rep: &mut Reporter, dir: Direction, mode: Mode, stats: 
     rep.start(&format!("{mode:?}").to_uppercase(), len);
     let result = (|| -> Result<(), Fault> {
         match mode {
-            Mode::Copy => stats.bytes_written += copy::run(&local, &mut ep, len, p, dir, rep)?,
+            Mode::Copy => stats.bytes_written += copy::run(&local, ep, len, p, dir, rep)?,
             Mode::Sync => {
-                let c = compare::run(&local, &mut ep, len, p, Purpose::Sync(dir), rep)?;
+                let c = compare::run(&local, ep, len, p, Purpose::Sync(dir), rep)?;
                 stats.blocks_compared += c.blocks;
                 stats.blocks_differing += c.differing;
                 stats.bytes_written += c.written;
@@ -268,27 +318,29 @@ fn transfer(plan: &Plan, rep: &mut Reporter, dir: Direction, mode: Mode, stats: 
         Ok(())
     })();
     rep.finish();
-    stats.rx += ep.rx.get();
-    stats.tx += ep.tx.get();
     result.map_err(|f| f.transfer(&receiver))?;
-    ep.close().map_err(|e| Fault::from(e).transfer(&receiver))?;
     rep.log(format_args!("{mode:?} done: {receiver} is durable (fdatasync)"));
     Ok(len)
 }
 
 /// Re-reads both devices and compares them. `synced` is the length an action just
 /// synchronized (a larger block-device receiver is compared over that length only).
-fn recheck(plan: &Plan, rep: &mut Reporter, synced: Option<u64>, stats: &mut Stats) -> Result<(), Error> {
+fn recheck(
+    plan: &Plan,
+    rep: &mut Reporter,
+    ep: &mut Option<Endpoint>,
+    synced: Option<u64>,
+    stats: &mut Stats,
+) -> Result<(), Error> {
     let p = &plan.params;
     let after_action = synced.is_some();
     let fail = |msg: String| if after_action { Error::RecheckFailed(msg) } else { Error::Differ(msg) };
     let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Error::Refused(e.to_string()))?;
-    let mut ep = connect(plan, rep).map_err(Fault::refused)?;
+    let ep = endpoint(plan, rep, ep)?;
     let opened = ep.open(Access::Read, p.hash, Codec::None).map_err(|e| Fault::from(e).refused())?;
     let len = match synced {
         Some(len) => len,
         None if local.size() != opened.size => {
-            let _ = ep.close();
             return Err(fail(format!(
                 "the devices differ in size: {} is {} bytes, {} is {} bytes",
                 name(Side::Local, &plan.local),
@@ -304,16 +356,13 @@ fn recheck(plan: &Plan, rep: &mut Reporter, synced: Option<u64>, stats: &mut Sta
     }
     rep.log(format_args!("recheck: comparing {len} bytes"));
     rep.start("RECHECK", len);
-    let result = compare::run(&local, &mut ep, len, p, Purpose::Check, rep);
+    let result = compare::run(&local, ep, len, p, Purpose::Check, rep);
     rep.finish();
-    stats.rx += ep.rx.get();
-    stats.tx += ep.tx.get();
     let c = match result {
         Ok(c) => c,
         Err(f) if after_action => return Err(Error::RecheckFailed(f.to_string())),
         Err(f) => return Err(Error::Refused(f.to_string())),
     };
-    ep.close().map_err(|e| Fault::from(e).refused())?;
     stats.blocks_compared += c.blocks;
     stats.blocks_differing += c.differing;
     if c.differing > 0 {
