@@ -305,28 +305,78 @@ async fn probe(session: &Session, path: &str) -> Result<(), String> {
 }
 
 /// The remote basyn to run: `--remote-path`, else `basyn` on the remote PATH if it speaks
-/// our protocol, else this executable uploaded into the remote user's cache.
+/// our protocol, else this executable uploaded into the remote user's cache. The usual
+/// cases cost one remote command: a script that checks the PATH and the cache at once.
 async fn find_remote(session: &Session, target: &Target, log: &dyn Fn(String)) -> Result<String, EndpointError> {
+    let fail = |what: String| refused(target, what);
     if let Some(path) = &target.remote_path {
         probe(session, path).await.map_err(|why| {
-            refused(
-                target,
-                format!(
-                    "--remote-path {path} cannot be used: {why}; point --remote-path at a basyn {}",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            )
+            fail(format!(
+                "--remote-path {path} cannot be used: {why}; point --remote-path at a basyn {}",
+                env!("CARGO_PKG_VERSION")
+            ))
         })?;
         return Ok(path.clone());
     }
-    match probe(session, "basyn").await {
-        Ok(()) => {
-            log("using basyn from the remote PATH".to_string());
-            return Ok("basyn".to_string());
-        }
-        Err(why) => log(format!("no usable basyn on the remote PATH: {why}")),
+    let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find this executable: {e}")))?;
+    let digest = file_sha256(&exe).map_err(|e| fail(format!("cannot read {}: {e}", exe.display())))?;
+    let name = format!("basyn-{}-{}", env!("CARGO_PKG_VERSION"), &digest[..16]);
+    let want = quote(&protocol_line());
+    let script = format!(
+        r#"v=$(basyn protocol 2>/dev/null); if [ "$v" = {want} ]; then echo "path"; exit 0; fi
+echo "onpath ${{v:-none}}"
+f="{CACHE_DIR}/{name}"
+if [ -x "$f" ] && [ "$(sha256sum < "$f" 2>/dev/null | cut -d' ' -f1)" = {digest} ]; then
+  out=$("$f" protocol 2>&1); if [ "$out" = {want} ]; then echo "cached $f"; else echo "broken $f"; printf '%s\n' "$out" | tail -n 1; fi
+  exit 0
+fi
+echo "arch $(uname -m)""#
+    );
+    let (_, out, _) =
+        remote_sh(session, &script, None).await.map_err(|e| fail(format!("cannot look for basyn: {e}")))?;
+    let mut lines = out.lines();
+    let mut line = lines.next().unwrap_or("");
+    if line == "path" {
+        log("using basyn from the remote PATH".to_string());
+        return Ok("basyn".to_string());
     }
-    upload(session, target, log).await
+    if let Some(v) = line.strip_prefix("onpath ") {
+        let why = if v == "none" { "not found".to_string() } else { format!("it speaks {v:?}") };
+        log(format!("no usable basyn on the remote PATH ({why})"));
+        line = lines.next().unwrap_or("");
+    }
+    if let Some(path) = line.strip_prefix("cached ") {
+        log(format!("reusing the uploaded basyn at {path}"));
+        return Ok(path.to_string());
+    }
+    if let Some(path) = line.strip_prefix("broken ") {
+        return Err(cannot_run(target, path, lines.next().unwrap_or("it does not start")));
+    }
+    let Some(arch) = line.strip_prefix("arch ") else {
+        return Err(fail(format!("unexpected answer while looking for basyn: {out:?}")));
+    };
+    let ours = local_machine();
+    if arch != ours {
+        return Err(fail(format!(
+            "basyn is not installed there and this executable is for {ours}, the host is {arch}: install basyn on it or use --remote-path"
+        )));
+    }
+    let path = upload(session, target, &exe, &digest, &name).await?;
+    log(format!("uploaded basyn to {path}"));
+    probe(session, &path).await.map_err(|why| cannot_run(target, &path, &why))?;
+    Ok(path)
+}
+
+/// Where uploads go on the remote host (expanded by its shell).
+const CACHE_DIR: &str = r#"${XDG_CACHE_HOME:-$HOME/.cache}/basyn"#;
+
+fn cannot_run(target: &Target, path: &str, why: &str) -> EndpointError {
+    refused(
+        target,
+        format!(
+            "the uploaded basyn at {path} cannot run there ({why}); install basyn on the host or point --remote-path at one"
+        ),
+    )
 }
 
 fn local_machine() -> String {
@@ -339,47 +389,26 @@ fn local_machine() -> String {
     unsafe { std::ffi::CStr::from_ptr(u.machine.as_ptr()) }.to_string_lossy().into_owned()
 }
 
-async fn upload(session: &Session, target: &Target, log: &dyn Fn(String)) -> Result<String, EndpointError> {
+/// Copies `exe` into the remote cache under `name`, verifying its SHA-256 there before
+/// it takes its final name; returns the remote path.
+async fn upload(
+    session: &Session,
+    target: &Target,
+    exe: &Path,
+    digest: &str,
+    name: &str,
+) -> Result<String, EndpointError> {
     let fail = |what: String| refused(target, what);
-    let (_, arch, _) =
-        remote_sh(session, "uname -m", None).await.map_err(|e| fail(format!("cannot run uname: {e}")))?;
-    let ours = local_machine();
-    if arch != ours {
-        return Err(fail(format!(
-            "basyn is not installed there and this executable is for {ours}, the host is {arch}: install basyn on it or use --remote-path"
-        )));
-    }
-    let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find this executable: {e}")))?;
-    let digest = file_sha256(&exe).map_err(|e| fail(format!("cannot read {}: {e}", exe.display())))?;
-    let name = format!("basyn-{}-{}", env!("CARGO_PKG_VERSION"), &digest[..16]);
-    let dir = r#"${XDG_CACHE_HOME:-$HOME/.cache}/basyn"#;
-    let check = format!(
-        r#"f="{dir}/{name}"; if [ -x "$f" ] && [ "$(sha256sum < "$f" | cut -d' ' -f1)" = {digest} ]; then echo "$f"; fi"#
+    let script = format!(
+        r#"set -e; umask 077; d="{CACHE_DIR}"; mkdir -p "$d"; t="$d/.upload.$$"; trap 'rm -f "$t"' EXIT; cat > "$t"; h=$(sha256sum < "$t" | cut -d' ' -f1); [ "$h" = {digest} ] || {{ echo "uploaded file has sha256 $h, expected {digest}" >&2; exit 3; }}; chmod 700 "$t"; mv -f "$t" "$d/{name}"; trap - EXIT; echo "$d/{name}""#
     );
-    let (_, cached, _) =
-        remote_sh(session, &check, None).await.map_err(|e| fail(format!("cannot inspect the cache: {e}")))?;
-    let path = if !cached.is_empty() {
-        log(format!("reusing the uploaded basyn at {cached}"));
-        cached
-    } else {
-        let script = format!(
-            r#"set -e; umask 077; d="{dir}"; mkdir -p "$d"; t="$d/.upload.$$"; trap 'rm -f "$t"' EXIT; cat > "$t"; h=$(sha256sum < "$t" | cut -d' ' -f1); [ "$h" = {digest} ] || {{ echo "uploaded file has sha256 $h, expected {digest}" >&2; exit 3; }}; chmod 700 "$t"; mv -f "$t" "$d/{name}"; trap - EXIT; echo "$d/{name}""#
-        );
-        let file = File::open(&exe).map_err(|e| fail(format!("cannot read {}: {e}", exe.display())))?;
-        let (code, out, err) =
-            remote_sh(session, &script, Some(file)).await.map_err(|e| fail(format!("upload failed: {e}")))?;
-        if code != 0 || out.is_empty() {
-            return Err(fail(format!("uploading basyn failed: {}", err.lines().last().unwrap_or("no output"))));
-        }
-        log(format!("uploaded basyn to {out}"));
-        out
-    };
-    probe(session, &path).await.map_err(|why| {
-        fail(format!(
-            "the uploaded basyn at {path} cannot run there ({why}); install basyn on the host or point --remote-path at one"
-        ))
-    })?;
-    Ok(path)
+    let file = File::open(exe).map_err(|e| fail(format!("cannot read {}: {e}", exe.display())))?;
+    let (code, out, err) =
+        remote_sh(session, &script, Some(file)).await.map_err(|e| fail(format!("upload failed: {e}")))?;
+    if code != 0 || out.is_empty() {
+        return Err(fail(format!("uploading basyn failed: {}", err.lines().last().unwrap_or("no output"))));
+    }
+    Ok(out)
 }
 
 fn file_sha256(path: &Path) -> io::Result<String> {
