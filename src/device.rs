@@ -266,7 +266,7 @@ impl Device {
             Kind::Block => block_size(&file).map_err(|e| err(Problem::Io("read the block device size", e)))?,
         };
         let identity = Identity {
-            boot_id: boot_id(),
+            boot_id: crate::stamp::boot_id(),
             kind,
             dev: meta.dev(),
             ino: meta.ino(),
@@ -331,6 +331,12 @@ impl Device {
         self.file.write_all_at(data, offset).map_err(|e| self.error("write", e))
     }
 
+    /// Writes out the device's dirty page cache, including other processes' writes to
+    /// a block device, so that they reach the kernel's counters.
+    pub fn flush_cache(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Makes written data durable (`fdatasync`).
     pub fn sync(&self) -> Result<(), DeviceError> {
         self.file.sync_data().map_err(|e| self.error("flush (fdatasync)", e))
@@ -392,17 +398,12 @@ fn advise_sequential(file: &File) {
     }
 }
 
-/// The running kernel's boot id, or empty if it cannot be read.
-pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
 fn major_minor(rdev: u64) -> (u32, u32) {
     (libc::major(rdev as libc::dev_t), libc::minor(rdev as libc::dev_t))
 }
 
 /// The kernel name of a block device (`sda1`, `loop3`) from its device number.
-fn block_name(rdev: u64) -> Option<String> {
+pub fn block_name(rdev: u64) -> Option<String> {
     let (maj, min) = major_minor(rdev);
     let link = fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok()?;
     Some(link.file_name()?.to_string_lossy().into_owned())

@@ -14,4 +14,6 @@ pub mod protocol;
 pub mod report;
 pub mod serve;
 pub mod ssh;
+pub mod stamp;
+pub mod state;
 pub mod tree;

@@ -1,0 +1,215 @@
+//! Freshness stamps: what must be unchanged for a saved state to still describe a device.
+//!
+//! - A regular file: device and inode, size, mtime and ctime to the nanosecond. ctime
+//!   cannot be set by users, so a write whose mtime was put back is still seen.
+//! - A block device: the boot id (the kernel's counters restart at boot), the device
+//!   number and size, and the kernel's write and discard counters
+//!   (`/sys/class/block/NAME/stat`) of the device and, for a partition, of its disk. A
+//!   loop device also carries its backing file's stamp, since writes to that file bypass
+//!   the loop device's counters.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::{Device, Kind};
+
+/// Environment variable that replaces the boot id, so tests can simulate a reboot.
+pub const BOOT_ID_ENV: &str = "BASYN_TEST_BOOT_ID";
+
+/// A regular file's stamp.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds and nanoseconds.
+    pub mtime: (i64, i64),
+    /// Status change time, seconds and nanoseconds.
+    pub ctime: (i64, i64),
+}
+
+/// The kernel's write-side counters of one block device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteCounters {
+    /// Kernel name (`sda1`).
+    pub name: String,
+    /// Writes completed.
+    pub writes: u64,
+    /// Sectors written.
+    pub sectors: u64,
+    /// Discards completed (0 on kernels without discard statistics).
+    pub discards: u64,
+    /// Sectors discarded.
+    pub discard_sectors: u64,
+}
+
+/// What must not change for a state to stay fresh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stamp {
+    /// A regular file.
+    File(FileStamp),
+    /// A block device.
+    Block {
+        /// Boot id when the stamp was taken.
+        boot_id: String,
+        /// Device number.
+        rdev: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Counters of the device, then of its whole disk for a partition.
+        counters: Vec<WriteCounters>,
+        /// The backing file of a loop device.
+        backing: Option<FileStamp>,
+    },
+}
+
+/// Whether a saved state may be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Provably describes the device now.
+    Fresh,
+    /// The device changed since the state was saved.
+    Stale(String),
+    /// Nothing proves it either way (e.g. after a reboot); usable only with `--trust-state`.
+    Unverifiable(String),
+}
+
+/// The running kernel's boot id (or the test override).
+pub fn boot_id() -> String {
+    if let Some(id) = std::env::var_os(BOOT_ID_ENV) {
+        return id.to_string_lossy().into_owned();
+    }
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn file_stamp(meta: &fs::Metadata) -> FileStamp {
+    FileStamp {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+    }
+}
+
+/// Stamps `device` now. For a block device its dirty page cache is flushed first, so
+/// that writes still in memory show up in the counters.
+pub fn take(device: &Device) -> io::Result<Stamp> {
+    match device.kind() {
+        Kind::File => Ok(Stamp::File(file_stamp(&fs::metadata(device.path())?))),
+        Kind::Block => {
+            device.flush_cache()?;
+            let rdev = device.identity().rdev;
+            let name = crate::device::block_name(rdev)
+                .ok_or_else(|| io::Error::other("the kernel does not list this block device in /sys"))?;
+            let mut counters = vec![read_counters(&name)?];
+            if let Some(disk) = parent_disk(&name) {
+                counters.push(read_counters(&disk)?);
+            }
+            let backing = fs::read_to_string(format!("/sys/class/block/{name}/loop/backing_file"))
+                .ok()
+                .and_then(|p| fs::metadata(p.trim()).ok())
+                .map(|m| file_stamp(&m));
+            Ok(Stamp::Block { boot_id: boot_id(), rdev, size: device.size(), counters, backing })
+        }
+    }
+}
+
+fn read_counters(name: &str) -> io::Result<WriteCounters> {
+    let text = fs::read_to_string(format!("/sys/class/block/{name}/stat"))?;
+    let f: Vec<u64> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    if f.len() < 7 {
+        return Err(io::Error::other(format!("unexpected /sys/class/block/{name}/stat")));
+    }
+    Ok(WriteCounters {
+        name: name.to_string(),
+        writes: f[4],
+        sectors: f[6],
+        discards: f.get(11).copied().unwrap_or(0),
+        discard_sectors: f.get(13).copied().unwrap_or(0),
+    })
+}
+
+/// For a partition (`/sys/class/block/sda1/partition` exists), the whole disk's name.
+fn parent_disk(name: &str) -> Option<String> {
+    let dir = Path::new("/sys/class/block").join(name);
+    if !dir.join("partition").exists() {
+        return None;
+    }
+    let real = fs::canonicalize(&dir).ok()?;
+    Some(real.parent()?.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Compares a saved stamp with the device's stamp now.
+pub fn compare(saved: &Stamp, now: &Stamp) -> Freshness {
+    match (saved, now) {
+        (Stamp::File(a), Stamp::File(b)) => {
+            if (a.dev, a.ino) != (b.dev, b.ino) {
+                Freshness::Stale("the file was replaced (another inode)".into())
+            } else if a.size != b.size {
+                Freshness::Stale(format!("its size changed from {} to {}", a.size, b.size))
+            } else if a != b {
+                Freshness::Stale("it was modified since (mtime/ctime changed)".into())
+            } else {
+                Freshness::Fresh
+            }
+        }
+        (Stamp::Block { boot_id: ba, rdev: ra, size: sa, counters: ca, backing: ka }, Stamp::Block { boot_id: bb, rdev: rb, size: sb, counters: cb, backing: kb }) => {
+            if ba.is_empty() || ba != bb {
+                Freshness::Unverifiable("the machine rebooted since the state was saved, so its write counters cannot tell".into())
+            } else if ra != rb {
+                Freshness::Stale("it is another device now".into())
+            } else if sa != sb {
+                Freshness::Stale(format!("its size changed from {sa} to {sb}"))
+            } else if ca != cb {
+                Freshness::Stale("it was written since (kernel write counters moved)".into())
+            } else if ka != kb {
+                Freshness::Stale("its loop backing file was modified since".into())
+            } else {
+                Freshness::Fresh
+            }
+        }
+        _ => Freshness::Stale("it is a different kind of device now".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Side;
+
+    #[test]
+    fn a_file_write_with_its_mtime_put_back_is_still_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        fs::write(&p, vec![0u8; 8192]).unwrap();
+        let dev = Device::open_read(&p, Side::Local).unwrap();
+        let before = take(&dev).unwrap();
+        assert_eq!(compare(&before, &take(&dev).unwrap()), Freshness::Fresh);
+        let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all_at(b"x", 100).unwrap();
+            f.set_modified(mtime).unwrap();
+        }
+        assert_eq!(fs::metadata(&p).unwrap().modified().unwrap(), mtime);
+        assert!(matches!(compare(&before, &take(&dev).unwrap()), Freshness::Stale(_)));
+    }
+
+    #[test]
+    fn another_boot_is_unverifiable() {
+        let a = Stamp::Block { boot_id: "a".into(), rdev: 1, size: 2, counters: vec![], backing: None };
+        let b = Stamp::Block { boot_id: "b".into(), rdev: 1, size: 2, counters: vec![], backing: None };
+        assert!(matches!(compare(&a, &b), Freshness::Unverifiable(_)));
+        assert_eq!(compare(&a, &a.clone()), Freshness::Fresh);
+    }
+}

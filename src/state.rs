@@ -1,0 +1,401 @@
+//! The `.basyn-state` file: a device's Merkle-tree leaves (and chunk digests), the
+//! parameters they were built with, the device's identity and freshness stamp, and a
+//! checksum of the whole file. See `docs/state-format.md`.
+//!
+//! ```text
+//! offset      size   field
+//! 0           8      magic "BASYNSTA"
+//! 8           4      format version, u32 little endian (1)
+//! 12          4      header length H, u32 little endian (at most 64 KiB)
+//! 16          H      header: postcard(Header)
+//! 16+H        L*d    leaf digests (L = leaf count, d = digest length)
+//! ...         C*d    chunk digests, leaf by leaf (C = 0 without --chunk)
+//! end-32      32     BLAKE3 of every byte before it
+//! ```
+//!
+//! A state is decoded only through [`decode`], which checks the checksum first and then
+//! every count against the header before trusting any of it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::Kind;
+use crate::hash::HashAlgo;
+use crate::stamp::Stamp;
+
+/// File magic.
+pub const MAGIC: [u8; 8] = *b"BASYNSTA";
+/// Format version written and accepted.
+pub const FORMAT_VERSION: u32 = 1;
+const MAX_HEADER: usize = 64 << 10;
+const CHECKSUM_LEN: usize = 32;
+
+/// The parameters a tree was built with; a state is used only if they match the run's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Digest algorithm.
+    pub hash: HashAlgo,
+    /// Leaf (block) size in bytes.
+    pub buffer: u64,
+    /// Chunk size in bytes, if chunk digests are kept under each leaf.
+    pub chunk: Option<u64>,
+    /// Children per internal node.
+    pub fanout: u32,
+    /// Bytes covered by the tree.
+    pub device_size: u64,
+}
+
+impl Layout {
+    /// Number of leaves.
+    pub fn leaf_count(&self) -> u64 {
+        self.device_size.div_ceil(self.buffer)
+    }
+
+    /// Number of chunk digests under each full leaf.
+    pub fn chunks_per_leaf(&self) -> u64 {
+        self.chunk.map_or(0, |c| self.buffer.div_ceil(c))
+    }
+
+    /// Index of leaf `i`'s first chunk digest, and how many it has.
+    pub fn chunk_span(&self, leaf: u64) -> (u64, u64) {
+        let Some(c) = self.chunk else { return (0, 0) };
+        let start = leaf * self.buffer;
+        let len = (self.device_size - start).min(self.buffer);
+        (leaf * self.chunks_per_leaf(), len.div_ceil(c))
+    }
+
+    /// Total number of chunk digests.
+    pub fn chunk_count(&self) -> u64 {
+        match self.leaf_count() {
+            0 => 0,
+            n => {
+                let (first, count) = self.chunk_span(n - 1);
+                first + count
+            }
+        }
+    }
+}
+
+/// The header, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Header {
+    layout: Layout,
+    device_path: String,
+    stamp: Stamp,
+    valid_leaves: u64,
+    writer: String,
+}
+
+/// A decoded state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    /// Parameters.
+    pub layout: Layout,
+    /// The device path it was made for (informational).
+    pub device_path: String,
+    /// The device's stamp when the leaves were last confirmed.
+    pub stamp: Stamp,
+    /// Leaves `0..valid_leaves` are confirmed; the rest are unknown (a checkpoint).
+    pub valid_leaves: u64,
+    /// Leaf digests, concatenated.
+    pub leaves: Vec<u8>,
+    /// Chunk digests, concatenated leaf by leaf.
+    pub chunks: Vec<u8>,
+}
+
+/// Why a state file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading, writing or locking failed.
+    #[error("state file {path}: {}", crate::device::describe_io(source))]
+    Io {
+        /// The state file.
+        path: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Another process holds the lock.
+    #[error("state file {0} is in use by another basyn (it is locked)")]
+    Locked(String),
+    /// The bytes are not a valid state.
+    #[error("state file {path} is not usable: {reason}")]
+    Invalid {
+        /// The state file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Encodes a state (checksum included).
+pub fn encode(state: &State) -> Vec<u8> {
+    let header = Header {
+        layout: state.layout,
+        device_path: state.device_path.clone(),
+        stamp: state.stamp.clone(),
+        valid_leaves: state.valid_leaves,
+        writer: format!("basyn {}", env!("CARGO_PKG_VERSION")),
+    };
+    // A header is a few hundred bytes; postcard to a Vec cannot fail for these types.
+    let head = postcard::to_stdvec(&header).unwrap_or_default();
+    let mut out = Vec::with_capacity(16 + head.len() + state.leaves.len() + state.chunks.len() + CHECKSUM_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&state.leaves);
+    out.extend_from_slice(&state.chunks);
+    let sum = HashAlgo::Blake3.digest(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// Decodes and verifies a state; any inconsistency is an error, never a panic.
+pub fn decode(bytes: &[u8]) -> Result<State, String> {
+    if bytes.len() < 16 + CHECKSUM_LEN {
+        return Err(format!("too short ({} bytes)", bytes.len()));
+    }
+    if bytes[..8] != MAGIC {
+        return Err("not a basyn state file (bad magic)".into());
+    }
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version != FORMAT_VERSION {
+        return Err(format!("format version {version}, this basyn reads {FORMAT_VERSION}"));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+    if HashAlgo::Blake3.digest(body).as_bytes() != sum {
+        return Err("checksum mismatch (truncated or corrupted)".into());
+    }
+    let head_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
+    if head_len > MAX_HEADER || 16 + head_len > body.len() {
+        return Err(format!("header length {head_len} is out of bounds"));
+    }
+    let (header, rest) = postcard::take_from_bytes::<Header>(&body[16..16 + head_len])
+        .map_err(|e| format!("undecodable header: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes in the header".into());
+    }
+    let l = header.layout;
+    if l.buffer == 0 || l.chunk == Some(0) || l.fanout < 2 || l.chunk.is_some_and(|c| c > l.buffer) {
+        return Err("invalid parameters".into());
+    }
+    let dl = l.hash.digest_len() as u64;
+    let leaves_len = l.leaf_count().checked_mul(dl).ok_or("leaf count overflows")?;
+    let chunks_len = l.chunk_count().checked_mul(dl).ok_or("chunk count overflows")?;
+    let data = &body[16 + head_len..];
+    if leaves_len.checked_add(chunks_len) != Some(data.len() as u64) {
+        return Err(format!("{} bytes of digests, the header implies {}", data.len(), leaves_len + chunks_len));
+    }
+    if header.valid_leaves > l.leaf_count() {
+        return Err("more valid leaves than leaves".into());
+    }
+    let (leaves, chunks) = data.split_at(leaves_len as usize);
+    Ok(State {
+        layout: l,
+        device_path: header.device_path,
+        stamp: header.stamp,
+        valid_leaves: header.valid_leaves,
+        leaves: leaves.to_vec(),
+        chunks: chunks.to_vec(),
+    })
+}
+
+/// Where a device's state lives unless `--state` says otherwise: next to a regular file
+/// (`disk.img.basyn-state`); for a block device under `/var/lib/basyn` (root) or
+/// `$XDG_STATE_HOME/basyn` (others), named after the canonical device path.
+pub fn default_path(device: &Path, kind: Kind) -> PathBuf {
+    let canonical = fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    match kind {
+        Kind::File => {
+            let mut name = canonical.as_os_str().to_os_string();
+            name.push(".basyn-state");
+            PathBuf::from(name)
+        }
+        Kind::Block => {
+            let flat: String = canonical
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .chars()
+                .map(|c| if c == '/' { '_' } else { c })
+                .collect();
+            state_dir().join(format!("{flat}.basyn-state"))
+        }
+    }
+}
+
+fn state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/basyn");
+    }
+    match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("basyn"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/state/basyn"),
+    }
+}
+
+/// A state file, locked for as long as this value lives.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl StateFile {
+    /// Locks `path` (through `path.lock`), creating its directory if `create_dir`.
+    pub fn lock(path: &Path, create_dir: bool) -> Result<StateFile, StateError> {
+        let io_err = |source| StateError::Io { path: path.display().to_string(), source };
+        if create_dir && let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let mut lock_path = path.as_os_str().to_os_string();
+        lock_path.push(".lock");
+        let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path).map_err(io_err)?;
+        match lock.try_lock() {
+            Ok(()) => Ok(StateFile { path: path.to_path_buf(), _lock: lock }),
+            Err(fs::TryLockError::WouldBlock) => Err(StateError::Locked(path.display().to_string())),
+            Err(fs::TryLockError::Error(e)) => Err(io_err(e)),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads and verifies the state; `Ok(None)` if there is none yet.
+    pub fn load(&self) -> Result<Option<State>, StateError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path: self.path.display().to_string(), source }),
+        };
+        decode(&bytes).map(Some).map_err(|reason| StateError::Invalid { path: self.path.display().to_string(), reason })
+    }
+
+    /// Saves atomically: temp file, fsync, rename over the old one, fsync the directory.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let io_err = |source| StateError::Io { path: self.path.display().to_string(), source };
+        let mut tmp = self.path.as_os_str().to_os_string();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&encode(state))?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err(e)
+        })
+    }
+
+    /// Removes the state (used when it can no longer be trusted and cannot be replaced).
+    pub fn remove(&self) -> Result<(), StateError> {
+        match fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path: self.path.display().to_string(), source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stamp::FileStamp;
+    use proptest::prelude::*;
+
+    pub(crate) fn sample() -> State {
+        let layout = Layout { hash: HashAlgo::Blake3, buffer: 4096, chunk: Some(1024), fanout: 4, device_size: 10000 };
+        let leaves: Vec<u8> = (0..3).flat_map(|i| HashAlgo::Blake3.digest(&[i]).as_bytes().to_vec()).collect();
+        let chunks: Vec<u8> = (0..layout.chunk_count() as u8).flat_map(|i| HashAlgo::Blake3.digest(&[i, 1]).as_bytes().to_vec()).collect();
+        State {
+            layout,
+            device_path: "/tmp/disk.img".into(),
+            stamp: Stamp::File(FileStamp { dev: 1, ino: 2, size: 10000, mtime: (3, 4), ctime: (5, 6) }),
+            valid_leaves: 3,
+            leaves,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn layout_arithmetic() {
+        let l = sample().layout;
+        assert_eq!(l.leaf_count(), 3);
+        assert_eq!(l.chunk_span(2), (8, 2)); // 10000 - 8192 = 1808 bytes: 2 chunks
+        assert_eq!(l.chunk_count(), 10);
+    }
+
+    #[test]
+    fn round_trip_and_golden_fixture() {
+        let s = sample();
+        let bytes = encode(&s);
+        assert_eq!(decode(&bytes).unwrap(), s);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/state/sample-v1.basyn-state");
+        if std::env::var_os("BASYN_BLESS").is_some() {
+            fs::write(path, &bytes).unwrap();
+        }
+        let golden = fs::read(path).expect("fixtures/state/sample-v1.basyn-state (BASYN_BLESS=1 writes it)");
+        assert_eq!(decode(&golden).unwrap(), s, "the golden state no longer decodes to the sample");
+        assert_eq!(bytes, golden, "the state encoding changed; bump FORMAT_VERSION instead");
+    }
+
+    #[test]
+    fn saving_is_atomic_and_locking_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.basyn-state");
+        let f = StateFile::lock(&p, false).unwrap();
+        assert!(f.load().unwrap().is_none());
+        f.save(&sample()).unwrap();
+        assert_eq!(f.load().unwrap(), Some(sample()));
+        assert!(matches!(StateFile::lock(&p, false), Err(StateError::Locked(_))));
+        drop(f);
+        StateFile::lock(&p, false).unwrap();
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+        assert!(leftovers.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn corrupted_states_are_refused_never_a_panic(pos in any::<proptest::sample::Index>(), val in 1u8..=255) {
+            let mut bytes = encode(&sample());
+            let i = pos.index(bytes.len());
+            bytes[i] ^= val;
+            prop_assert!(decode(&bytes).is_err());
+        }
+
+        #[test]
+        fn truncated_states_are_refused(cut in any::<proptest::sample::Index>()) {
+            let bytes = encode(&sample());
+            prop_assert!(decode(&bytes[..cut.index(bytes.len())]).is_err());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode(&bytes);
+            let mut with_magic = MAGIC.to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = decode(&with_magic);
+        }
+
+        #[test]
+        fn a_valid_checksum_over_garbage_is_still_refused(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            // Worst case for the parser: the checksum is right but the header is nonsense.
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+            bytes.extend_from_slice(&(body.len() as u32 / 2).to_le_bytes());
+            bytes.extend_from_slice(&body);
+            let sum = HashAlgo::Blake3.digest(&bytes);
+            bytes.extend_from_slice(sum.as_bytes());
+            let _ = decode(&bytes);
+        }
+    }
+}
