@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use crate::compress::Codec;
-use crate::engine::{Direction, Mode, Params, Plan, Transport};
+use crate::engine::{Direction, IndexPlan, Mode, Params, Plan, Transport};
 use crate::hash::HashAlgo;
+use crate::ledger::{StateMode, StateOptions};
 use crate::protocol::MAX_BLOCK;
 use crate::report::Output;
 use crate::ssh::Target;
@@ -105,12 +106,56 @@ struct RawArgs {
     #[arg(long)]
     force: bool,
 
+    #[command(flatten)]
+    state: StateArgs,
+
     #[command(subcommand)]
     command: Option<SubArgs>,
 }
 
+/// State-file options of a run.
+#[derive(Debug, clap::Args)]
+struct StateArgs {
+    /// State file of the local device (default: next to an image file, or under
+    /// /var/lib/basyn for a block device).
+    #[arg(long = "state", value_name = "PATH")]
+    state: Option<PathBuf>,
+
+    /// State file of the remote device, on the remote host.
+    #[arg(long = "remote-state", value_name = "PATH")]
+    remote_state: Option<PathBuf>,
+
+    /// Use no state files: always read both devices.
+    #[arg(long = "no-state", conflicts_with_all = ["state", "remote_state"])]
+    no_state: bool,
+
+    /// Use a state whose freshness cannot be verified (e.g. after a reboot).
+    #[arg(long = "trust-state")]
+    trust_state: bool,
+}
+
+impl StateArgs {
+    fn local(&self) -> StateOptions {
+        options(self.no_state, self.state.clone(), self.trust_state)
+    }
+    fn remote(&self) -> StateOptions {
+        options(self.no_state, self.remote_state.clone(), self.trust_state)
+    }
+}
+
+fn options(off: bool, path: Option<PathBuf>, trust: bool) -> StateOptions {
+    let mode = match (off, path) {
+        (true, _) => StateMode::Off,
+        (false, Some(p)) => StateMode::Path(p),
+        (false, None) => StateMode::Default,
+    };
+    StateOptions { mode, trust }
+}
+
 #[derive(Debug, Subcommand)]
 enum SubArgs {
+    /// Build or refresh the state file of a device (e.g. from cron on an idle host).
+    Index(IndexArgs),
     /// Serve one device over stdin/stdout (run by basyn itself, locally or over SSH).
     #[command(hide = true)]
     Serve {
@@ -120,6 +165,66 @@ enum SubArgs {
     /// Print the protocol version this build speaks (used before uploading over SSH).
     #[command(hide = true)]
     Protocol,
+}
+
+/// `basyn index [-h HOST ...] DEVICE`.
+#[derive(Debug, clap::Args)]
+#[command(disable_help_flag = true)]
+struct IndexArgs {
+    /// Print help.
+    #[arg(long = "help", action = ArgAction::Help)]
+    help: Option<bool>,
+
+    /// The device or image file to index.
+    device: PathBuf,
+
+    /// Index a device on this SSH host; the host computes the state.
+    #[arg(short = 'h', long = "host", value_name = "HOST")]
+    host: Option<String>,
+
+    /// SSH port.
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    port: Option<u16>,
+
+    /// SSH user.
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    user: Option<String>,
+
+    /// Path of basyn on the remote host.
+    #[arg(long = "remote-path", value_name = "PATH")]
+    remote_path: Option<String>,
+
+    /// Hash function of the tree.
+    #[arg(long, value_enum, ignore_case = true, default_value = "blake3", value_name = "HASH")]
+    hash: HashArg,
+
+    /// Leaf size in KiB.
+    #[arg(long, default_value_t = 2048, value_name = "KB")]
+    buffer: u64,
+
+    /// Chunk size in KiB (chunk digests kept under each leaf).
+    #[arg(long, value_name = "KB")]
+    chunk: Option<u64>,
+
+    /// State file (default location otherwise).
+    #[arg(long = "state", value_name = "PATH")]
+    state: Option<PathBuf>,
+
+    /// Use a state whose freshness cannot be verified.
+    #[arg(long = "trust-state")]
+    trust_state: bool,
+
+    /// Show progress on stderr.
+    #[arg(long)]
+    progress: bool,
+
+    /// Log to stdout.
+    #[arg(long)]
+    verbose: bool,
+
+    /// Print statistics.
+    #[arg(long)]
+    stat: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -161,6 +266,8 @@ pub enum Command {
     Run(Box<Plan>),
     /// `basyn serve PATH`.
     Serve(PathBuf),
+    /// `basyn index DEVICE`.
+    Index(Box<IndexPlan>),
     /// `basyn protocol`.
     Protocol,
 }
@@ -187,6 +294,9 @@ where
     match raw.command {
         Some(SubArgs::Serve { path }) => return Ok(Command::Serve(path)),
         Some(SubArgs::Protocol) => return Ok(Command::Protocol),
+        Some(SubArgs::Index(args)) => {
+            return index_plan(args).map(|p| Command::Index(Box::new(p))).map_err(Stop::Usage);
+        }
         None => {}
     }
     plan(raw).map(|p| Command::Run(Box::new(p))).map_err(Stop::Usage)
@@ -201,14 +311,7 @@ fn first_line(text: &str) -> String {
 fn plan(raw: RawArgs) -> Result<Plan, String> {
     let local = raw.local.ok_or("missing --local DEVICE (-l)")?;
     let remote = raw.remote.ok_or("missing --remote DEVICE (-r)")?;
-    let transport = match raw.host {
-        None if raw.port.is_some() => return Err("--port needs --host".into()),
-        None if raw.user.is_some() => return Err("--user needs --host".into()),
-        None if raw.remote_path.is_some() => return Err("--remote-path needs --host".into()),
-        None => Transport::Local,
-        Some(host) if host.is_empty() || host.starts_with('-') => return Err(format!("invalid --host {host:?}")),
-        Some(host) => Transport::Ssh(Target { host, port: raw.port, user: raw.user, remote_path: raw.remote_path }),
-    };
+    let transport = transport(raw.host, raw.port, raw.user, raw.remote_path)?;
     let action = match (raw.action, raw.mode) {
         (None, None) => None,
         (None, Some(_)) => return Err("--mode needs --action (PUSH or PULL)".into()),
@@ -224,18 +327,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
             },
         )),
     };
-    let max_kb = (MAX_BLOCK / 1024) as u64;
-    if raw.buffer == 0 || raw.buffer > max_kb {
-        return Err(format!("--buffer must be between 1 and {max_kb} KB, not {}", raw.buffer));
-    }
-    let chunk = match raw.chunk {
-        None => None,
-        Some(0) => return Err("--chunk must be at least 1 KB".into()),
-        Some(c) if c > raw.buffer => {
-            return Err(format!("--chunk ({c} KB) must not be larger than --buffer ({} KB)", raw.buffer));
-        }
-        Some(c) => Some(c as usize * 1024),
-    };
+    let (buffer, chunk) = geometry(raw.buffer, raw.chunk)?;
     let over_ssh = !matches!(transport, Transport::Local);
     let codec = codec(raw.compress, raw.zlevel, over_ssh)?;
     Ok(Plan {
@@ -244,9 +336,56 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         transport,
         action,
         recheck: raw.recheck,
-        params: Params { hash: hash(raw.hash), buffer: raw.buffer as usize * 1024, chunk, codec },
+        params: Params { hash: hash(raw.hash), buffer, chunk, codec },
         force: raw.force,
+        state: raw.state.local(),
+        remote_state: raw.state.remote(),
         output: Output { stat: raw.stat, verbose: raw.verbose, progress: raw.progress, debug: raw.debug },
+    })
+}
+
+fn transport(
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    remote_path: Option<String>,
+) -> Result<Transport, String> {
+    match host {
+        None if port.is_some() => Err("--port needs --host".into()),
+        None if user.is_some() => Err("--user needs --host".into()),
+        None if remote_path.is_some() => Err("--remote-path needs --host".into()),
+        None => Ok(Transport::Local),
+        Some(host) if host.is_empty() || host.starts_with('-') => Err(format!("invalid --host {host:?}")),
+        Some(host) => Ok(Transport::Ssh(Target { host, port, user, remote_path })),
+    }
+}
+
+/// `--buffer` and `--chunk` in KiB to bytes, validated.
+fn geometry(buffer_kb: u64, chunk_kb: Option<u64>) -> Result<(usize, Option<usize>), String> {
+    let max_kb = (MAX_BLOCK / 1024) as u64;
+    if buffer_kb == 0 || buffer_kb > max_kb {
+        return Err(format!("--buffer must be between 1 and {max_kb} KB, not {buffer_kb}"));
+    }
+    let chunk = match chunk_kb {
+        None => None,
+        Some(0) => return Err("--chunk must be at least 1 KB".into()),
+        Some(c) if c > buffer_kb => {
+            return Err(format!("--chunk ({c} KB) must not be larger than --buffer ({buffer_kb} KB)"));
+        }
+        Some(c) => Some(c as usize * 1024),
+    };
+    Ok((buffer_kb as usize * 1024, chunk))
+}
+
+fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
+    let transport = transport(a.host, a.port, a.user, a.remote_path)?;
+    let (buffer, chunk) = geometry(a.buffer, a.chunk)?;
+    Ok(IndexPlan {
+        device: a.device,
+        transport,
+        params: Params { hash: hash(a.hash), buffer, chunk, codec: Codec::None },
+        state: options(false, a.state, a.trust_state),
+        output: Output { stat: a.stat, verbose: a.verbose, progress: a.progress, debug: false },
     })
 }
 

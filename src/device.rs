@@ -163,6 +163,7 @@ pub struct Device {
     size: u64,
     identity: Identity,
     created: bool,
+    bytes_read: std::sync::atomic::AtomicU64,
 }
 
 impl Device {
@@ -273,7 +274,16 @@ impl Device {
             rdev: meta.rdev(),
             backing: if kind == Kind::Block { loop_backing(meta.rdev()) } else { None },
         };
-        Ok(Device { file, path: path.to_path_buf(), side, kind, size, identity, created })
+        Ok(Device {
+            file,
+            path: path.to_path_buf(),
+            side,
+            kind,
+            size,
+            identity,
+            created,
+            bytes_read: Default::default(),
+        })
     }
 
     /// Size in bytes (for a block device, from the `BLKGETSIZE64` ioctl).
@@ -311,8 +321,14 @@ impl Device {
         DeviceError { side: self.side, path: self.path.display().to_string(), problem: Problem::Io(doing, e) }
     }
 
+    /// Bytes read from the device so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.bytes_read.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.file.read_exact_at(buf, offset).map_err(|e| {
             let e = if e.kind() == io::ErrorKind::UnexpectedEof {
                 io::Error::new(
@@ -329,6 +345,11 @@ impl Device {
     /// Writes all of `data` at `offset`.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         self.file.write_all_at(data, offset).map_err(|e| self.error("write", e))
+    }
+
+    /// Takes the advisory lock that tells other basyn processes this device is in use.
+    pub fn try_lock(&self) -> Result<(), fs::TryLockError> {
+        self.file.try_lock()
     }
 
     /// Writes out the device's dirty page cache, including other processes' writes to

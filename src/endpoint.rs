@@ -13,9 +13,10 @@ use std::time::Duration;
 use crate::compress::Codec;
 use crate::device::{Identity, Kind};
 use crate::hash::HashAlgo;
+use crate::ledger::StateOptions;
 use crate::protocol::{
     AbortCode, Access, Counter, FEATURE_ZLIB, FEATURE_ZSTD, FEATURES, Frame, FrameReader, FrameWriter, Message,
-    ProtocolError, VERSION,
+    ProtocolError, StateSummary, VERSION,
 };
 
 /// A failure talking to the far endpoint.
@@ -129,6 +130,36 @@ pub struct Opened {
     pub identity: Identity,
     /// True if the endpoint created the file.
     pub created: bool,
+    /// The endpoint's state.
+    pub state: StateSummary,
+}
+
+/// What to open on the endpoint, and how.
+#[derive(Clone, Debug)]
+pub struct OpenRequest {
+    /// Probe, read or write.
+    pub access: Access,
+    /// Digest algorithm.
+    pub hash: HashAlgo,
+    /// Codec for data the endpoint sends.
+    pub codec: Codec,
+    /// Leaf size.
+    pub buffer: u64,
+    /// Chunk size.
+    pub chunk: Option<u64>,
+    /// State file options for the endpoint's device.
+    pub state: StateOptions,
+}
+
+/// What the endpoint reported when the session closed.
+#[derive(Clone, Debug, Default)]
+pub struct Closed {
+    /// Bytes it read from its device.
+    pub bytes_read: u64,
+    /// Its device, opened for reading, was written during the session.
+    pub source_moved: bool,
+    /// What happened to its state file.
+    pub note: String,
 }
 
 /// A connected, handshaken endpoint.
@@ -210,16 +241,19 @@ impl Endpoint {
     }
 
     /// Opens the endpoint's device.
-    pub fn open(&mut self, access: Access, hash: HashAlgo, codec: Codec) -> Result<Opened, EndpointError> {
+    pub fn open(&mut self, req: OpenRequest) -> Result<Opened, EndpointError> {
+        let OpenRequest { access, hash, codec, buffer, chunk, state } = req;
         if !self.supports(codec) {
             return Err(self.fail(
                 "opening the device",
                 ProtocolError::Unexpected(format!("codec {} is not supported by the endpoint", codec.describe())),
             ));
         }
-        self.send(&Frame::Control(Message::Open { access, hash, codec }))?;
+        self.send(&Frame::Control(Message::Open { access, hash, codec, buffer, chunk, state }))?;
         match self.recv_message("opening the device")? {
-            Message::Opened { size, kind, identity, created } => Ok(Opened { size, kind, identity, created }),
+            Message::Opened { size, kind, identity, created, state } => {
+                Ok(Opened { size, kind, identity, created, state })
+            }
             other => Err(self.fail("opening the device", ProtocolError::Unexpected(format!("{other:?}")))),
         }
     }
@@ -267,13 +301,34 @@ impl Endpoint {
         }
     }
 
-    /// Ends the session cleanly and reaps the endpoint.
-    pub fn close(mut self) -> Result<(), EndpointError> {
-        self.send(&Frame::Control(Message::Close))?;
-        let flushed = self.writer_mut().and_then(|w| w.flush().map_err(ProtocolError::from));
-        if let Err(e) = flushed {
-            return Err(self.fail("closing the session", e));
+    /// The digests of tree nodes on one level of the endpoint's (fresh) tree.
+    pub fn tree_nodes(
+        &mut self,
+        hash: HashAlgo,
+        level: usize,
+        indices: &[usize],
+    ) -> Result<Vec<crate::hash::Digest>, EndpointError> {
+        let msg = Message::TreeNodes { level: level as u32, indices: indices.iter().map(|&i| i as u64).collect() };
+        self.send(&Frame::Control(msg))?;
+        match self.recv()? {
+            Frame::Digests(bytes) => crate::protocol::split_digests(hash, &bytes, indices.len())
+                .map_err(|e| self.fail("walking the tree", e)),
+            other => Err(self.fail("walking the tree", ProtocolError::Unexpected(format!("{other:?}")))),
         }
+    }
+
+    /// Sends a control message without waiting (its reply is read with [`Endpoint::recv`]).
+    pub fn request(&mut self, m: Message) -> Result<(), EndpointError> {
+        self.send(&Frame::Control(m))
+    }
+
+    /// Ends the session cleanly (the endpoint saves its state) and reaps the endpoint.
+    pub fn close(mut self) -> Result<Closed, EndpointError> {
+        self.send(&Frame::Control(Message::Close))?;
+        let closed = match self.recv_message("closing the session")? {
+            Message::Closed { bytes_read, source_moved, note } => Closed { bytes_read, source_moved, note },
+            other => return Err(self.fail("closing the session", ProtocolError::Unexpected(format!("{other:?}")))),
+        };
         self.writer = None;
         self.finished = true;
         if let Some(status) = self.process.wait() {
@@ -282,7 +337,7 @@ impl Endpoint {
         if let Some(t) = self.reader.take() {
             let _ = t.join();
         }
-        Ok(())
+        Ok(closed)
     }
 
     /// Ends a session that failed on our side: the endpoint is stopped, not asked.

@@ -10,6 +10,7 @@ pub mod device;
 pub mod endpoint;
 pub mod engine;
 pub mod hash;
+pub mod ledger;
 pub mod protocol;
 pub mod report;
 pub mod serve;

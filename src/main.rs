@@ -18,6 +18,20 @@ fn main() -> ExitCode {
             1
         }
         Ok(Command::Serve(path)) => serve_stdio(&path),
+        Ok(Command::Index(plan)) => {
+            let mut stats = Default::default();
+            let result = engine::index(&plan, &mut stats);
+            if plan.output.stat {
+                print!("{}", stats.render());
+            }
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("basyn: {e}");
+                    e.exit_code()
+                }
+            }
+        }
         Ok(Command::Protocol) => {
             println!("{}", basyn::ssh::protocol_line());
             0

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::{self, Codec, PayloadCodec};
 use crate::device::{Identity, Kind};
 use crate::hash::HashAlgo;
+use crate::ledger::StateOptions;
 
 /// First bytes each side writes: "BASYN", a zero, and the protocol major as a byte pair.
 pub const MAGIC: [u8; 8] = *b"BASYN\0\x00\x01";
@@ -67,6 +68,20 @@ pub enum Access {
     },
 }
 
+/// The server's state as the client needs it to decide between a tree walk, a
+/// one-sided comparison and a full read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSummary {
+    /// Every leaf is known from a fresh state.
+    pub fresh: bool,
+    /// The tree's root when fresh.
+    pub root: Option<Vec<u8>>,
+    /// Tree height when fresh.
+    pub height: u32,
+    /// What happened to the state file, for `--verbose`.
+    pub note: String,
+}
+
 /// Why a session was aborted; decides the exit code on the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AbortCode {
@@ -88,7 +103,8 @@ pub enum Message {
         /// Feature bits.
         features: u64,
     },
-    /// Client: open the served device.
+    /// Client: open the served device (again, if a device is open: that one is finished
+    /// first, its state saved).
     Open {
         /// How.
         access: Access,
@@ -96,6 +112,12 @@ pub enum Message {
         hash: HashAlgo,
         /// Codec for blocks the server sends.
         codec: Codec,
+        /// Leaf (`--buffer`) size.
+        buffer: u64,
+        /// Chunk size, if chunk digests are kept under leaves.
+        chunk: Option<u64>,
+        /// Which state file to use for the device.
+        state: StateOptions,
     },
     /// Server: the device is open.
     Opened {
@@ -107,6 +129,8 @@ pub enum Message {
         identity: Identity,
         /// True if the server created it.
         created: bool,
+        /// What the server's state says about the device.
+        state: StateSummary,
     },
     /// Client: digest every `block`-sized piece of `[offset, offset+len)`; answered by
     /// one Digests frame.
@@ -125,12 +149,29 @@ pub enum Message {
         /// Length, at most [`MAX_BLOCK`].
         len: u32,
     },
-    /// Client: make every write so far durable; answered by `Flushed`.
+    /// Client: the digests of these tree nodes of one level; answered by one Digests
+    /// frame. Only valid when the server's state is fresh.
+    TreeNodes {
+        /// Level (0 = leaves).
+        level: u32,
+        /// Node indices on that level.
+        indices: Vec<u64>,
+    },
+    /// Client: make every write so far durable and checkpoint the state; answered by `Flushed`.
     Flush,
     /// Server: all writes are durable.
     Flushed,
-    /// Client: the session is over; the server exits.
+    /// Client: the session is over; answered by `Closed`, then the server exits.
     Close,
+    /// Server: the device's state is saved; what the session cost.
+    Closed {
+        /// Bytes the server read from its device.
+        bytes_read: u64,
+        /// The device was opened for reading and written by someone during the session.
+        source_moved: bool,
+        /// What happened to the state file, for `--verbose`.
+        note: String,
+    },
     /// Either side: the session ends with this error.
     Abort {
         /// Which kind of failure.
@@ -435,6 +476,7 @@ pub fn split_digests(algo: HashAlgo, bytes: &[u8], count: usize) -> Result<Vec<c
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::StateMode;
     use proptest::prelude::*;
 
     fn round_trip(frames: &[Frame]) -> Vec<Frame> {
@@ -486,8 +528,18 @@ mod tests {
                 },
                 hash: HashAlgo::Blake3,
                 codec: Codec::Zstd(3),
+                buffer: 2 << 20,
+                chunk: Some(64 << 10),
+                state: StateOptions { mode: StateMode::Path("/var/lib/basyn/x.basyn-state".into()), trust: true },
             }),
-            Frame::Control(Message::Opened { size: 1 << 30, kind: Kind::File, identity, created: true }),
+            Frame::Control(Message::Opened {
+                size: 1 << 30,
+                kind: Kind::File,
+                identity,
+                created: true,
+                state: StateSummary { fresh: true, root: Some(vec![7; 32]), height: 3, note: "fresh".into() },
+            }),
+            Frame::Control(Message::TreeNodes { level: 1, indices: vec![0, 5, 63] }),
             Frame::Control(Message::HashBlocks { offset: 2 << 20, len: 16 << 20, block: 2 << 20 }),
             Frame::Digests((0u8..64).collect()),
             Frame::Control(Message::Read { offset: 4096, len: 8 }),
@@ -504,6 +556,7 @@ mod tests {
                 message: "remote /x: no such file or device".into(),
             }),
             Frame::Control(Message::Close),
+            Frame::Control(Message::Closed { bytes_read: 1 << 20, source_moved: false, note: "saved".into() }),
         ]
     }
 
@@ -580,7 +633,15 @@ mod tests {
         fn mutated_valid_frames_never_panic(pos in 0usize..64, val in any::<u8>()) {
             let mut buf = Vec::new();
             let mut w = FrameWriter::new(&mut buf, Arc::default());
-            w.send(&Frame::Control(Message::Open { access: Access::Write { source_size: 9, source: None, source_name: "a".into(), force: false }, hash: HashAlgo::Sha1, codec: Codec::Zlib(9) })).unwrap();
+            w.send(&Frame::Control(Message::Open {
+                access: Access::Write { source_size: 9, source: None, source_name: "a".into(), force: false },
+                hash: HashAlgo::Sha1,
+                codec: Codec::Zlib(9),
+                buffer: 4096,
+                chunk: None,
+                state: StateOptions { mode: StateMode::Default, trust: false },
+            }))
+            .unwrap();
             w.send(&Frame::Block(BlockFrame::encode(0, &[1u8; 40], Codec::Zstd(1)))).unwrap();
             let p = pos % buf.len();
             buf[p] = val;

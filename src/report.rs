@@ -171,6 +171,12 @@ pub struct Stats {
     pub blocks_differing: u64,
     /// Bytes of device data written to the receiver.
     pub bytes_written: u64,
+    /// Bytes read from the local device.
+    pub local_read: u64,
+    /// Bytes read from the remote device.
+    pub remote_read: u64,
+    /// Tree nodes compared (tree walks and root comparisons).
+    pub nodes_compared: u64,
 }
 
 impl Stats {
@@ -185,7 +191,9 @@ impl Stats {
              Ratio:       {:.2} %\n\
              Time:        {:.3} s\n\
              Bandwidth:   Real {}/s, Effective {}/s\n\
-             Blocks:      {} compared, {} differing, {} bytes written\n",
+             Blocks:      {} compared, {} differing, {} bytes written\n\
+             Read:        local {} bytes, remote {} bytes\n\
+             Tree:        {} nodes compared\n",
             self.device_size,
             human(self.device_size as f64),
             self.rx,
@@ -199,6 +207,9 @@ impl Stats {
             self.blocks_compared,
             self.blocks_differing,
             self.bytes_written,
+            self.local_read,
+            self.remote_read,
+            self.nodes_compared,
         )
     }
 }

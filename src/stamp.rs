@@ -35,18 +35,15 @@ pub struct FileStamp {
     pub ctime: (i64, i64),
 }
 
-/// The kernel's write-side counters of one block device.
+/// The kernel's write-side counters of one block device. Only sector counts are kept:
+/// "writes completed" also counts empty cache flushes, which basyn's own fsync causes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteCounters {
     /// Kernel name (`sda1`).
     pub name: String,
-    /// Writes completed.
-    pub writes: u64,
     /// Sectors written.
     pub sectors: u64,
-    /// Discards completed (0 on kernels without discard statistics).
-    pub discards: u64,
-    /// Sectors discarded.
+    /// Sectors discarded (0 on kernels without discard statistics).
     pub discard_sectors: u64,
 }
 
@@ -128,13 +125,7 @@ fn read_counters(name: &str) -> io::Result<WriteCounters> {
     if f.len() < 7 {
         return Err(io::Error::other(format!("unexpected /sys/class/block/{name}/stat")));
     }
-    Ok(WriteCounters {
-        name: name.to_string(),
-        writes: f[4],
-        sectors: f[6],
-        discards: f.get(11).copied().unwrap_or(0),
-        discard_sectors: f.get(13).copied().unwrap_or(0),
-    })
+    Ok(WriteCounters { name: name.to_string(), sectors: f[6], discard_sectors: f.get(13).copied().unwrap_or(0) })
 }
 
 /// For a partition (`/sys/class/block/sda1/partition` exists), the whole disk's name.
@@ -152,31 +143,36 @@ pub fn compare(saved: &Stamp, now: &Stamp) -> Freshness {
     match (saved, now) {
         (Stamp::File(a), Stamp::File(b)) => {
             if (a.dev, a.ino) != (b.dev, b.ino) {
-                Freshness::Stale("the file was replaced (another inode)".into())
+                Freshness::Stale("was replaced (another inode)".into())
             } else if a.size != b.size {
-                Freshness::Stale(format!("its size changed from {} to {}", a.size, b.size))
+                Freshness::Stale(format!("changed size from {} to {}", a.size, b.size))
             } else if a != b {
-                Freshness::Stale("it was modified since (mtime/ctime changed)".into())
+                Freshness::Stale("was modified since (mtime/ctime changed)".into())
             } else {
                 Freshness::Fresh
             }
         }
-        (Stamp::Block { boot_id: ba, rdev: ra, size: sa, counters: ca, backing: ka }, Stamp::Block { boot_id: bb, rdev: rb, size: sb, counters: cb, backing: kb }) => {
+        (
+            Stamp::Block { boot_id: ba, rdev: ra, size: sa, counters: ca, backing: ka },
+            Stamp::Block { boot_id: bb, rdev: rb, size: sb, counters: cb, backing: kb },
+        ) => {
             if ba.is_empty() || ba != bb {
-                Freshness::Unverifiable("the machine rebooted since the state was saved, so its write counters cannot tell".into())
+                Freshness::Unverifiable(
+                    "the machine rebooted since the state was saved, so its write counters cannot tell".into(),
+                )
             } else if ra != rb {
-                Freshness::Stale("it is another device now".into())
+                Freshness::Stale("is another device now".into())
             } else if sa != sb {
-                Freshness::Stale(format!("its size changed from {sa} to {sb}"))
+                Freshness::Stale(format!("changed size from {sa} to {sb}"))
             } else if ca != cb {
-                Freshness::Stale("it was written since (kernel write counters moved)".into())
+                Freshness::Stale("was written since (kernel write counters moved)".into())
             } else if ka != kb {
-                Freshness::Stale("its loop backing file was modified since".into())
+                Freshness::Stale("had its loop backing file modified since".into())
             } else {
                 Freshness::Fresh
             }
         }
-        _ => Freshness::Stale("it is a different kind of device now".into()),
+        _ => Freshness::Stale("is a different kind of device now".into()),
     }
 }
 

@@ -16,7 +16,7 @@
 //! A state is decoded only through [`decode`], which checks the checksum first and then
 //! every count against the header before trusting any of it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -117,8 +117,8 @@ pub enum StateError {
         /// Cause.
         source: io::Error,
     },
-    /// Another process holds the lock.
-    #[error("state file {0} is in use by another basyn (it is locked)")]
+    /// Another basyn holds the device.
+    #[error("{0} is in use by another basyn (its lock is held)")]
     Locked(String),
     /// The bytes are not a valid state.
     #[error("state file {path} is not usable: {reason}")]
@@ -237,28 +237,20 @@ fn state_dir() -> PathBuf {
     }
 }
 
-/// A state file, locked for as long as this value lives.
+/// A state file. The caller holds the device's lock while using it, since the state
+/// file itself is replaced by each atomic save.
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
-    _lock: File,
 }
 
 impl StateFile {
-    /// Locks `path` (through `path.lock`), creating its directory if `create_dir`.
+    /// Names the state file at `path`, creating its directory if `create_dir`.
     pub fn lock(path: &Path, create_dir: bool) -> Result<StateFile, StateError> {
-        let io_err = |source| StateError::Io { path: path.display().to_string(), source };
         if create_dir && let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io_err)?;
+            fs::create_dir_all(dir).map_err(|source| StateError::Io { path: path.display().to_string(), source })?;
         }
-        let mut lock_path = path.as_os_str().to_os_string();
-        lock_path.push(".lock");
-        let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path).map_err(io_err)?;
-        match lock.try_lock() {
-            Ok(()) => Ok(StateFile { path: path.to_path_buf(), _lock: lock }),
-            Err(fs::TryLockError::WouldBlock) => Err(StateError::Locked(path.display().to_string())),
-            Err(fs::TryLockError::Error(e)) => Err(io_err(e)),
-        }
+        Ok(StateFile { path: path.to_path_buf() })
     }
 
     /// The file's path.
@@ -315,7 +307,9 @@ mod tests {
     pub(crate) fn sample() -> State {
         let layout = Layout { hash: HashAlgo::Blake3, buffer: 4096, chunk: Some(1024), fanout: 4, device_size: 10000 };
         let leaves: Vec<u8> = (0..3).flat_map(|i| HashAlgo::Blake3.digest(&[i]).as_bytes().to_vec()).collect();
-        let chunks: Vec<u8> = (0..layout.chunk_count() as u8).flat_map(|i| HashAlgo::Blake3.digest(&[i, 1]).as_bytes().to_vec()).collect();
+        let chunks: Vec<u8> = (0..layout.chunk_count() as u8)
+            .flat_map(|i| HashAlgo::Blake3.digest(&[i, 1]).as_bytes().to_vec())
+            .collect();
         State {
             layout,
             device_path: "/tmp/disk.img".into(),
@@ -349,17 +343,19 @@ mod tests {
     }
 
     #[test]
-    fn saving_is_atomic_and_locking_is_exclusive() {
+    fn saving_is_atomic() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.basyn-state");
         let f = StateFile::lock(&p, false).unwrap();
         assert!(f.load().unwrap().is_none());
         f.save(&sample()).unwrap();
         assert_eq!(f.load().unwrap(), Some(sample()));
-        assert!(matches!(StateFile::lock(&p, false), Err(StateError::Locked(_))));
-        drop(f);
-        StateFile::lock(&p, false).unwrap();
-        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+        f.save(&sample()).unwrap();
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
         assert!(leftovers.is_empty());
     }
 

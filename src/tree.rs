@@ -159,7 +159,7 @@ impl Tree {
 
 /// Digest of an internal node over its children's concatenated digests, domain-separated
 /// from leaf digests (which are digests of device data).
-fn node_digest(algo: HashAlgo, children: &[u8]) -> Digest {
+pub fn node_digest(algo: HashAlgo, children: &[u8]) -> Digest {
     let mut input = Vec::with_capacity(children.len() + 11);
     input.extend_from_slice(b"basyn-node\0");
     input.extend_from_slice(children);

@@ -1,15 +1,19 @@
-//! SYNC and RECHECK: both sides digest their blocks in parallel, the client compares,
-//! and (for SYNC) only differing blocks, or with `--chunk` only differing chunks, cross
-//! the wire. Requests are windowed: digest batches, chunk digests and reads are all in
-//! flight at once and answered in order.
+//! SYNC and RECHECK: both sides digest their blocks in parallel (or take the digests
+//! from a fresh state without reading), the client compares, and for SYNC only differing
+//! blocks, or with `--chunk` only differing chunks, cross the wire. Requests are
+//! windowed: digest batches, chunk digests, reads and checkpoints are all in flight at
+//! once and answered in order. With both states fresh, the trees are walked instead,
+//! one round trip per level, and nothing that is equal is ever read.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use super::pipeline::{self, Blocks};
 use super::{Direction, Fault, Params};
 use crate::device::Device;
 use crate::endpoint::Endpoint;
 use crate::hash::Digest;
+use crate::ledger::{Ledger, Role, leaf_digest};
 use crate::protocol::{BlockFrame, Frame, MAX_BLOCK, Message, ProtocolError, split_digests};
 use crate::report::Reporter;
 
@@ -31,6 +35,8 @@ pub struct Comparison {
     pub differing: u64,
     /// Bytes of device data written to the receiver.
     pub written: u64,
+    /// Tree nodes compared in a tree walk.
+    pub nodes: u64,
 }
 
 /// A request whose reply has not been consumed yet.
@@ -38,16 +44,18 @@ enum Pending {
     /// Digests of `count` blocks starting at block `first`.
     Digests { first: u64, count: u64 },
     /// Chunk digests of one differing block.
-    Chunks { offset: u64, len: usize, local: Vec<Digest>, data: Option<Vec<u8>> },
-    /// Data the receiver (local, PULL) must write.
+    Chunks { offset: u64, len: usize, ours: Vec<Digest>, data: Option<Vec<u8>> },
+    /// Data the local receiver (PULL) must write.
     Data { offset: u64, len: usize },
+    /// A checkpoint on the endpoint.
+    Flushed,
 }
 
 impl Pending {
     /// Memory this entry holds or will receive, for the in-flight budget.
     fn cost(&self) -> u64 {
         match self {
-            Pending::Digests { .. } => 4096,
+            Pending::Digests { .. } | Pending::Flushed => 4096,
             Pending::Chunks { data, .. } => 4096 + data.as_ref().map_or(0, |d| d.len() as u64),
             Pending::Data { len, .. } => *len as u64,
         }
@@ -60,10 +68,38 @@ const WINDOW: usize = 4;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Memory that pending replies and kept data may hold.
 const BUDGET: u64 = 64 << 20;
+/// How often long runs make their progress durable and save checkpoints.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
-/// Compares `local` with the endpoint's device over `len` bytes.
+/// What the local reader thread delivers for one block.
+struct Local {
+    /// Digest and chunk digests, if the block was read (else the ledger knows them).
+    read: Option<(Digest, Vec<Digest>)>,
+    /// The data, when it may be needed and was read.
+    data: Option<Vec<u8>>,
+}
+
+/// One comparison in progress.
+struct Run<'a> {
+    local: &'a Device,
+    ledger: &'a mut Ledger,
+    ep: &'a mut Endpoint,
+    params: &'a Params,
+    purpose: Purpose,
+    rep: &'a Reporter,
+    pending: VecDeque<Pending>,
+    follow: VecDeque<(Message, Pending)>,
+    inflight: u64,
+    batches_out: usize,
+    out: Comparison,
+    last_checkpoint: Instant,
+}
+
+/// Compares `local` with the endpoint's device over `len` bytes, reading only what
+/// neither the ledger nor the endpoint's state already knows.
 pub fn run(
     local: &Device,
+    ledger: &mut Ledger,
     ep: &mut Endpoint,
     len: u64,
     params: &Params,
@@ -73,55 +109,51 @@ pub fn run(
     let blocks = Blocks { len, block: params.buffer as u64 };
     let batch = (BATCH_BYTES / blocks.block).max(1);
     let batches = blocks.count().div_ceil(batch);
-    let algo = params.hash;
-    let keep_data = purpose != Purpose::Check && (params.chunk.is_some() || purpose == Purpose::Sync(Direction::Push));
+    let layout = *ledger.layout();
+    let keep_data = purpose == Purpose::Sync(Direction::Push) && params.chunk.is_none();
+    let skip: Vec<bool> = (0..blocks.count()).map(|i| ledger.leaf(i).is_some()).collect();
     std::thread::scope(|scope| {
-        let (local_rx, _reader) = pipeline::spawn(scope, local, blocks, 8, move |_, data| {
-            let digest = algo.digest(&data);
-            (digest, keep_data.then_some(data))
+        let (local_rx, _reader) = pipeline::spawn(scope, local, blocks, skip, 8, move |_, data| match data {
+            None => Local { read: None, data: None },
+            Some(data) => {
+                let (d, chunks) = leaf_digest(&layout, &data);
+                Local { read: Some((d, chunks)), data: keep_data.then_some(data) }
+            }
         });
-        let mut out = Comparison::default();
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut follow: VecDeque<(Message, Pending)> = VecDeque::new();
-        let mut inflight = 0u64;
-        let mut batches_out = 0usize;
+        let mut run = Run::new(local, ledger, ep, params, purpose, rep);
         let mut next_batch = 0u64;
         loop {
-            while let Some((_, p)) = follow.front() {
-                if inflight + p.cost() > BUDGET && !pending.is_empty() {
-                    break;
-                }
-                let Some((msg, p)) = follow.pop_front() else { break };
-                ep.send(&Frame::Control(msg))?;
-                inflight += p.cost();
-                pending.push_back(p);
-            }
-            while follow.is_empty() && next_batch < batches && batches_out < WINDOW {
+            run.send_follow_ups()?;
+            while run.follow.is_empty() && next_batch < batches && run.batches_out < WINDOW {
                 let first = next_batch * batch;
                 let count = batch.min(blocks.count() - first);
                 let (offset, _) = blocks.span(first);
-                let end = (first + count) * blocks.block;
-                let range = end.min(len) - offset;
-                ep.send(&Frame::Control(Message::HashBlocks { offset, len: range, block: blocks.block as u32 }))?;
-                let p = Pending::Digests { first, count };
-                inflight += p.cost();
-                pending.push_back(p);
-                batches_out += 1;
+                let range = ((first + count) * blocks.block).min(len) - offset;
+                let msg = Message::HashBlocks { offset, len: range, block: blocks.block as u32 };
+                run.ask(msg, Pending::Digests { first, count })?;
+                run.batches_out += 1;
                 next_batch += 1;
             }
-            let Some(p) = pending.pop_front() else { break };
-            let reply = ep.recv()?;
-            inflight -= p.cost();
+            let Some(p) = run.pending.pop_front() else { break };
+            let reply = run.ep.recv()?;
+            run.inflight -= p.cost();
             match p {
                 Pending::Digests { first, count } => {
-                    batches_out -= 1;
+                    run.batches_out -= 1;
                     let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
-                    let remote = split_digests(algo, &bytes, count as usize)?;
+                    let remote = split_digests(params.hash, &bytes, count as usize)?;
                     for (k, theirs) in remote.into_iter().enumerate() {
                         let item = local_rx.recv().map_err(|_| Fault::Internal("local reader stopped"))??;
                         debug_assert_eq!(item.index, first + k as u64);
-                        let (ours, data) = item.value;
-                        out.blocks += 1;
+                        let Local { read, data } = item.value;
+                        let ours = match read {
+                            Some((d, chunks)) => {
+                                run.ledger.learn(item.index, &d, &chunks);
+                                d
+                            }
+                            None => run.ledger.leaf(item.index).ok_or(Fault::Internal("skipped leaf unknown"))?,
+                        };
+                        run.out.blocks += 1;
                         rep.advance(item.len as u64);
                         if ours == theirs {
                             if rep.debugging() {
@@ -129,81 +161,215 @@ pub fn run(
                             }
                             continue;
                         }
-                        out.differing += 1;
                         rep.debug(format_args!(
                             "block {} @ {} ({} bytes): differs (local {ours}, remote {theirs})",
                             item.index, item.offset, item.len
                         ));
-                        match (purpose, params.chunk) {
-                            (Purpose::Check, _) => {}
-                            (Purpose::Sync(dir), Some(chunk)) => {
-                                let data = data.ok_or(Fault::Internal("block data not kept"))?;
-                                let local_chunks = algo.digest_pieces(&data, chunk);
-                                let msg = Message::HashBlocks {
-                                    offset: item.offset,
-                                    len: item.len as u64,
-                                    block: chunk as u32,
-                                };
-                                let data = (dir == Direction::Push).then_some(data);
-                                follow.push_back((
-                                    msg,
-                                    Pending::Chunks { offset: item.offset, len: item.len, local: local_chunks, data },
-                                ));
-                            }
-                            (Purpose::Sync(Direction::Push), None) => {
-                                let data = data.ok_or(Fault::Internal("block data not kept"))?;
-                                ep.send(&Frame::Block(BlockFrame::encode(item.offset, &data, params.codec)))?;
-                                out.written += data.len() as u64;
-                            }
-                            (Purpose::Sync(Direction::Pull), None) => {
-                                let msg = Message::Read { offset: item.offset, len: item.len as u32 };
-                                follow.push_back((msg, Pending::Data { offset: item.offset, len: item.len }));
-                            }
-                        }
+                        run.differs(item.index, item.offset, item.len, data)?;
                     }
                 }
-                Pending::Chunks { offset, len, local: ours, data } => {
-                    let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
-                    let chunk = params.chunk.ok_or(Fault::Internal("chunk size missing"))?;
-                    let theirs = split_digests(algo, &bytes, ours.len())?;
-                    let differing: Vec<usize> = (0..ours.len()).filter(|&j| ours[j] != theirs[j]).collect();
-                    rep.debug(format_args!("block @ {offset}: {} of {} chunks differ", differing.len(), ours.len()));
-                    match data {
-                        Some(data) => {
-                            for j in differing {
-                                let start = j * chunk;
-                                let piece = &data[start..(start + chunk).min(len)];
-                                ep.send(&Frame::Block(BlockFrame::encode(offset + start as u64, piece, params.codec)))?;
-                                out.written += piece.len() as u64;
-                            }
-                        }
-                        None => {
-                            for (start, end) in runs(&differing, chunk, len) {
-                                let msg = Message::Read { offset: offset + start as u64, len: (end - start) as u32 };
-                                follow.push_back((
-                                    msg,
-                                    Pending::Data { offset: offset + start as u64, len: end - start },
-                                ));
-                            }
-                        }
+                other => run.handle(other, reply)?,
+            }
+            run.maybe_checkpoint()?;
+        }
+        Ok(run.out)
+    })
+}
+
+/// Both states are fresh: walk the trees from the root, one batched round trip per
+/// level, then transfer only the differing leaves. Nothing equal is read.
+pub fn walk(
+    local: &Device,
+    ledger: &mut Ledger,
+    ep: &mut Endpoint,
+    len: u64,
+    params: &Params,
+    purpose: Purpose,
+    rep: &Reporter,
+) -> Result<Comparison, Fault> {
+    let tree = ledger.tree().ok_or(Fault::Internal("walk without a fresh tree"))?.clone();
+    let mut nodes = 0u64;
+    let differing = tree.walk(|level, indices| {
+        nodes += indices.len() as u64;
+        ep.tree_nodes(params.hash, level, indices)
+    })?;
+    rep.debug(format_args!("tree walk: {nodes} nodes compared, {} leaves differ", differing.len()));
+    let blocks = Blocks { len, block: params.buffer as u64 };
+    let mut run = Run::new(local, ledger, ep, params, purpose, rep);
+    run.out.nodes = nodes;
+    run.out.blocks = blocks.count();
+    rep.advance(len);
+    for leaf in differing {
+        let (offset, n) = blocks.span(leaf as u64);
+        rep.debug(format_args!("block {leaf} @ {offset} ({n} bytes): differs (tree walk)"));
+        run.differs(leaf as u64, offset, n, None)?;
+        run.drain(WINDOW)?;
+    }
+    run.drain(0)?;
+    Ok(run.out)
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        local: &'a Device,
+        ledger: &'a mut Ledger,
+        ep: &'a mut Endpoint,
+        params: &'a Params,
+        purpose: Purpose,
+        rep: &'a Reporter,
+    ) -> Run<'a> {
+        Run {
+            local,
+            ledger,
+            ep,
+            params,
+            purpose,
+            rep,
+            pending: VecDeque::new(),
+            follow: VecDeque::new(),
+            inflight: 0,
+            batches_out: 0,
+            out: Comparison::default(),
+            last_checkpoint: Instant::now(),
+        }
+    }
+
+    fn ask(&mut self, msg: Message, p: Pending) -> Result<(), Fault> {
+        self.ep.request(msg)?;
+        self.inflight += p.cost();
+        self.pending.push_back(p);
+        Ok(())
+    }
+
+    /// Sends queued follow-up requests as far as the in-flight budget allows.
+    fn send_follow_ups(&mut self) -> Result<(), Fault> {
+        while let Some((_, p)) = self.follow.front() {
+            if self.inflight + p.cost() > BUDGET && !self.pending.is_empty() {
+                break;
+            }
+            let Some((msg, p)) = self.follow.pop_front() else { break };
+            self.ask(msg, p)?;
+        }
+        Ok(())
+    }
+
+    /// Processes replies until at most `keep` requests are outstanding.
+    fn drain(&mut self, keep: usize) -> Result<(), Fault> {
+        loop {
+            self.send_follow_ups()?;
+            if self.pending.len() + self.follow.len() <= keep {
+                return Ok(());
+            }
+            let Some(p) = self.pending.pop_front() else { return Ok(()) };
+            let reply = self.ep.recv()?;
+            self.inflight -= p.cost();
+            self.handle(p, reply)?;
+            self.maybe_checkpoint()?;
+        }
+    }
+
+    /// Leaf `leaf` differs: count it, and for SYNC queue what transfers it.
+    fn differs(&mut self, leaf: u64, offset: u64, len: usize, data: Option<Vec<u8>>) -> Result<(), Fault> {
+        self.out.differing += 1;
+        let Purpose::Sync(dir) = self.purpose else { return Ok(()) };
+        match self.params.chunk {
+            Some(chunk) => {
+                let ours = match self.ledger.chunk_digests(leaf) {
+                    Some(c) => c,
+                    None => {
+                        let mut buf = Vec::new();
+                        self.ledger.read_leaf(self.local, leaf, &mut buf)?.1
                     }
-                }
-                Pending::Data { offset, len } => {
-                    let Frame::Block(block) = reply else { return Err(unexpected(&reply)) };
-                    if block.offset != offset || block.raw_len as usize != len {
-                        return Err(Fault::Protocol(ProtocolError::Unexpected(format!(
-                            "data for offset {} ({} bytes) where offset {offset} ({len} bytes) was asked for",
-                            block.offset, block.raw_len
-                        ))));
+                };
+                let msg = Message::HashBlocks { offset, len: len as u64, block: chunk as u32 };
+                self.follow.push_back((msg, Pending::Chunks { offset, len, ours, data: None }));
+            }
+            None if dir == Direction::Push => {
+                let data = match data {
+                    Some(d) => d,
+                    None => {
+                        let mut buf = vec![0u8; len];
+                        self.local.read_at(offset, &mut buf)?;
+                        buf
                     }
-                    let data = block.decode(offset + len as u64)?;
-                    local.write_at(offset, &data)?;
-                    out.written += len as u64;
-                }
+                };
+                self.ep.send(&Frame::Block(BlockFrame::encode(offset, &data, self.params.codec)))?;
+                self.out.written += data.len() as u64;
+            }
+            None => {
+                let msg = Message::Read { offset, len: len as u32 };
+                self.follow.push_back((msg, Pending::Data { offset, len }));
             }
         }
-        Ok(out)
-    })
+        Ok(())
+    }
+
+    fn handle(&mut self, p: Pending, reply: Frame) -> Result<(), Fault> {
+        match p {
+            Pending::Digests { .. } => Err(Fault::Internal("digest batch outside the main loop")),
+            Pending::Flushed => match reply {
+                Frame::Control(Message::Flushed) => Ok(()),
+                other => Err(unexpected(&other)),
+            },
+            Pending::Chunks { offset, len, ours, data: _ } => {
+                let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
+                let chunk = self.params.chunk.ok_or(Fault::Internal("chunk size missing"))?;
+                let theirs = split_digests(self.params.hash, &bytes, ours.len())?;
+                let differing: Vec<usize> = (0..ours.len()).filter(|&j| ours[j] != theirs[j]).collect();
+                self.rep.debug(format_args!("block @ {offset}: {} of {} chunks differ", differing.len(), ours.len()));
+                for (start, end) in runs(&differing, chunk, len) {
+                    let at = offset + start as u64;
+                    match self.purpose {
+                        Purpose::Sync(Direction::Push) => {
+                            let mut buf = vec![0u8; end - start];
+                            self.local.read_at(at, &mut buf)?;
+                            for (k, piece) in buf.chunks(chunk).enumerate() {
+                                let frame = BlockFrame::encode(at + (k * chunk) as u64, piece, self.params.codec);
+                                self.ep.send(&Frame::Block(frame))?;
+                            }
+                            self.out.written += buf.len() as u64;
+                        }
+                        _ => {
+                            let msg = Message::Read { offset: at, len: (end - start) as u32 };
+                            self.follow.push_back((msg, Pending::Data { offset: at, len: end - start }));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Pending::Data { offset, len } => {
+                let Frame::Block(block) = reply else { return Err(unexpected(&reply)) };
+                if block.offset != offset || block.raw_len as usize != len {
+                    return Err(Fault::Protocol(ProtocolError::Unexpected(format!(
+                        "data for offset {} ({} bytes) where offset {offset} ({len} bytes) was asked for",
+                        block.offset, block.raw_len
+                    ))));
+                }
+                let data = block.decode(offset + len as u64)?;
+                self.local.write_at(offset, &data)?;
+                self.ledger.wrote(offset, &data);
+                self.out.written += len as u64;
+                Ok(())
+            }
+        }
+    }
+
+    /// Every [`CHECKPOINT_EVERY`], makes progress durable on both sides and saves
+    /// checkpoints, so that an interrupted run resumes from there.
+    fn maybe_checkpoint(&mut self) -> Result<(), Fault> {
+        if self.last_checkpoint.elapsed() < CHECKPOINT_EVERY {
+            return Ok(());
+        }
+        self.last_checkpoint = Instant::now();
+        let role = if self.purpose == Purpose::Sync(Direction::Pull) { Role::Receiver } else { Role::Read };
+        if role == Role::Receiver {
+            self.local.sync()?;
+            self.ledger.durable();
+        }
+        self.ledger.checkpoint(self.local, role).map_err(|e| Fault::State(e.to_string()))?;
+        self.follow.push_back((Message::Flush, Pending::Flushed));
+        Ok(())
+    }
 }
 
 /// Byte ranges covering runs of consecutive differing chunks, each at most [`MAX_BLOCK`].
@@ -245,8 +411,9 @@ mod property_tests {
     use super::*;
     use crate::compress::Codec;
     use crate::device::{ReceiverSpec, Side};
-    use crate::endpoint::{Endpoint, in_process};
+    use crate::endpoint::{Endpoint, OpenRequest, in_process};
     use crate::hash::HashAlgo;
+    use crate::ledger::StateOptions;
     use crate::protocol::Access;
     use crate::report::{Output, Reporter};
     use proptest::prelude::*;
@@ -265,6 +432,14 @@ mod property_tests {
         let mut ep = Endpoint::connect(in_process(&rp)).unwrap();
         let spec =
             ReceiverSpec { source_size: src.len() as u64, source: None, source_name: "src".into(), force: false };
+        let request = |access| OpenRequest {
+            access,
+            hash: params.hash,
+            codec: params.codec,
+            buffer: buffer as u64,
+            chunk: chunk.map(|c| c as u64),
+            state: StateOptions::off(),
+        };
         let local = match dir {
             Direction::Push => {
                 let access = Access::Write {
@@ -273,16 +448,24 @@ mod property_tests {
                     source_name: "src".into(),
                     force: false,
                 };
-                ep.open(access, params.hash, params.codec).unwrap();
+                ep.open(request(access)).unwrap();
                 Device::open_read(&lp, Side::Local).unwrap()
             }
             Direction::Pull => {
-                ep.open(Access::Read, params.hash, params.codec).unwrap();
+                ep.open(request(Access::Read)).unwrap();
                 Device::open_receiver(&lp, Side::Local, &spec).unwrap()
             }
         };
+        let layout = crate::state::Layout {
+            hash: params.hash,
+            buffer: buffer as u64,
+            chunk: chunk.map(|c| c as u64),
+            fanout: 4,
+            device_size: src.len() as u64,
+        };
+        let mut ledger = Ledger::open(&local, layout, &StateOptions::off()).unwrap();
         let rep = Reporter::new(Output::default());
-        let c = run(&local, &mut ep, src.len() as u64, &params, Purpose::Sync(dir), &rep).unwrap();
+        let c = run(&local, &mut ledger, &mut ep, src.len() as u64, &params, Purpose::Sync(dir), &rep).unwrap();
         ep.flush_device().unwrap();
         ep.close().unwrap();
         let receiver = match dir {

@@ -1,5 +1,7 @@
 //! COPY: stream every block from source to receiver in order, with reads, compression
-//! and sending overlapped (PUSH) or a window of reads in flight (PULL).
+//! and sending overlapped (PUSH) or a window of reads in flight (PULL). Each side's
+//! state is built on the way: the source digests what it reads, the receiver what it
+//! writes.
 
 use std::collections::VecDeque;
 
@@ -7,6 +9,7 @@ use super::pipeline::{self, Blocks};
 use super::{Direction, Fault, Params};
 use crate::device::Device;
 use crate::endpoint::Endpoint;
+use crate::ledger::{Ledger, leaf_digest};
 use crate::protocol::{BlockFrame, Frame, Message, ProtocolError};
 use crate::report::Reporter;
 
@@ -16,6 +19,7 @@ const PULL_WINDOW: u64 = 32 << 20;
 /// Copies `len` bytes in `dir`; returns the bytes written.
 pub fn run(
     local: &Device,
+    ledger: &mut Ledger,
     ep: &mut Endpoint,
     len: u64,
     params: &Params,
@@ -24,20 +28,36 @@ pub fn run(
 ) -> Result<u64, Fault> {
     let blocks = Blocks { len, block: params.buffer as u64 };
     match dir {
-        Direction::Push => push(local, ep, blocks, params, rep),
-        Direction::Pull => pull(local, ep, blocks, rep),
+        Direction::Push => push(local, ledger, ep, blocks, params, rep),
+        Direction::Pull => pull(local, ledger, ep, blocks, rep),
     }
 }
 
-fn push(local: &Device, ep: &mut Endpoint, blocks: Blocks, params: &Params, rep: &Reporter) -> Result<u64, Fault> {
+fn push(
+    local: &Device,
+    ledger: &mut Ledger,
+    ep: &mut Endpoint,
+    blocks: Blocks,
+    params: &Params,
+    rep: &Reporter,
+) -> Result<u64, Fault> {
     let codec = params.codec;
+    let layout = *ledger.layout();
+    let track = ledger.enabled();
     std::thread::scope(|scope| {
-        let (rx, _reader) =
-            pipeline::spawn(scope, local, blocks, 8, move |offset, data| BlockFrame::encode(offset, &data, codec));
+        let (rx, _reader) = pipeline::spawn(scope, local, blocks, Vec::new(), 8, move |offset, data| {
+            let data = data.unwrap_or_default();
+            let digests = track.then(|| leaf_digest(&layout, &data));
+            (BlockFrame::encode(offset, &data, codec), digests)
+        });
         let mut written = 0;
         for item in rx {
             let item = item?;
-            ep.send(&Frame::Block(item.value))?;
+            let (frame, digests) = item.value;
+            if let Some((d, chunks)) = digests {
+                ledger.learn(item.index, &d, &chunks);
+            }
+            ep.send(&Frame::Block(frame))?;
             rep.advance(item.len as u64);
             written += item.len as u64;
         }
@@ -45,7 +65,7 @@ fn push(local: &Device, ep: &mut Endpoint, blocks: Blocks, params: &Params, rep:
     })
 }
 
-fn pull(local: &Device, ep: &mut Endpoint, blocks: Blocks, rep: &Reporter) -> Result<u64, Fault> {
+fn pull(local: &Device, ledger: &mut Ledger, ep: &mut Endpoint, blocks: Blocks, rep: &Reporter) -> Result<u64, Fault> {
     let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
     let mut inflight = 0u64;
     let mut next = 0u64;
@@ -53,7 +73,7 @@ fn pull(local: &Device, ep: &mut Endpoint, blocks: Blocks, rep: &Reporter) -> Re
     loop {
         while next < blocks.count() && (pending.is_empty() || inflight + blocks.block <= PULL_WINDOW) {
             let (offset, len) = blocks.span(next);
-            ep.send(&Frame::Control(Message::Read { offset, len: len as u32 }))?;
+            ep.request(Message::Read { offset, len: len as u32 })?;
             pending.push_back((offset, len));
             inflight += len as u64;
             next += 1;
@@ -69,6 +89,9 @@ fn pull(local: &Device, ep: &mut Endpoint, blocks: Blocks, rep: &Reporter) -> Re
         };
         let data = block.decode(offset + len as u64)?;
         local.write_at(offset, &data)?;
+        if ledger.enabled() {
+            ledger.wrote(offset, &data);
+        }
         inflight -= len as u64;
         written += len as u64;
         rep.advance(len as u64);

@@ -1,12 +1,13 @@
 //! Sequential reading of a local device on its own thread, so reading (and whatever work
 //! is attached to each block) overlaps with the protocol traffic on the main thread.
+//! Blocks the caller already knows (from a fresh state) are skipped, not read.
 
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::{Scope, ScopedJoinHandle};
 
 use crate::device::{Device, DeviceError};
 
-/// One block as read: its index, offset and the result of the per-block work.
+/// One block: its index, offset, length and the result of the per-block work.
 pub struct Item<T> {
     /// Block index.
     pub index: u64,
@@ -14,7 +15,7 @@ pub struct Item<T> {
     pub offset: u64,
     /// Length in bytes.
     pub len: usize,
-    /// What the work function made of the block.
+    /// What the work function made of the block (`None` data for a skipped block).
     pub value: T,
 }
 
@@ -40,25 +41,31 @@ impl Blocks {
     }
 }
 
-/// Reads `blocks` from `device` on a scoped thread, applying `work` to each, and
-/// delivers them in order through a channel holding at most `depth` blocks.
+/// Reads `blocks` from `device` on a scoped thread, except those marked in `skip`,
+/// applies `work` to each (with `None` for a skipped block) and delivers them in order
+/// through a channel holding at most `depth` blocks.
 pub fn spawn<'scope, 'env, T, F>(
     scope: &'scope Scope<'scope, 'env>,
     device: &'env Device,
     blocks: Blocks,
+    skip: Vec<bool>,
     depth: usize,
     work: F,
 ) -> (Receiver<Result<Item<T>, DeviceError>>, ScopedJoinHandle<'scope, ()>)
 where
     T: Send + 'scope,
-    F: Fn(u64, Vec<u8>) -> T + Send + 'scope,
+    F: Fn(u64, Option<Vec<u8>>) -> T + Send + 'scope,
 {
     let (tx, rx) = sync_channel(depth.max(1));
     let handle = scope.spawn(move || {
         for index in 0..blocks.count() {
             let (offset, len) = blocks.span(index);
-            let mut buf = vec![0u8; len];
-            let item = device.read_at(offset, &mut buf).map(|()| Item { index, offset, len, value: work(offset, buf) });
+            let item = if skip.get(index as usize).copied().unwrap_or(false) {
+                Ok(Item { index, offset, len, value: work(offset, None) })
+            } else {
+                let mut buf = vec![0u8; len];
+                device.read_at(offset, &mut buf).map(|()| Item { index, offset, len, value: work(offset, Some(buf)) })
+            };
             let failed = item.is_err();
             if tx.send(item).is_err() || failed {
                 return;

@@ -1,0 +1,491 @@
+//! What one side knows about its device's block digests during a run: loaded from a
+//! fresh `.basyn-state`, learned by reading, or computed from what it wrote. It answers
+//! digest requests without reading whatever it already knows, and saves the state
+//! (checkpoints and at the end) only with digests that are provably on disk.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::{Device, DeviceError};
+use crate::hash::Digest;
+use crate::stamp::{self, Freshness, Stamp};
+use crate::state::{self, Layout, State, StateError, StateFile};
+use crate::tree::{self, Tree};
+
+/// Which state file a side uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateMode {
+    /// The default location for the device.
+    Default,
+    /// An explicit file (`--state`, `--remote-state`).
+    Path(PathBuf),
+    /// No state at all (`--no-state`).
+    Off,
+}
+
+/// The state options of one side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateOptions {
+    /// Which file.
+    pub mode: StateMode,
+    /// `--trust-state`: use a state whose freshness cannot be verified.
+    pub trust: bool,
+}
+
+impl StateOptions {
+    /// No state.
+    pub fn off() -> StateOptions {
+        StateOptions { mode: StateMode::Off, trust: false }
+    }
+}
+
+/// The role a device plays, which decides how its state is re-stamped at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Only read: its stamp must not have moved during the run.
+    Read,
+    /// Written by basyn: re-stamped after fdatasync.
+    Receiver,
+}
+
+/// Digest of one leaf's data: with chunks, the node digest over the chunk digests (so the
+/// chunk digests under a leaf prove the leaf), else the digest of the data.
+pub fn leaf_digest(layout: &Layout, data: &[u8]) -> (Digest, Vec<Digest>) {
+    match layout.chunk {
+        Some(c) => {
+            let chunks = layout.hash.digest_pieces(data, c as usize);
+            (chunk_root(layout, &chunks), chunks)
+        }
+        None => (layout.hash.digest(data), Vec::new()),
+    }
+}
+
+fn chunk_root(layout: &Layout, chunks: &[Digest]) -> Digest {
+    let mut bytes = Vec::with_capacity(chunks.len() * layout.hash.digest_len());
+    for c in chunks {
+        bytes.extend_from_slice(c.as_bytes());
+    }
+    tree::node_digest(layout.hash, &bytes)
+}
+
+/// A leaf written this run, not yet durable.
+#[derive(Clone, Debug)]
+struct Pending {
+    /// The leaf's chunk digests after the writes, when they can be known.
+    chunks: Option<Vec<Digest>>,
+    /// The leaf's digest after the writes, when it can be known.
+    digest: Option<Digest>,
+}
+
+/// The digests one side knows about its device.
+#[derive(Debug)]
+pub struct Ledger {
+    file: Option<StateFile>,
+    layout: Layout,
+    device_path: String,
+    leaves: Vec<u8>,
+    known: Vec<bool>,
+    chunks: Vec<u8>,
+    chunks_known: Vec<bool>,
+    pending: BTreeMap<u64, Pending>,
+    start: Option<Stamp>,
+    fresh: bool,
+    note: String,
+    tree: Option<Tree>,
+}
+
+impl Ledger {
+    /// Opens (and locks) the state of `device` for a run with `layout`, and decides
+    /// what of it can be trusted. A lock held by another basyn is an error; a missing,
+    /// corrupt, foreign, mismatched or stale state is only noted and rebuilt.
+    pub fn open(device: &Device, layout: Layout, opts: &StateOptions) -> Result<Ledger, StateError> {
+        let n = layout.leaf_count() as usize;
+        let dl = layout.hash.digest_len();
+        let mut ledger = Ledger {
+            file: None,
+            layout,
+            device_path: device.path().display().to_string(),
+            leaves: vec![0; n * dl],
+            known: vec![false; n],
+            chunks: Vec::new(),
+            chunks_known: Vec::new(),
+            pending: BTreeMap::new(),
+            start: None,
+            fresh: false,
+            note: "no state (--no-state)".into(),
+            tree: None,
+        };
+        let (path, create_dir) = match &opts.mode {
+            StateMode::Off => return Ok(ledger),
+            StateMode::Default => (state::default_path(device.path(), device.kind()), true),
+            StateMode::Path(p) => (p.clone(), false),
+        };
+        // Chunk digests are kept (32 bytes or so per chunk) only when a state will hold them.
+        if layout.chunk.is_some() {
+            ledger.chunks = vec![0; layout.chunk_count() as usize * dl];
+            ledger.chunks_known = vec![false; n];
+        }
+        device.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => StateError::Locked(device.path().display().to_string()),
+            std::fs::TryLockError::Error(source) => StateError::Io { path: path.display().to_string(), source },
+        })?;
+        let file = StateFile::lock(&path, create_dir)?;
+        let shown = path.display().to_string();
+        let start = stamp::take(device).map_err(|source| StateError::Io { path: shown.clone(), source })?;
+        ledger.note = match file.load() {
+            Ok(None) => format!("state {shown}: none yet, building it"),
+            Err(e) => format!("{e}; rebuilding it"),
+            Ok(Some(saved)) if saved.layout != layout => {
+                format!("state {shown} was built with other parameters ({:?}); rebuilding it", saved.layout)
+            }
+            Ok(Some(saved)) => match stamp::compare(&saved.stamp, &start) {
+                Freshness::Fresh => ledger.adopt(saved, &shown, "fresh"),
+                Freshness::Unverifiable(why) if opts.trust => ledger.adopt(saved, &shown, &format!("trusted ({why})")),
+                Freshness::Unverifiable(why) => {
+                    format!("state {shown} cannot be verified ({why}); rebuilding it (--trust-state would use it)")
+                }
+                Freshness::Stale(why) => format!("state {shown} is stale: the device {why}; rebuilding it"),
+            },
+        };
+        ledger.start = Some(start);
+        ledger.file = Some(file);
+        Ok(ledger)
+    }
+
+    fn adopt(&mut self, saved: State, shown: &str, how: &str) -> String {
+        let valid = saved.valid_leaves as usize;
+        let dl = self.layout.hash.digest_len();
+        self.leaves[..valid * dl].copy_from_slice(&saved.leaves[..valid * dl]);
+        self.known[..valid].fill(true);
+        if !self.chunks_known.is_empty() && valid > 0 {
+            let (first, count) = self.layout.chunk_span(valid as u64 - 1);
+            let end = (first + count) as usize * dl;
+            self.chunks[..end].copy_from_slice(&saved.chunks[..end]);
+            self.chunks_known[..valid].fill(true);
+        }
+        self.fresh = valid == self.known.len();
+        if self.fresh {
+            format!("state {shown}: {how}, {valid} leaves")
+        } else {
+            format!("state {shown}: {how} checkpoint, {valid} of {} leaves confirmed", self.known.len())
+        }
+    }
+
+    /// What happened to the state file, for `--verbose`.
+    pub fn note(&self) -> &str {
+        &self.note
+    }
+
+    /// The run's parameters.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// True if a saved state was loaded that describes the whole device.
+    pub fn fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// True if a state file is in use.
+    pub fn enabled(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Leaf `i`'s digest, if known without reading.
+    pub fn leaf(&self, i: u64) -> Option<Digest> {
+        let i = i as usize;
+        let dl = self.layout.hash.digest_len();
+        (*self.known.get(i)?).then(|| Digest::from_slice(&self.leaves[i * dl..(i + 1) * dl]))
+    }
+
+    /// Leaf `i`'s chunk digests, if known without reading.
+    pub fn chunk_digests(&self, i: u64) -> Option<Vec<Digest>> {
+        if !*self.chunks_known.get(i as usize)? {
+            return None;
+        }
+        let dl = self.layout.hash.digest_len();
+        let (first, count) = self.layout.chunk_span(i);
+        let bytes = &self.chunks[first as usize * dl..(first + count) as usize * dl];
+        Some(bytes.chunks(dl).map(Digest::from_slice).collect())
+    }
+
+    /// Records leaf `i` as just read from the device.
+    pub fn learn(&mut self, i: u64, digest: &Digest, chunks: &[Digest]) {
+        let idx = i as usize;
+        if idx >= self.known.len() || self.pending.contains_key(&i) {
+            return;
+        }
+        let dl = self.layout.hash.digest_len();
+        self.leaves[idx * dl..(idx + 1) * dl].copy_from_slice(digest.as_bytes());
+        self.known[idx] = true;
+        if !self.chunks_known.is_empty() && !chunks.is_empty() {
+            let (first, count) = self.layout.chunk_span(i);
+            if chunks.len() as u64 == count {
+                for (k, c) in chunks.iter().enumerate() {
+                    let at = (first as usize + k) * dl;
+                    self.chunks[at..at + dl].copy_from_slice(c.as_bytes());
+                }
+                self.chunks_known[idx] = true;
+            }
+        }
+        self.tree = None;
+    }
+
+    /// Learns the leaves that `data`, just read at `offset`, covers entirely.
+    pub fn observe(&mut self, offset: u64, data: &[u8]) {
+        let b = self.layout.buffer;
+        if !offset.is_multiple_of(b) {
+            return;
+        }
+        for (k, piece) in data.chunks(b as usize).enumerate() {
+            let leaf = offset / b + k as u64;
+            let leaf_len = (self.layout.device_size.saturating_sub(leaf * b)).min(b);
+            if piece.len() as u64 == leaf_len && self.leaf(leaf).is_none() {
+                let (d, chunks) = leaf_digest(&self.layout, piece);
+                self.learn(leaf, &d, &chunks);
+            }
+        }
+    }
+
+    /// Records that `data` was written at `offset`: the touched leaves are unknown until
+    /// [`Ledger::durable`], then take the digests of what was written.
+    pub fn wrote(&mut self, offset: u64, data: &[u8]) {
+        let b = self.layout.buffer;
+        let end = offset + data.len() as u64;
+        let first = offset / b;
+        let last = end.saturating_sub(1) / b;
+        for leaf in first..=last {
+            let leaf_start = leaf * b;
+            let leaf_end = (leaf_start + b).min(self.layout.device_size);
+            let (from, to) = (offset.max(leaf_start), end.min(leaf_end));
+            let piece = &data[(from - offset) as usize..(to - offset) as usize];
+            let update = if from == leaf_start && to == leaf_end {
+                let (digest, chunks) = leaf_digest(&self.layout, piece);
+                Pending { chunks: self.layout.chunk.map(|_| chunks), digest: Some(digest) }
+            } else {
+                self.partial_write(leaf, from - leaf_start, piece)
+            };
+            self.known[leaf as usize] = false;
+            if let Some(k) = self.chunks_known.get_mut(leaf as usize) {
+                *k = false;
+            }
+            self.pending.insert(leaf, update);
+        }
+        self.tree = None;
+    }
+
+    /// A write inside one leaf: knowable only as whole chunks over known chunk digests.
+    fn partial_write(&self, leaf: u64, at: u64, piece: &[u8]) -> Pending {
+        let unknown = Pending { chunks: None, digest: None };
+        let Some(c) = self.layout.chunk else { return unknown };
+        let (_, count) = self.layout.chunk_span(leaf);
+        let leaf_len = (self.layout.device_size - leaf * self.layout.buffer).min(self.layout.buffer);
+        let end = at + piece.len() as u64;
+        if !at.is_multiple_of(c) || (!end.is_multiple_of(c) && end != leaf_len) {
+            return unknown;
+        }
+        let base = match self.pending.get(&leaf) {
+            Some(p) => p.chunks.clone(),
+            None => self.chunk_digests(leaf),
+        };
+        let Some(mut chunks) = base.filter(|v| v.len() as u64 == count) else { return unknown };
+        for (k, d) in self.layout.hash.digest_pieces(piece, c as usize).into_iter().enumerate() {
+            chunks[(at / c) as usize + k] = d;
+        }
+        let digest = chunk_root(&self.layout, &chunks);
+        Pending { chunks: Some(chunks), digest: Some(digest) }
+    }
+
+    /// The writes so far are durable (after fdatasync): their digests become known.
+    pub fn durable(&mut self) {
+        for (leaf, p) in std::mem::take(&mut self.pending) {
+            if let Some(d) = p.digest {
+                self.learn(leaf, &d, p.chunks.as_deref().unwrap_or_default());
+            }
+        }
+    }
+
+    /// The tree, when every leaf is known.
+    pub fn tree(&mut self) -> Option<&Tree> {
+        if self.known.iter().any(|k| !k) {
+            return None;
+        }
+        if self.tree.is_none() {
+            self.tree = Some(Tree::from_leaf_bytes(self.layout.hash, self.layout.fanout as usize, self.leaves.clone()));
+        }
+        self.tree.as_ref()
+    }
+
+    fn valid_prefix(&self) -> u64 {
+        self.known.iter().take_while(|k| **k).count() as u64
+    }
+
+    fn save(&self, stamp: Stamp) -> Result<(), StateError> {
+        let Some(file) = &self.file else { return Ok(()) };
+        let valid = self.valid_prefix();
+        let chunks_valid = self.layout.chunk.is_none() || self.chunks_known.iter().take(valid as usize).all(|k| *k);
+        if !chunks_valid {
+            // Leaf digests alone would claim chunk digests that are unknown: save nothing.
+            return Ok(());
+        }
+        file.save(&State {
+            layout: self.layout,
+            device_path: self.device_path.clone(),
+            stamp,
+            valid_leaves: valid,
+            leaves: self.leaves.clone(),
+            chunks: self.chunks.clone(),
+        })
+    }
+
+    /// Saves what is confirmed so far (call after the device's fdatasync and
+    /// [`Ledger::durable`]). For a device only read, nothing is saved if it was written
+    /// since the run began.
+    pub fn checkpoint(&mut self, device: &Device, role: Role) -> Result<(), StateError> {
+        if self.file.is_none() {
+            return Ok(());
+        }
+        let now = self.stamp_now(device)?;
+        if role == Role::Read && self.start.as_ref() != Some(&now) {
+            return Ok(());
+        }
+        self.save(now)
+    }
+
+    /// Ends the run: saves the state stamped now. For a device only read, returns
+    /// `Ok(false)` (and removes the state) if the device was written during the run.
+    pub fn finish(&mut self, device: &Device, role: Role) -> Result<bool, StateError> {
+        let Some(file) = &self.file else {
+            return Ok(true);
+        };
+        let now = self.stamp_now(device)?;
+        if role == Role::Read && self.start.as_ref() != Some(&now) {
+            file.remove()?;
+            return Ok(false);
+        }
+        self.save(now)?;
+        Ok(true)
+    }
+
+    fn stamp_now(&self, device: &Device) -> Result<Stamp, StateError> {
+        let shown = self.file.as_ref().map(|f| f.path().display().to_string()).unwrap_or_default();
+        stamp::take(device).map_err(|source| StateError::Io { path: shown, source })
+    }
+
+    /// Digests of every `block`-sized piece of `[offset, offset+len)`, read only where
+    /// not already known: leaf-aligned leaf requests and one-leaf chunk requests are
+    /// answered (and remembered) through the ledger.
+    pub fn digest_range(
+        &mut self,
+        device: &Device,
+        offset: u64,
+        len: u64,
+        block: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Vec<u8>, DeviceError> {
+        let l = self.layout;
+        let b = l.buffer;
+        let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize * l.hash.digest_len());
+        if block == b && offset.is_multiple_of(b) && offset + len <= l.device_size {
+            for leaf in offset / b..(offset + len).div_ceil(b) {
+                let d = match self.leaf(leaf) {
+                    Some(d) => d,
+                    None => self.read_leaf(device, leaf, buf)?.0,
+                };
+                out.extend_from_slice(d.as_bytes());
+            }
+            return Ok(out);
+        }
+        let leaf = offset / b;
+        let leaf_len = (l.device_size.saturating_sub(leaf * b)).min(b);
+        if l.chunk == Some(block) && offset.is_multiple_of(b) && len == leaf_len {
+            let chunks = match self.chunk_digests(leaf) {
+                Some(c) => c,
+                None => self.read_leaf(device, leaf, buf)?.1,
+            };
+            for c in chunks {
+                out.extend_from_slice(c.as_bytes());
+            }
+            return Ok(out);
+        }
+        let step = block * ((4u64 << 20) / block).max(1);
+        let mut at = offset;
+        while at < offset + len {
+            let n = step.min(offset + len - at) as usize;
+            buf.resize(n, 0);
+            device.read_at(at, buf)?;
+            for d in l.hash.digest_pieces(buf, block as usize) {
+                out.extend_from_slice(d.as_bytes());
+            }
+            at += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Reads leaf `leaf`, learns and returns its digests.
+    pub fn read_leaf(
+        &mut self,
+        device: &Device,
+        leaf: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(Digest, Vec<Digest>), DeviceError> {
+        let b = self.layout.buffer;
+        let len = (self.layout.device_size - leaf * b).min(b) as usize;
+        buf.resize(len, 0);
+        device.read_at(leaf * b, buf)?;
+        let (d, chunks) = leaf_digest(&self.layout, buf);
+        self.learn(leaf, &d, &chunks);
+        Ok((d, chunks))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Side;
+    use crate::hash::HashAlgo;
+
+    fn layout(size: u64, chunk: Option<u64>) -> Layout {
+        Layout { hash: HashAlgo::Blake3, buffer: 8192, chunk, fanout: 4, device_size: size }
+    }
+
+    #[test]
+    fn writes_become_known_only_when_durable_and_match_a_fresh_read() {
+        for chunk in [None, Some(1024)] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("d.img");
+            std::fs::write(&p, vec![3u8; 30000]).unwrap();
+            let dev = Device::open_read(&p, Side::Local).unwrap();
+            let l = layout(30000, chunk);
+            let mut ledger = Ledger::open(&dev, l, &StateOptions { mode: StateMode::Default, trust: false }).unwrap();
+            let mut buf = Vec::new();
+            for leaf in 0..l.leaf_count() {
+                ledger.read_leaf(&dev, leaf, &mut buf).unwrap();
+            }
+            // A whole-leaf write, a chunk write and an unaligned write.
+            let writes: [(u64, Vec<u8>); 3] =
+                [(8192, vec![9u8; 8192]), (16384 + 2048, vec![7u8; 1024]), (100, vec![1u8; 10])];
+            let mut image = std::fs::read(&p).unwrap();
+            for (off, data) in &writes {
+                ledger.wrote(*off, data);
+                image[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            }
+            assert_eq!(ledger.leaf(1), None, "not durable yet");
+            ledger.durable();
+            let expect = |i: u64| {
+                let s = (i * 8192) as usize;
+                leaf_digest(&l, &image[s..(s + 8192).min(image.len())]).0
+            };
+            assert_eq!(ledger.leaf(1), Some(expect(1)));
+            assert_eq!(ledger.leaf(0), None, "an unaligned write leaves its leaf unknown");
+            if chunk.is_some() {
+                assert_eq!(ledger.leaf(2), Some(expect(2)), "chunk writes over known chunks are tracked");
+            } else {
+                assert_eq!(ledger.leaf(2), None);
+            }
+            assert_eq!(ledger.leaf(3), Some(expect(3)));
+        }
+    }
+}
