@@ -118,7 +118,12 @@ impl Ledger {
             tree: None,
         };
         let (path, create_dir) = match &opts.mode {
-            StateMode::Off => return Ok(ledger),
+            StateMode::Off => {
+                // Stamped even without a state file, so that a source written during the
+                // run is still reported; a device that cannot be stamped is not checked.
+                ledger.start = stamp::take(device).ok();
+                return Ok(ledger);
+            }
             StateMode::Default => (state::default_path(device.path(), device.kind()), true),
             StateMode::Path(p) => (p.clone(), false),
         };
@@ -134,6 +139,7 @@ impl Ledger {
         let file = StateFile::lock(&path, create_dir)?;
         let shown = path.display().to_string();
         let start = stamp::take(device).map_err(|source| StateError::Io { path: shown.clone(), source })?;
+        ledger.start = Some(start.clone());
         ledger.note = match file.load() {
             Ok(None) => format!("state {shown}: none yet, building it"),
             Err(e) => format!("{e}; rebuilding it"),
@@ -149,7 +155,6 @@ impl Ledger {
                 Freshness::Stale(why) => format!("state {shown} is stale: the device {why}; rebuilding it"),
             },
         };
-        ledger.start = Some(start);
         ledger.file = Some(file);
         Ok(ledger)
     }
@@ -357,12 +362,14 @@ impl Ledger {
     /// Ends the run: saves the state stamped now. For a device only read, returns
     /// `Ok(false)` (and removes the state) if the device was written during the run.
     pub fn finish(&mut self, device: &Device, role: Role) -> Result<bool, StateError> {
-        let Some(file) = &self.file else {
+        if self.start.is_none() {
             return Ok(true);
-        };
+        }
         let now = self.stamp_now(device)?;
         if role == Role::Read && self.start.as_ref() != Some(&now) {
-            file.remove()?;
+            if let Some(file) = &self.file {
+                file.remove()?;
+            }
             return Ok(false);
         }
         self.save(now)?;
@@ -370,7 +377,10 @@ impl Ledger {
     }
 
     fn stamp_now(&self, device: &Device) -> Result<Stamp, StateError> {
-        let shown = self.file.as_ref().map(|f| f.path().display().to_string()).unwrap_or_default();
+        let shown = match &self.file {
+            Some(f) => f.path().display().to_string(),
+            None => self.device_path.clone(),
+        };
         stamp::take(device).map_err(|source| StateError::Io { path: shown, source })
     }
 
