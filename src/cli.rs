@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use crate::compress::Codec;
-use crate::engine::{Direction, IndexPlan, Mode, Params, Plan, Transport};
+use crate::engine::{BitmapPlan, Direction, IndexPlan, Mode, Params, Plan, Transport};
 use crate::hash::HashAlgo;
 use crate::ledger::{StateMode, StateOptions};
 use crate::protocol::MAX_BLOCK;
@@ -109,8 +109,54 @@ struct RawArgs {
     #[command(flatten)]
     state: StateArgs,
 
+    #[command(flatten)]
+    bitmap: BitmapArgs,
+
     #[command(subcommand)]
     command: Option<SubArgs>,
+}
+
+/// The original tool's bitmap options.
+#[derive(Debug, clap::Args)]
+struct BitmapArgs {
+    /// Receiver's block digests kept in FILE on this host: SYNC compares against it
+    /// instead of reading the receiver (trusted as declared). Created if missing.
+    #[arg(short = 'b', long = "bitmap", value_name = "FILE")]
+    bitmap: Option<PathBuf>,
+
+    /// Ignore the bitmap's content: compare by reading the receiver, then rewrite it.
+    #[arg(long = "reset-bitmap", conflicts_with = "update_bitmap")]
+    reset_bitmap: bool,
+
+    /// Only refresh the bitmap from the source; transfer nothing.
+    #[arg(long = "update-bitmap")]
+    update_bitmap: bool,
+}
+
+fn bitmap_plan(
+    b: &BitmapArgs,
+    no_remote: bool,
+    action: Option<(Direction, Mode)>,
+    chunk: Option<usize>,
+) -> Result<Option<BitmapPlan>, String> {
+    let Some(path) = b.bitmap.clone() else {
+        if b.reset_bitmap || b.update_bitmap {
+            return Err("--reset-bitmap and --update-bitmap need --bitmap FILE".into());
+        }
+        return Ok(None);
+    };
+    match action {
+        Some((_, Mode::Sync)) => {}
+        _ => return Err("--bitmap works with --action and --mode SYNC".into()),
+    }
+    if chunk.is_some() {
+        return Err("--bitmap keeps whole-block digests; it cannot be combined with --chunk".into());
+    }
+    let update_only = b.update_bitmap || no_remote;
+    if no_remote && action.is_some_and(|(d, _)| d == Direction::Pull) {
+        return Err("a PULL reads the remote source: give --remote".into());
+    }
+    Ok(Some(BitmapPlan { path, reset: b.reset_bitmap, update_only }))
 }
 
 /// State-file options of a run.
@@ -310,7 +356,6 @@ fn first_line(text: &str) -> String {
 
 fn plan(raw: RawArgs) -> Result<Plan, String> {
     let local = raw.local.ok_or("missing --local DEVICE (-l)")?;
-    let remote = raw.remote.ok_or("missing --remote DEVICE (-r)")?;
     let transport = transport(raw.host, raw.port, raw.user, raw.remote_path)?;
     let action = match (raw.action, raw.mode) {
         (None, None) => None,
@@ -328,6 +373,13 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         )),
     };
     let (buffer, chunk) = geometry(raw.buffer, raw.chunk)?;
+    let bitmap = bitmap_plan(&raw.bitmap, raw.remote.is_none(), action, chunk)?;
+    let remote = match (raw.remote, &bitmap) {
+        (Some(r), _) => r,
+        // Only refreshing a bitmap from a local source needs no receiver.
+        (None, Some(b)) if b.update_only => PathBuf::new(),
+        (None, _) => return Err("missing --remote DEVICE (-r)".into()),
+    };
     let over_ssh = !matches!(transport, Transport::Local);
     let codec = codec(raw.compress, raw.zlevel, over_ssh)?;
     Ok(Plan {
@@ -338,6 +390,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         recheck: raw.recheck,
         params: Params { hash: hash(raw.hash), buffer, chunk, codec },
         force: raw.force,
+        bitmap,
         state: raw.state.local(),
         remote_state: raw.state.remote(),
         output: Output { stat: raw.stat, verbose: raw.verbose, progress: raw.progress, debug: raw.debug },

@@ -92,6 +92,8 @@ pub struct Link {
     pub writer: Box<dyn Write + Send>,
     /// The process to reap or kill.
     pub process: Box<dyn Process>,
+    /// The far device as messages name it: `remote PATH` or `remote HOST:PATH`.
+    pub label: String,
 }
 
 impl Link {
@@ -111,7 +113,8 @@ impl Link {
             let _ = child.kill();
             return Err(broken("cannot start the local endpoint", ProtocolError::Closed));
         };
-        Ok(Link { reader: Box::new(stdout), writer: Box::new(stdin), process: Box::new(child) })
+        let label = format!("remote {}", path.display());
+        Ok(Link { reader: Box::new(stdout), writer: Box::new(stdin), process: Box::new(child), label })
     }
 }
 
@@ -169,6 +172,7 @@ pub struct Endpoint {
     reader: Option<JoinHandle<()>>,
     process: Box<dyn Process>,
     features: u64,
+    label: String,
     /// Bytes sent to the endpoint.
     pub tx: Arc<Counter>,
     /// Bytes received from the endpoint.
@@ -181,7 +185,7 @@ impl Endpoint {
     pub fn connect(link: Link) -> Result<Endpoint, EndpointError> {
         let tx = Arc::new(Counter::default());
         let rx = Arc::new(Counter::default());
-        let Link { reader, writer, process } = link;
+        let Link { reader, writer, process, label } = link;
         let mut frames = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, reader), rx.clone());
         let (send, replies) = mpsc::channel();
         let reader = std::thread::Builder::new()
@@ -210,6 +214,7 @@ impl Endpoint {
             reader: Some(reader),
             process,
             features: 0,
+            label,
             tx,
             rx,
             finished: false,
@@ -362,8 +367,10 @@ impl Endpoint {
         }
         let status = self.reap();
         let context = match status {
-            Some(s) => format!("the remote endpoint or the connection failed while {doing} (the endpoint {s})"),
-            None => format!("the remote endpoint or the connection failed while {doing}"),
+            Some(s) => {
+                format!("{}: the remote endpoint or the connection failed while {doing} (the endpoint {s})", self.label)
+            }
+            None => format!("{}: the remote endpoint or the connection failed while {doing}", self.label),
         };
         EndpointError::Broken { context, source }
     }
@@ -415,5 +422,10 @@ pub fn in_process(path: &Path) -> Link {
     let (rep_r, rep_w) = std::io::pipe().expect("pipe");
     let path = path.to_path_buf();
     let t = std::thread::spawn(move || crate::serve::serve(&path, req_r, rep_w));
-    Link { reader: Box::new(rep_r), writer: Box::new(req_w), process: Box::new(Thread(Some(t))) }
+    Link {
+        reader: Box::new(rep_r),
+        writer: Box::new(req_w),
+        process: Box::new(Thread(Some(t))),
+        label: "remote (in-process)".into(),
+    }
 }

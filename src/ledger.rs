@@ -312,6 +312,11 @@ impl Ledger {
         }
     }
 
+    /// All leaf digests, when every leaf is known.
+    pub fn complete_leaves(&self) -> Option<Vec<u8>> {
+        self.known.iter().all(|k| *k).then(|| self.leaves.clone())
+    }
+
     /// The tree, when every leaf is known.
     pub fn tree(&mut self) -> Option<&Tree> {
         if self.known.iter().any(|k| !k) {

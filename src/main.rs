@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         }
         Ok(Command::Serve(path)) => serve_stdio(&path),
         Ok(Command::Index(plan)) => {
+            basyn::report::exit_on_interrupt();
             let mut stats = Default::default();
             let result = engine::index(&plan, &mut stats);
             if plan.output.stat {
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
             0
         }
         Ok(Command::Run(plan)) => {
+            basyn::report::exit_on_interrupt();
             let mut stats = Default::default();
             let result = engine::run(&plan, &mut stats);
             if plan.output.stat {

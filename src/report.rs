@@ -226,6 +226,25 @@ pub fn human(bytes: f64) -> String {
     if u == 0 { format!("{v:.0} B") } else { format!("{v:.2} {}", UNITS[u]) }
 }
 
+/// Makes SIGINT and SIGTERM end a run with one line and exit code 2, as any failure
+/// that may have left the receiver partly changed. The endpoint notices its input closing
+/// and exits by itself; states keep their last checkpoint.
+pub fn exit_on_interrupt() {
+    extern "C" fn handler(_: libc::c_int) {
+        const MSG: &[u8] = b"\nbasyn: interrupted; the receiving device may be partly changed\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(2);
+        }
+    }
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as *const () as libc::sighandler_t);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

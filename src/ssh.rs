@@ -65,6 +65,7 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
     let (kill, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let (status_tx, status) = mpsc::channel();
     let keeper_target = target.clone();
+    let device_name = device.to_path_buf();
     let device = device.as_os_str().to_os_string();
     let keeper = std::thread::Builder::new()
         .name("basyn-ssh".into())
@@ -141,7 +142,12 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
     }
     relay_stderr(our_stderr, target.host.clone());
     let process = SshProcess { kill: Some(kill), status, keeper: Some(keeper), ended: None };
-    Ok(Link { reader: Box::new(our_reader), writer: Box::new(our_writer), process: Box::new(process) })
+    Ok(Link {
+        reader: Box::new(our_reader),
+        writer: Box::new(our_writer),
+        process: Box::new(process),
+        label: format!("remote {}:{}", target.host, device_name.display()),
+    })
 }
 
 /// Quotes an OS path for the remote shell (the remote command line goes through it).
@@ -242,7 +248,7 @@ async fn open_session(target: &Target) -> Result<Session, EndpointError> {
     b.known_hosts_check(known_hosts_policy(target))
         .connect_timeout(Duration::from_secs(10))
         .server_alive_interval(Duration::from_secs(3))
-        .control_directory(std::env::temp_dir())
+        .control_directory(control_dir())
         // If basyn itself is killed, the master goes away on its own once idle.
         .control_persist(ControlPersist::IdleFor(std::num::NonZeroUsize::MIN.saturating_add(4)));
     if let Some(p) = target.port {
@@ -257,18 +263,33 @@ async fn open_session(target: &Target) -> Result<Session, EndpointError> {
     b.connect(&target.host).await.map_err(|e| refused(target, format!("cannot connect: {}", ssh_error(&e))))
 }
 
-/// The ssh error with its cause: the crate's top-level text alone is vague.
+/// The ssh error with its cause: the crate's top-level text alone is vague, and ssh's
+/// own output can be a whole banner, of which the last line says what happened.
 fn ssh_error(e: &openssh::Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        let more = s.to_string().trim().replace('\n', "; ").replace('\r', "");
-        if !more.is_empty() {
-            text = format!("{text}: {more}");
+        let full = s.to_string();
+        let last = full.lines().map(|l| l.trim()).rfind(|l| !l.is_empty()).unwrap_or_default();
+        if !last.is_empty() {
+            text = format!("{text}: {last}");
         }
         source = s.source();
     }
     text
+}
+
+/// Where the master connection's socket goes: the temp dir, unless its path is so long
+/// that the socket path would pass the 108-byte limit of Unix sockets.
+fn control_dir() -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    if tmp.as_os_str().len() <= 48 {
+        return tmp;
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from) {
+        Some(run) if run.as_os_str().len() <= 48 && run.is_dir() => run,
+        _ => std::path::PathBuf::from("/tmp"),
+    }
 }
 
 /// Runs a shell command on the remote host and returns (exit code, stdout, stderr).

@@ -65,6 +65,8 @@ pub enum Stamp {
         /// The backing file of a loop device.
         backing: Option<FileStamp>,
     },
+    /// Not verifiable: trusted because the user declares it (`--bitmap`).
+    Declared,
 }
 
 /// Whether a saved state may be used.

@@ -40,7 +40,7 @@ pub struct Comparison {
 }
 
 /// A request whose reply has not been consumed yet.
-enum Pending {
+pub(super) enum Pending {
     /// Digests of `count` blocks starting at block `first`.
     Digests { first: u64, count: u64 },
     /// Chunk digests of one differing block.
@@ -53,7 +53,7 @@ enum Pending {
 
 impl Pending {
     /// Memory this entry holds or will receive, for the in-flight budget.
-    fn cost(&self) -> u64 {
+    pub(super) fn cost(&self) -> u64 {
         match self {
             Pending::Digests { .. } | Pending::Flushed => 4096,
             Pending::Chunks { data, .. } => 4096 + data.as_ref().map_or(0, |d| d.len() as u64),
@@ -63,36 +63,36 @@ impl Pending {
 }
 
 /// Digest batches (HashBlocks requests) kept in flight.
-const WINDOW: usize = 4;
+pub(super) const WINDOW: usize = 4;
 /// Bytes of device data covered by one digest batch.
-const BATCH_BYTES: u64 = 16 << 20;
+pub(super) const BATCH_BYTES: u64 = 16 << 20;
 /// Memory that pending replies and kept data may hold.
 const BUDGET: u64 = 64 << 20;
 /// How often long runs make their progress durable and save checkpoints.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// What the local reader thread delivers for one block.
-struct Local {
+pub(super) struct Local {
     /// Digest and chunk digests, if the block was read (else the ledger knows them).
-    read: Option<(Digest, Vec<Digest>)>,
+    pub(super) read: Option<(Digest, Vec<Digest>)>,
     /// The data, when it may be needed and was read.
-    data: Option<Vec<u8>>,
+    pub(super) data: Option<Vec<u8>>,
 }
 
 /// One comparison in progress.
-struct Run<'a> {
-    local: &'a Device,
-    ledger: &'a mut Ledger,
-    ep: &'a mut Endpoint,
-    params: &'a Params,
-    purpose: Purpose,
-    rep: &'a Reporter,
-    pending: VecDeque<Pending>,
-    follow: VecDeque<(Message, Pending)>,
-    inflight: u64,
-    batches_out: usize,
-    out: Comparison,
-    last_checkpoint: Instant,
+pub(super) struct Run<'a> {
+    pub(super) local: &'a Device,
+    pub(super) ledger: &'a mut Ledger,
+    pub(super) ep: &'a mut Endpoint,
+    pub(super) params: &'a Params,
+    pub(super) purpose: Purpose,
+    pub(super) rep: &'a Reporter,
+    pub(super) pending: VecDeque<Pending>,
+    pub(super) follow: VecDeque<(Message, Pending)>,
+    pub(super) inflight: u64,
+    pub(super) batches_out: usize,
+    pub(super) out: Comparison,
+    pub(super) last_checkpoint: Instant,
 }
 
 /// Compares `local` with the endpoint's device over `len` bytes, reading only what
@@ -210,7 +210,7 @@ pub fn walk(
 }
 
 impl<'a> Run<'a> {
-    fn new(
+    pub(super) fn new(
         local: &'a Device,
         ledger: &'a mut Ledger,
         ep: &'a mut Endpoint,
@@ -234,7 +234,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn ask(&mut self, msg: Message, p: Pending) -> Result<(), Fault> {
+    pub(super) fn ask(&mut self, msg: Message, p: Pending) -> Result<(), Fault> {
         self.ep.request(msg)?;
         self.inflight += p.cost();
         self.pending.push_back(p);
@@ -242,7 +242,7 @@ impl<'a> Run<'a> {
     }
 
     /// Sends queued follow-up requests as far as the in-flight budget allows.
-    fn send_follow_ups(&mut self) -> Result<(), Fault> {
+    pub(super) fn send_follow_ups(&mut self) -> Result<(), Fault> {
         while let Some((_, p)) = self.follow.front() {
             if self.inflight + p.cost() > BUDGET && !self.pending.is_empty() {
                 break;
@@ -254,7 +254,7 @@ impl<'a> Run<'a> {
     }
 
     /// Processes replies until at most `keep` requests are outstanding.
-    fn drain(&mut self, keep: usize) -> Result<(), Fault> {
+    pub(super) fn drain(&mut self, keep: usize) -> Result<(), Fault> {
         loop {
             self.send_follow_ups()?;
             if self.pending.len() + self.follow.len() <= keep {
@@ -269,7 +269,7 @@ impl<'a> Run<'a> {
     }
 
     /// Leaf `leaf` differs: count it, and for SYNC queue what transfers it.
-    fn differs(&mut self, leaf: u64, offset: u64, len: usize, data: Option<Vec<u8>>) -> Result<(), Fault> {
+    pub(super) fn differs(&mut self, leaf: u64, offset: u64, len: usize, data: Option<Vec<u8>>) -> Result<(), Fault> {
         self.out.differing += 1;
         let Purpose::Sync(dir) = self.purpose else { return Ok(()) };
         match self.params.chunk {
@@ -304,7 +304,7 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    fn handle(&mut self, p: Pending, reply: Frame) -> Result<(), Fault> {
+    pub(super) fn handle(&mut self, p: Pending, reply: Frame) -> Result<(), Fault> {
         match p {
             Pending::Digests { .. } => Err(Fault::Internal("digest batch outside the main loop")),
             Pending::Flushed => match reply {
@@ -356,7 +356,7 @@ impl<'a> Run<'a> {
 
     /// Every [`CHECKPOINT_EVERY`], makes progress durable on both sides and saves
     /// checkpoints, so that an interrupted run resumes from there.
-    fn maybe_checkpoint(&mut self) -> Result<(), Fault> {
+    pub(super) fn maybe_checkpoint(&mut self) -> Result<(), Fault> {
         if self.last_checkpoint.elapsed() < CHECKPOINT_EVERY {
             return Ok(());
         }
@@ -386,7 +386,7 @@ fn runs(differing: &[usize], chunk: usize, len: usize) -> Vec<(usize, usize)> {
     out
 }
 
-fn unexpected(frame: &Frame) -> Fault {
+pub(super) fn unexpected(frame: &Frame) -> Fault {
     let what = match frame {
         Frame::Control(m) => format!("message {m:?}"),
         Frame::Block(b) => format!("data block at offset {}", b.offset),

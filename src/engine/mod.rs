@@ -1,6 +1,7 @@
 //! The engine: turns a validated [`Plan`] into COPY, SYNC and RECHECK runs between the
 //! local device and the far endpoint.
 
+mod bitmap;
 mod compare;
 mod copy;
 mod phases;
@@ -76,12 +77,25 @@ pub struct Plan {
     pub params: Params,
     /// `--force`.
     pub force: bool,
+    /// `-b/--bitmap`: the receiver's digests kept in a local file.
+    pub bitmap: Option<BitmapPlan>,
     /// State file options for the local device.
     pub state: StateOptions,
     /// State file options for the remote device.
     pub remote_state: StateOptions,
     /// What to print.
     pub output: Output,
+}
+
+/// How `-b/--bitmap FILE` is used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapPlan {
+    /// The bitmap file.
+    pub path: PathBuf,
+    /// `--reset-bitmap`: ignore its content, compare by reading the receiver, rewrite it.
+    pub reset: bool,
+    /// `--update-bitmap` (or no `--remote`): only refresh it from the source.
+    pub update_only: bool,
 }
 
 /// `basyn index DEVICE`: build or refresh a device's state.

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::compare::{self, Comparison, Purpose};
-use super::{Direction, Error, Fault, IndexPlan, Mode, Plan, Transport, copy};
+use super::{Direction, Error, Fault, IndexPlan, Mode, Plan, Transport, bitmap, copy};
 use crate::compress::Codec;
 use crate::device::{Device, DeviceError, Problem, ReceiverSpec, Side};
 use crate::endpoint::{Closed, Endpoint, Link, OpenRequest};
@@ -167,6 +167,9 @@ fn transfer(
     stats: &mut Stats,
 ) -> Result<u64, Error> {
     let p = &plan.params;
+    if let Some(b) = plan.bitmap.as_ref().filter(|b| b.update_only) {
+        return refresh_bitmap(plan, b, rep, ep, dir, stats);
+    }
     let (source, receiver) = match dir {
         Direction::Push => (name(Side::Local, &plan.local), name(Side::Remote, &plan.remote)),
         Direction::Pull => (name(Side::Remote, &plan.remote), name(Side::Local, &plan.local)),
@@ -180,6 +183,7 @@ fn transfer(
     ));
     let empty =
         |side, path: &Path| refused(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty });
+
     // Open both ends; every refusal happens here, before anything is written.
     let (local, ep, len, remote_state) = match dir {
         Direction::Push => {
@@ -226,6 +230,10 @@ fn transfer(
         rep.log(format_args!("remote {}", remote_state.note));
     }
     let mut ledger = local_ledger(&local, p, len, &plan.state, rep)?;
+    let bitmap = match &plan.bitmap {
+        Some(b) if !b.reset => bitmap::load(&b.path, ledger.layout()).map_err(Error::Refused)?,
+        _ => None,
+    };
     stats.device_size = len;
     rep.log(format_args!("device size {len} bytes ({})", human(len as f64)));
     rep.start(&format!("{mode:?}").to_uppercase(), len);
@@ -233,6 +241,12 @@ fn transfer(
     let result = (|| -> Result<bool, Fault> {
         match mode {
             Mode::Copy => stats.bytes_written += copy::run(&local, &mut ledger, ep, len, p, dir, rep)?,
+            Mode::Sync if bitmap.is_some() => {
+                rep.log("comparing the source with the bitmap: the receiver is not read");
+                let (c, _) = bitmap::sync(&local, &mut ledger, Some(ep), len, p, dir, bitmap.as_deref(), rep)?;
+                absorb(stats, &c);
+                rep.log(format_args!("{} of {} blocks differed; {} bytes written", c.differing, c.blocks, c.written));
+            }
             Mode::Sync if both_fresh(&mut ledger, &remote_state) && roots_equal(&mut ledger, &remote_state) => {
                 rep.log("both states are fresh and their roots are equal: nothing to read or send");
                 stats.nodes_compared += 1;
@@ -255,6 +269,12 @@ fn transfer(
                 ledger.durable();
             }
         }
+        if let Some(b) = &plan.bitmap {
+            // The receiver now holds the source's blocks; the local ledger knows them all.
+            let leaves = ledger.complete_leaves().ok_or(Fault::Internal("bitmap leaves unknown"))?;
+            bitmap::save(&b.path, ledger.layout(), &plan.local, leaves).map_err(|e| Fault::State(e.to_string()))?;
+            rep.log(format_args!("bitmap {} updated", b.path.display()));
+        }
         ledger.finish(&local, role).map_err(|e| Fault::State(format!("local {e}")))
     })();
     rep.finish();
@@ -264,6 +284,51 @@ fn transfer(
         return Err(Error::SourceMoved { device: source, receiver });
     }
     rep.log(format_args!("{mode:?} done: {receiver} is durable (fdatasync)"));
+    Ok(len)
+}
+
+/// `--update-bitmap`: refreshes the bitmap from the source without transferring
+/// anything (the user declares that the receiver already holds the source's data).
+fn refresh_bitmap(
+    plan: &Plan,
+    b: &super::BitmapPlan,
+    rep: &mut Reporter,
+    ep: &mut Option<Endpoint>,
+    dir: Direction,
+    stats: &mut Stats,
+) -> Result<u64, Error> {
+    let p = &plan.params;
+    let (local, len, endpoint) = match dir {
+        Direction::Push => {
+            let local = Device::open_read(&plan.local, Side::Local).map_err(refused)?;
+            let len = local.size();
+            (local, len, None)
+        }
+        Direction::Pull => {
+            let e = endpoint(plan, rep, ep)?;
+            let req = open_request(plan, Access::Read, Codec::None, plan.remote_state.clone());
+            let opened = e.open(req).map_err(|e| Fault::from(e).refused())?;
+            let local = Device::open_read(&plan.local, Side::Local).map_err(refused)?;
+            (local, opened.size, Some(e))
+        }
+    };
+    stats.device_size = len;
+    let state = if dir == Direction::Push { plan.state.clone() } else { StateOptions::off() };
+    let mut ledger = local_ledger(&local, p, len, &state, rep)?;
+    rep.start("BITMAP", len);
+    let result = bitmap::sync(&local, &mut ledger, endpoint, len, p, dir, None, rep);
+    rep.finish();
+    stats.local_read += local.bytes_read();
+    let (c, leaves) = result.map_err(|f| Error::Refused(f.to_string()))?;
+    stats.blocks_compared += c.blocks;
+    bitmap::save(&b.path, ledger.layout(), &plan.local, leaves).map_err(refused)?;
+    if dir == Direction::Push && !ledger.finish(&local, Role::Read).map_err(refused)? {
+        return Err(Error::SourceMoved {
+            device: name(Side::Local, &plan.local),
+            receiver: b.path.display().to_string(),
+        });
+    }
+    rep.log(format_args!("bitmap {} refreshed from the source; nothing was transferred", b.path.display()));
     Ok(len)
 }
 
