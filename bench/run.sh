@@ -52,10 +52,10 @@ for _ in $(seq 50); do ssh -F "$work/ssh_config" benchhost true 2>/dev/null && b
 export BASYN_SSH_CONFIG="$work/ssh_config"
 ssh_cmd="ssh -F $work/ssh_config"
 
-# --- data: a random source, a receiver that differs in PCT% scattered 4 KiB blocks
+# --- data: a random image, and the same image with PCT% scattered 4 KiB blocks changed
 echo "preparing ${size_mib} MiB images in $work ..." >&2
-head -c "${size_mib}M" /dev/urandom > "$work/src.img"
-cp "$work/src.img" "$work/old.img"
+head -c "${size_mib}M" /dev/urandom > "$work/old.img"
+cp "$work/old.img" "$work/src.img"
 python3 - "$work/src.img" "$size_mib" "$pct" <<'PY'
 import os, random, sys
 path, size_mib, pct = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -71,45 +71,54 @@ PY
 sync
 
 rows=()
-# measure NAME BYTES_CMD -- COMMAND...: runs COMMAND under /usr/bin/time
-measure() {
-  local name=$1 reset=$2; shift 2
-  case $reset in
-    old) cp "$work/old.img" "$work/dst.img" ;;
-    none) rm -f "$work/dst.img" ;;
-    same) ;;
-  esac
+# run NAME -- COMMAND...: times COMMAND, checks dst.img == src.img afterwards
+run() {
+  local name=$1; shift
   sync
   /usr/bin/time -f '%e %M' -o "$work/time" "$@" > "$work/out" 2> "$work/err" || { cat "$work/err" >&2; exit 1; }
   read -r secs rss < "$work/time"
-  local bytes
-  bytes=$(grep -oP 'Both \K[0-9]+' "$work/out" 2>/dev/null || grep -oP 'Total bytes sent: \K[0-9,]+' "$work/out" 2>/dev/null | tr -d , || echo "-")
+  local bytes reads
+  bytes=$(grep -oP 'Both \K[0-9]+' "$work/out" 2>/dev/null || grep -oP 'Total bytes (sent|received): \K[0-9,]+' "$work/out" | tr -d , | paste -sd+ | bc 2>/dev/null || echo "-")
+  reads=$(grep -oP 'Read: +\Klocal [0-9]+ bytes, remote [0-9]+ bytes' "$work/out" 2>/dev/null || echo "-")
   [ -z "$bytes" ] && bytes="-"
   if ! cmp -s "$work/src.img" "$work/dst.img"; then echo "$name: receiver differs from source!" >&2; exit 1; fi
-  rows+=("| $name | $secs | $bytes | $((rss / 1024)) |")
-  echo "$name: ${secs}s, $bytes bytes, $((rss / 1024)) MiB max RSS (of the local command)" >&2
+  rows+=("| $name | $secs | $bytes | $reads | $((rss / 1024)) |")
+  echo "$name: ${secs}s, $bytes bytes, reads: $reads, $((rss / 1024)) MiB max RSS" >&2
 }
+# The receiver as it was before the change, with a fresh state (untimed), and no state
+# for the changed source: the usual nightly situation.
+old_receiver() {
+  cp "$work/old.img" "$work/dst.img"
+  rm -f "$work/src.img.basyn-state"
+  "$basyn" index "$work/dst.img" "$@" >/dev/null
+}
+B=("$basyn" -l "$work/src.img" -r "$work/dst.img" -h benchhost --stat)
 
-measure "dd \| ssh (full copy)" none \
-  sh -c "dd if='$work/src.img' bs=4M status=none | $ssh_cmd benchhost \"dd of='$work/dst.img' bs=4M status=none\""
-measure "basyn COPY (initial, zstd-3)" none \
-  "$basyn" -l "$work/src.img" -r "$work/dst.img" -h benchhost -a push -m copy --stat
-measure "basyn COPY (initial, --zlevel 0)" none \
-  "$basyn" -l "$work/src.img" -r "$work/dst.img" -h benchhost -a push -m copy --zlevel 0 --stat
-measure "rsync --inplace --no-whole-file (changed)" old \
+rm -f "$work/dst.img"
+run "dd \| ssh, full copy (conv=fdatasync)" \
+  sh -c "dd if='$work/src.img' bs=4M status=none | $ssh_cmd benchhost \"dd of='$work/dst.img' bs=4M conv=fdatasync status=none\""
+rm -f "$work/dst.img"
+run "basyn COPY, initial (zstd-3, --no-state)" "${B[@]}" -a push -m copy --no-state
+rm -f "$work/dst.img" "$work"/*.basyn-state
+run "basyn COPY, initial (builds both states)" "${B[@]}" -a push -m copy
+cp "$work/old.img" "$work/dst.img"
+run "rsync --inplace --no-whole-file, changed" \
   rsync -e "$ssh_cmd" --inplace --no-whole-file --stats "$work/src.img" "benchhost:$work/dst.img"
-measure "basyn SYNC (changed, defaults)" old \
-  "$basyn" -l "$work/src.img" -r "$work/dst.img" -h benchhost -a push -m sync --stat
-measure "basyn SYNC --chunk 4 (changed)" old \
-  "$basyn" -l "$work/src.img" -r "$work/dst.img" -h benchhost -a push -m sync --chunk 4 --stat
-measure "basyn SYNC (unchanged)" same \
-  "$basyn" -l "$work/src.img" -r "$work/dst.img" -h benchhost -a push -m sync --stat
-measure "basyn SYNC local, no ssh (changed, --chunk 4)" old \
-  "$basyn" -l "$work/src.img" -r "$work/dst.img" -a push -m sync --chunk 4 --stat
+cp "$work/old.img" "$work/dst.img"
+run "basyn SYNC, changed, --no-state (reads both)" "${B[@]}" -a push -m sync --no-state
+old_receiver
+run "basyn SYNC, changed (receiver state fresh)" "${B[@]}" -a push -m sync
+old_receiver --chunk 4
+run "basyn SYNC --chunk 4, changed (receiver state fresh)" "${B[@]}" -a push -m sync --chunk 4
+run "basyn SYNC, unchanged (both states fresh)" "${B[@]}" -a push -m sync --chunk 4
+run "basyn --recheck, no action (both states fresh)" "${B[@]}" --recheck --chunk 4
+run "basyn --recheck --no-state (reads both)" "${B[@]}" --recheck --no-state
+old_receiver
+run "basyn SYNC, changed, local (no ssh)" "$basyn" -l "$work/src.img" -r "$work/dst.img" -a push -m sync --stat
 
 echo
 echo "$(date -u +%Y-%m-%d), ${size_mib} MiB random image, ${pct}% scattered 4 KiB blocks changed, $(nproc) cores, ssh on 127.0.0.1, page cache warm"
 echo
-echo "| run | time (s) | bytes on the wire | max RSS (MiB) |"
-echo "|---|---:|---:|---:|"
+echo "| run | time (s) | bytes on the wire | device reads | max RSS (MiB) |"
+echo "|---|---:|---:|---|---:|"
 printf '%s\n' "${rows[@]}"

@@ -64,7 +64,12 @@ fn serve_stdio(path: &std::path::Path) -> i32 {
         .try_clone_to_owned()
         .and_then(|i| std::io::stdout().as_fd().try_clone_to_owned().map(|o| (i, o)));
     match fds {
-        Ok((input, output)) => serve::serve(path, File::from(input), File::from(output)),
+        Ok((input, output)) => {
+            // Over SSH these are sshd's pipes, 64 KiB unless widened from this end.
+            basyn::endpoint::widen_pipe(&input);
+            basyn::endpoint::widen_pipe(&output);
+            serve::serve(path, File::from(input), File::from(output))
+        }
         Err(e) => {
             eprintln!("basyn serve: cannot use stdin/stdout: {e}");
             2

@@ -61,6 +61,9 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
     let (their_in, our_writer) = pipe("stdin")?;
     let (our_reader, their_out) = pipe("stdout")?;
     let (our_stderr, their_err) = pipe("stderr")?;
+    for p in [&their_in as &dyn std::os::fd::AsRawFd, &our_reader] {
+        crate::endpoint::widen_pipe(&p.as_raw_fd());
+    }
     let (events, event_rx) = mpsc::channel();
     let (kill, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let (status_tx, status) = mpsc::channel();
