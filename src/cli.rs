@@ -388,7 +388,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         transport,
         action,
         recheck: raw.recheck,
-        params: Params { hash: hash(raw.hash), buffer, chunk, codec },
+        params: Params { hash: hash(raw.hash), buffer, chunk, refine: chunk, codec },
         force: raw.force,
         bitmap,
         state: raw.state.local(),
@@ -436,7 +436,7 @@ fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
     Ok(IndexPlan {
         device: a.device,
         transport,
-        params: Params { hash: hash(a.hash), buffer, chunk, codec: Codec::None },
+        params: Params { hash: hash(a.hash), buffer, chunk, refine: chunk, codec: Codec::None },
         state: options(false, a.state, a.trust_state),
         output: Output { stat: a.stat, verbose: a.verbose, progress: a.progress, debug: false },
     })

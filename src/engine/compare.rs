@@ -110,7 +110,10 @@ pub fn run(
     let batch = (BATCH_BYTES / blocks.block).max(1);
     let batches = blocks.count().div_ceil(batch);
     let layout = *ledger.layout();
-    let keep_data = purpose == Purpose::Sync(Direction::Push) && params.chunk.is_none();
+    // Data is kept to send it (PUSH) or to digest its pieces when refining; it lives only
+    // as long as the block is in the reader's channel.
+    let keep_data =
+        matches!(purpose, Purpose::Sync(_)) && (params.refine.is_some() || purpose == Purpose::Sync(Direction::Push));
     let skip: Vec<bool> = (0..blocks.count()).map(|i| ledger.leaf(i).is_some()).collect();
     std::thread::scope(|scope| {
         let (local_rx, _reader) = pipeline::spawn(scope, local, blocks, skip, 8, move |_, data| match data {
@@ -272,13 +275,21 @@ impl<'a> Run<'a> {
     pub(super) fn differs(&mut self, leaf: u64, offset: u64, len: usize, data: Option<Vec<u8>>) -> Result<(), Fault> {
         self.out.differing += 1;
         let Purpose::Sync(dir) = self.purpose else { return Ok(()) };
-        match self.params.chunk {
+        match self.params.refine {
             Some(chunk) => {
-                let ours = match self.ledger.chunk_digests(leaf) {
-                    Some(c) => c,
-                    None => {
+                let stored =
+                    (self.ledger.layout().chunk == Some(chunk as u64)).then(|| self.ledger.chunk_digests(leaf));
+                let ours = match (stored.flatten(), data) {
+                    (Some(c), _) => c,
+                    (None, Some(d)) => self.params.hash.digest_pieces(&d, chunk),
+                    (None, None) if self.ledger.layout().chunk == Some(chunk as u64) => {
                         let mut buf = Vec::new();
                         self.ledger.read_leaf(self.local, leaf, &mut buf)?.1
+                    }
+                    (None, None) => {
+                        let mut buf = vec![0u8; len];
+                        self.local.read_at(offset, &mut buf)?;
+                        self.params.hash.digest_pieces(&buf, chunk)
                     }
                 };
                 let msg = Message::HashBlocks { offset, len: len as u64, block: chunk as u32 };
@@ -313,7 +324,7 @@ impl<'a> Run<'a> {
             },
             Pending::Chunks { offset, len, ours, data: _ } => {
                 let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
-                let chunk = self.params.chunk.ok_or(Fault::Internal("chunk size missing"))?;
+                let chunk = self.params.refine.ok_or(Fault::Internal("refinement size missing"))?;
                 let theirs = split_digests(self.params.hash, &bytes, ours.len())?;
                 let differing: Vec<usize> = (0..ours.len()).filter(|&j| ours[j] != theirs[j]).collect();
                 self.rep.debug(format_args!("block @ {offset}: {} of {} chunks differ", differing.len(), ours.len()));
@@ -428,7 +439,7 @@ mod property_tests {
         };
         std::fs::write(&lp, local_bytes).unwrap();
         std::fs::write(&rp, remote_bytes).unwrap();
-        let params = Params { hash: HashAlgo::Blake3, buffer, chunk, codec: Codec::Zstd(1) };
+        let params = Params { hash: HashAlgo::Blake3, buffer, chunk, refine: chunk, codec: Codec::Zstd(1) };
         let mut ep = Endpoint::connect(in_process(&rp)).unwrap();
         let spec =
             ReceiverSpec { source_size: src.len() as u64, source: None, source_name: "src".into(), force: false };

@@ -54,11 +54,19 @@ pub struct Params {
     pub hash: HashAlgo,
     /// Block (`--buffer`) size in bytes.
     pub buffer: usize,
-    /// Chunk size in bytes, if differing blocks are refined.
+    /// Chunk size in bytes (`--chunk`): chunk digests are kept in the states under each
+    /// leaf, and differing blocks are refined to chunks.
     pub chunk: Option<usize>,
+    /// Size that differing blocks are refined to before sending: `--chunk`, or by
+    /// default 4 KiB when the receiver is being read anyway. `None`: whole blocks.
+    pub refine: Option<usize>,
     /// Wire codec for data.
     pub codec: Codec,
 }
+
+/// What a differing block is refined to by default, when the receiver is read anyway:
+/// scattered small changes then cost about their own size, not a whole block each.
+pub const DEFAULT_REFINE: usize = 4096;
 
 /// Everything a run needs, validated.
 #[derive(Clone, Debug)]

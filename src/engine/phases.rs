@@ -238,6 +238,18 @@ fn transfer(
     rep.log(format_args!("device size {len} bytes ({})", human(len as f64)));
     rep.start(&format!("{mode:?}").to_uppercase(), len);
     let role = if dir == Direction::Pull { Role::Receiver } else { Role::Read };
+    // Refining a differing block needs the receiver's digests of its pieces: by default
+    // only when the receiver is read anyway, so that a fresh receiver state still means
+    // the receiver is not read (with --chunk the state holds the chunk digests).
+    let receiver_fresh = match dir {
+        Direction::Push => remote_state.fresh,
+        Direction::Pull => ledger.fresh(),
+    };
+    let mut run_params = p.clone();
+    if run_params.refine.is_none() && !receiver_fresh && run_params.buffer > super::DEFAULT_REFINE {
+        run_params.refine = Some(super::DEFAULT_REFINE);
+    }
+    let p = &run_params;
     let result = (|| -> Result<bool, Fault> {
         match mode {
             Mode::Copy => stats.bytes_written += copy::run(&local, &mut ledger, ep, len, p, dir, rep)?,
