@@ -5,6 +5,7 @@ use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use basyn::cli::{self, Command, Stop};
+use basyn::report::Stats;
 use basyn::{engine, serve};
 
 fn main() -> ExitCode {
@@ -18,42 +19,31 @@ fn main() -> ExitCode {
             1
         }
         Ok(Command::Serve(path)) => serve_stdio(&path),
-        Ok(Command::Index(plan)) => {
-            basyn::report::exit_on_interrupt();
-            let mut stats = Default::default();
-            let result = engine::index(&plan, &mut stats);
-            if plan.output.stat {
-                print!("{}", stats.render());
-            }
-            match result {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("basyn: {e}");
-                    e.exit_code()
-                }
-            }
-        }
+        Ok(Command::Index(plan)) => report(plan.output.stat, |stats| engine::index(&plan, stats)),
         Ok(Command::Protocol) => {
             println!("{}", basyn::ssh::protocol_line());
             0
         }
-        Ok(Command::Run(plan)) => {
-            basyn::report::exit_on_interrupt();
-            let mut stats = Default::default();
-            let result = engine::run(&plan, &mut stats);
-            if plan.output.stat {
-                print!("{}", stats.render());
-            }
-            match result {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("basyn: {e}");
-                    e.exit_code()
-                }
-            }
-        }
+        Ok(Command::Run(plan)) => report(plan.output.stat, |stats| engine::run(&plan, stats)),
     };
     ExitCode::from(code as u8)
+}
+
+/// Runs a job, prints `--stat` (also after a failure), maps the outcome to an exit code.
+fn report(stat: bool, job: impl FnOnce(&mut Stats) -> Result<(), engine::Error>) -> i32 {
+    basyn::report::exit_on_interrupt();
+    let mut stats = Stats::default();
+    let result = job(&mut stats);
+    if stat {
+        print!("{}", stats.render());
+    }
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("basyn: {e}");
+            e.exit_code()
+        }
+    }
 }
 
 /// Serves over the raw stdin/stdout descriptors: std's stdout is line-buffered, which

@@ -4,14 +4,14 @@
 
 use std::path::Path;
 
-use super::compare::{BATCH_BYTES, Comparison, Pending, Purpose, Run, WINDOW, unexpected};
+use super::compare::{Comparison, Pending, Purpose, Run, WINDOW, unexpected};
 use super::pipeline::{self, Blocks};
 use super::{Direction, Fault, Params};
 use crate::device::Device;
 use crate::endpoint::Endpoint;
 use crate::hash::Digest;
 use crate::ledger::{Ledger, leaf_digest};
-use crate::protocol::{Frame, Message, split_digests};
+use crate::protocol::{Frame, split_digests};
 use crate::report::Reporter;
 use crate::stamp::Stamp;
 use crate::state::{Layout, State, StateError, StateFile};
@@ -123,24 +123,11 @@ pub fn sync(
         (Direction::Pull, Some(ep)) => {
             let transfer = bitmap.is_some();
             let purpose = if transfer { Purpose::Sync(Direction::Pull) } else { Purpose::Check };
-            let batch = (BATCH_BYTES / blocks.block).max(1);
-            let batches = blocks.count().div_ceil(batch);
             let mut run = Run::new(local, ledger, ep, params, purpose, rep);
             let mut next = 0u64;
             loop {
                 run.send_follow_ups()?;
-                while run.follow.is_empty() && next < batches && run.batches_out < WINDOW {
-                    let first = next * batch;
-                    let count = batch.min(blocks.count() - first);
-                    let (offset, _) = blocks.span(first);
-                    let range = ((first + count) * blocks.block).min(len) - offset;
-                    run.ask(
-                        Message::HashBlocks { offset, len: range, block: blocks.block as u32 },
-                        Pending::Digests { first, count },
-                    )?;
-                    run.batches_out += 1;
-                    next += 1;
-                }
+                run.ask_digest_batches(blocks, &mut next)?;
                 let Some(p) = run.pending.pop_front() else { break };
                 let reply = run.ep.recv()?;
                 run.inflight -= p.cost();

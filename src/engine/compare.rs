@@ -65,7 +65,7 @@ impl Pending {
 /// Digest batches (HashBlocks requests) kept in flight.
 pub(super) const WINDOW: usize = 4;
 /// Bytes of device data covered by one digest batch.
-pub(super) const BATCH_BYTES: u64 = 16 << 20;
+const BATCH_BYTES: u64 = 16 << 20;
 /// Memory that pending replies and kept data may hold.
 const BUDGET: u64 = 64 << 20;
 /// How often long runs make their progress durable and save checkpoints.
@@ -107,8 +107,6 @@ pub fn run(
     rep: &Reporter,
 ) -> Result<Comparison, Fault> {
     let blocks = Blocks { len, block: params.buffer as u64 };
-    let batch = (BATCH_BYTES / blocks.block).max(1);
-    let batches = blocks.count().div_ceil(batch);
     let layout = *ledger.layout();
     // Data is kept to send it (PUSH) or to digest its pieces when refining; it lives only
     // as long as the block is in the reader's channel.
@@ -127,16 +125,7 @@ pub fn run(
         let mut next_batch = 0u64;
         loop {
             run.send_follow_ups()?;
-            while run.follow.is_empty() && next_batch < batches && run.batches_out < WINDOW {
-                let first = next_batch * batch;
-                let count = batch.min(blocks.count() - first);
-                let (offset, _) = blocks.span(first);
-                let range = ((first + count) * blocks.block).min(len) - offset;
-                let msg = Message::HashBlocks { offset, len: range, block: blocks.block as u32 };
-                run.ask(msg, Pending::Digests { first, count })?;
-                run.batches_out += 1;
-                next_batch += 1;
-            }
+            run.ask_digest_batches(blocks, &mut next_batch)?;
             let Some(p) = run.pending.pop_front() else { break };
             let reply = run.ep.recv()?;
             run.inflight -= p.cost();
@@ -241,6 +230,24 @@ impl<'a> Run<'a> {
         self.ep.request(msg)?;
         self.inflight += p.cost();
         self.pending.push_back(p);
+        Ok(())
+    }
+
+    /// Keeps up to [`WINDOW`] batches of leaf digests requested from the endpoint, once
+    /// no follow-up request is waiting; `next` is the next batch to ask for.
+    pub(super) fn ask_digest_batches(&mut self, blocks: Blocks, next: &mut u64) -> Result<(), Fault> {
+        let batch = (BATCH_BYTES / blocks.block).max(1);
+        let batches = blocks.count().div_ceil(batch);
+        while self.follow.is_empty() && *next < batches && self.batches_out < WINDOW {
+            let first = *next * batch;
+            let count = batch.min(blocks.count() - first);
+            let (offset, _) = blocks.span(first);
+            let range = ((first + count) * blocks.block).min(blocks.len) - offset;
+            let msg = Message::HashBlocks { offset, len: range, block: blocks.block as u32 };
+            self.ask(msg, Pending::Digests { first, count })?;
+            self.batches_out += 1;
+            *next += 1;
+        }
         Ok(())
     }
 
