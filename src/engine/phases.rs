@@ -251,11 +251,13 @@ fn transfer(
     }
     let p = &run_params;
     let result = (|| -> Result<bool, Fault> {
+        let mut source_leaves = None;
         match mode {
             Mode::Copy => stats.bytes_written += copy::run(&local, &mut ledger, ep, len, p, dir, rep)?,
             Mode::Sync if bitmap.is_some() => {
                 rep.log("comparing the source with the bitmap: the receiver is not read");
-                let (c, _) = bitmap::sync(&local, &mut ledger, Some(ep), len, p, dir, bitmap.as_deref(), rep)?;
+                let (c, leaves) = bitmap::sync(&local, &mut ledger, Some(ep), len, p, dir, bitmap.as_deref(), rep)?;
+                source_leaves = Some(leaves);
                 absorb(stats, &c);
                 rep.log(format_args!("{} of {} blocks differed; {} bytes written", c.differing, c.blocks, c.written));
             }
@@ -282,8 +284,20 @@ fn transfer(
             }
         }
         if let Some(b) = &plan.bitmap {
-            // The receiver now holds the source's blocks; the local ledger knows them all.
-            let leaves = ledger.complete_leaves().ok_or(Fault::Internal("bitmap leaves unknown"))?;
+            // The receiver now holds the source's blocks. The local ledger knows them all,
+            // except leaves of a local receiver patched piece by piece: read those back.
+            let leaves = match source_leaves.take() {
+                Some(l) => l,
+                None => {
+                    let mut buf = Vec::new();
+                    for leaf in 0..ledger.layout().leaf_count() {
+                        if ledger.leaf(leaf).is_none() {
+                            ledger.read_leaf(&local, leaf, &mut buf)?;
+                        }
+                    }
+                    ledger.complete_leaves().ok_or(Fault::Internal("bitmap leaves unknown"))?
+                }
+            };
             bitmap::save(&b.path, ledger.layout(), &plan.local, leaves).map_err(|e| Fault::State(e.to_string()))?;
             rep.log(format_args!("bitmap {} updated", b.path.display()));
         }
