@@ -170,8 +170,8 @@ pub struct OpenRequest {
 pub struct Closed {
     /// Bytes it read from its device.
     pub bytes_read: u64,
-    /// Its device, opened for reading, was written during the session.
-    pub source_moved: bool,
+    /// Someone other than basyn wrote its device during the session.
+    pub moved: bool,
     /// What happened to its state file.
     pub note: String,
 }
@@ -342,7 +342,7 @@ impl Endpoint {
     pub fn close(mut self) -> Result<Closed, EndpointError> {
         self.send(&Frame::Control(Message::Close))?;
         let closed = match self.recv_message("closing the session")? {
-            Message::Closed { bytes_read, source_moved, note } => Closed { bytes_read, source_moved, note },
+            Message::Closed { bytes_read, moved, note } => Closed { bytes_read, moved, note },
             other => return Err(self.fail("closing the session", ProtocolError::Unexpected(format!("{other:?}")))),
         };
         self.writer = None;

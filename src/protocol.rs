@@ -167,8 +167,8 @@ pub enum Message {
     Closed {
         /// Bytes the server read from its device.
         bytes_read: u64,
-        /// The device was opened for reading and written by someone during the session.
-        source_moved: bool,
+        /// Someone other than basyn wrote the device during the session.
+        moved: bool,
         /// What happened to the state file, for `--verbose`.
         note: String,
     },
@@ -556,7 +556,7 @@ mod tests {
                 message: "remote /x: no such file or device".into(),
             }),
             Frame::Control(Message::Close),
-            Frame::Control(Message::Closed { bytes_read: 1 << 20, source_moved: false, note: "saved".into() }),
+            Frame::Control(Message::Closed { bytes_read: 1 << 20, moved: false, note: "saved".into() }),
         ]
     }
 

@@ -124,7 +124,7 @@ fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &mut Frame
                     totals.absorb(o)?;
                 }
                 let Totals { moved, bytes_read, note } = totals;
-                w.message(Message::Closed { bytes_read, source_moved: moved, note })?;
+                w.message(Message::Closed { bytes_read, moved, note })?;
                 return Ok(());
             }
             (other, _) => return Err(ProtocolError::Unexpected(describe(&other)).into()),
@@ -211,7 +211,7 @@ impl Opened {
             self.device.sync().map_err(failed)?;
         }
         if let Some(l) = self.ledger.as_mut() {
-            l.durable();
+            l.durable(&self.device).map_err(failed)?;
             l.checkpoint(&self.device, self.role).map_err(state_failed)?;
         }
         Ok(())
@@ -223,7 +223,7 @@ impl Opened {
         let Some(mut l) = self.ledger.take() else { return Ok((false, String::new())) };
         if self.role == Role::Receiver {
             self.device.sync().map_err(failed)?;
-            l.durable();
+            l.durable(&self.device).map_err(failed)?;
         }
         let unchanged = l.finish(&self.device, self.role).map_err(state_failed)?;
         Ok((!unchanged, l.note().to_string()))

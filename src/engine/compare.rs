@@ -382,7 +382,7 @@ impl<'a> Run<'a> {
         let role = if self.purpose == Purpose::Sync(Direction::Pull) { Role::Receiver } else { Role::Read };
         if role == Role::Receiver {
             self.local.sync()?;
-            self.ledger.durable();
+            self.ledger.durable(self.local)?;
         }
         self.ledger.checkpoint(self.local, role).map_err(|e| Fault::State(e.to_string()))?;
         self.follow.push_back((Message::Flush, Pending::Flushed));

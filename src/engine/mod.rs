@@ -151,6 +151,14 @@ pub enum Error {
         /// The receiver, with its side.
         receiver: String,
     },
+    /// Another process wrote the receiver while it was being synchronized (exit 2).
+    #[error(
+        "{device} was written to by another process during the run: it may not match the source, and its state was not saved. Run the sync again with nothing else writing to it"
+    )]
+    ReceiverMoved {
+        /// The receiver, with its side.
+        device: String,
+    },
 }
 
 impl Error {
@@ -158,7 +166,10 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Refused(_) => 1,
-            Error::Transfer { .. } | Error::RecheckFailed(_) | Error::SourceMoved { .. } => 2,
+            Error::Transfer { .. }
+            | Error::RecheckFailed(_)
+            | Error::SourceMoved { .. }
+            | Error::ReceiverMoved { .. } => 2,
             Error::Differ(_) => 3,
         }
     }

@@ -51,11 +51,17 @@ pub fn run(plan: &Plan, rep: &mut Reporter, stats: &mut Stats) -> Result<(), Err
             if !closed.note.is_empty() {
                 rep.log(format_args!("remote {}", closed.note));
             }
-            if closed.source_moved && action == Some(Direction::Pull) {
-                return Err(Error::SourceMoved {
-                    device: name(Side::Remote, &plan.remote),
-                    receiver: name(Side::Local, &plan.local),
-                });
+            match action {
+                Some(Direction::Pull) if closed.moved => {
+                    return Err(Error::SourceMoved {
+                        device: name(Side::Remote, &plan.remote),
+                        receiver: name(Side::Local, &plan.local),
+                    });
+                }
+                Some(Direction::Push) if closed.moved => {
+                    return Err(Error::ReceiverMoved { device: name(Side::Remote, &plan.remote) });
+                }
+                _ => {}
             }
             Ok(())
         }
@@ -185,12 +191,14 @@ fn transfer(
         |side, path: &Path| refused(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty });
 
     // Open both ends; every refusal happens here, before anything is written.
-    let (local, ep, len, remote_state) = match dir {
+    let (local, ep, len, remote_state, local_ledger_opened) = match dir {
         Direction::Push => {
             let local = Device::open_read(&plan.local, Side::Local).map_err(refused)?;
             if local.size() == 0 {
                 return Err(empty(Side::Local, &plan.local));
             }
+            // The local lock first: a refusal here must not leave a created receiver.
+            let ledger = local_ledger(&local, p, local.size(), &plan.state, rep)?;
             let ep = endpoint(plan, rep, ep)?;
             let access = Access::Write {
                 source_size: local.size(),
@@ -204,7 +212,7 @@ fn transfer(
                 rep.log(format_args!("created {receiver} ({} bytes)", local.size()));
             }
             let len = local.size();
-            (local, ep, len, opened.state)
+            (local, ep, len, opened.state, Some(ledger))
         }
         Direction::Pull => {
             let ep = endpoint(plan, rep, ep)?;
@@ -223,13 +231,16 @@ fn transfer(
             if local.created() {
                 rep.log(format_args!("created {receiver} ({} bytes)", opened.size));
             }
-            (local, ep, opened.size, opened.state)
+            (local, ep, opened.size, opened.state, None)
         }
     };
     if !remote_state.note.is_empty() {
         rep.log(format_args!("remote {}", remote_state.note));
     }
-    let mut ledger = local_ledger(&local, p, len, &plan.state, rep)?;
+    let mut ledger = match local_ledger_opened {
+        Some(l) => l,
+        None => local_ledger(&local, p, len, &plan.state, rep)?,
+    };
     let bitmap = match &plan.bitmap {
         Some(b) if !b.reset => bitmap::load(&b.path, ledger.layout()).map_err(Error::Refused)?,
         _ => None,
@@ -280,7 +291,7 @@ fn transfer(
             Direction::Push => ep.flush_device()?,
             Direction::Pull => {
                 local.sync()?;
-                ledger.durable();
+                ledger.durable(&local)?;
             }
         }
         if let Some(b) = &plan.bitmap {
@@ -305,9 +316,11 @@ fn transfer(
     })();
     rep.finish();
     stats.local_read += local.bytes_read();
-    let source_unchanged = result.map_err(|f| f.transfer(&receiver))?;
-    if !source_unchanged {
-        return Err(Error::SourceMoved { device: source, receiver });
+    let unchanged = result.map_err(|f| f.transfer(&receiver))?;
+    match (unchanged, dir) {
+        (true, _) => {}
+        (false, Direction::Push) => return Err(Error::SourceMoved { device: source, receiver }),
+        (false, Direction::Pull) => return Err(Error::ReceiverMoved { device: receiver }),
     }
     rep.log(format_args!("{mode:?} done: {receiver} is durable (fdatasync)"));
     Ok(len)
@@ -521,7 +534,7 @@ fn index_remote(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Resu
     let closed = ep.close().map_err(|e| Fault::from(e).refused())?;
     stats.remote_read = closed.bytes_read;
     stats.blocks_compared = opened.size.div_ceil(p.buffer as u64);
-    if closed.source_moved {
+    if closed.moved {
         return Err(Error::RecheckFailed(format!(
             "{} was written to while it was indexed; run basyn index again",
             name(Side::Remote, &plan.device)
