@@ -249,15 +249,18 @@ fn transfer(
     rep.log(format_args!("device size {len} bytes ({})", human(len as f64)));
     rep.start(&format!("{mode:?}").to_uppercase(), len);
     let role = if dir == Direction::Pull { Role::Receiver } else { Role::Read };
-    // Refining a differing block needs the receiver's digests of its pieces: by default
-    // only when the receiver is read anyway, so that a fresh receiver state still means
-    // the receiver is not read (with --chunk the state holds the chunk digests).
+    // Refining a differing block needs the receiver's digests of its pieces. Over SSH the
+    // link is what costs, so the receiver's differing blocks are read to refine them.
+    // Locally a pipe costs nothing: refine only when the receiver is read anyway, so that a
+    // fresh receiver state means the receiver is not read at all. (With --chunk the states
+    // hold the chunk digests and nothing extra is read either way.)
     let receiver_fresh = match dir {
         Direction::Push => remote_state.fresh,
         Direction::Pull => ledger.fresh(),
     };
+    let over_link = matches!(plan.transport, Transport::Ssh(_));
     let mut run_params = p.clone();
-    if run_params.refine.is_none() && !receiver_fresh && run_params.buffer > super::DEFAULT_REFINE {
+    if run_params.refine.is_none() && (over_link || !receiver_fresh) && run_params.buffer > super::DEFAULT_REFINE {
         run_params.refine = Some(super::DEFAULT_REFINE);
     }
     let p = &run_params;
