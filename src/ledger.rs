@@ -50,19 +50,17 @@ pub enum Role {
     Receiver,
 }
 
-/// Digest of one leaf's data: with chunks, the node digest over the chunk digests (so the
-/// chunk digests under a leaf prove the leaf), else the digest of the data.
+/// Digest of one leaf's data and the digests of its pieces (`Layout::piece`): the leaf
+/// digest is the node digest over the piece digests, so that the pieces under a leaf
+/// prove it, a differing leaf can be refined without hashing it again, and a leaf
+/// patched piece by piece gets its new digest from its pieces.
 pub fn leaf_digest(layout: &Layout, data: &[u8]) -> (Digest, Vec<Digest>) {
-    match layout.chunk {
-        Some(c) => {
-            let chunks = layout.hash.digest_pieces(data, c as usize);
-            (chunk_root(layout, &chunks), chunks)
-        }
-        None => (layout.hash.digest(data), Vec::new()),
-    }
+    let pieces = layout.hash.digest_pieces(data, layout.piece() as usize);
+    (pieces_root(layout, &pieces), pieces)
 }
 
-fn chunk_root(layout: &Layout, chunks: &[Digest]) -> Digest {
+/// The leaf digest over its piece digests.
+pub fn pieces_root(layout: &Layout, chunks: &[Digest]) -> Digest {
     let mut bytes = Vec::with_capacity(chunks.len() * layout.hash.digest_len());
     for c in chunks {
         bytes.extend_from_slice(c.as_bytes());
@@ -90,11 +88,15 @@ fn foreign_writes(start: &Stamp, now: &Stamp, own: u64) -> bool {
 /// A leaf written this run, not yet durable.
 #[derive(Clone, Debug)]
 struct Pending {
-    /// The leaf's chunk digests after the writes, when they can be known.
-    chunks: Option<Vec<Digest>>,
-    /// The leaf's digest after the writes, when it can be known.
-    digest: Option<Digest>,
+    /// The leaf's piece digests after the writes, except `dirty` ones; `None` if the
+    /// leaf's pieces were not known before a partial write.
+    pieces: Option<Vec<Digest>>,
+    /// Pieces written only in part: their digests are read back once durable.
+    dirty: std::collections::BTreeSet<usize>,
 }
+
+/// At most this many piece digests of recently read leaves are kept in memory.
+const RECENT_PIECES: usize = 1 << 16;
 
 /// The digests one side knows about its device.
 #[derive(Debug)]
@@ -107,6 +109,9 @@ pub struct Ledger {
     chunks: Vec<u8>,
     chunks_known: Vec<bool>,
     pending: BTreeMap<u64, Pending>,
+    /// Piece digests of leaves read recently, for refining them without reading again.
+    recent: std::collections::VecDeque<(u64, Vec<Digest>)>,
+    recent_count: usize,
     start: Option<Stamp>,
     /// Upper bound of the sectors basyn's own writes can add to a block device's
     /// counters (each write rounded out to whole pages).
@@ -132,6 +137,8 @@ impl Ledger {
             chunks: Vec::new(),
             chunks_known: Vec::new(),
             pending: BTreeMap::new(),
+            recent: Default::default(),
+            recent_count: 0,
             start: None,
             own_sectors: 0,
             fresh: false,
@@ -226,18 +233,20 @@ impl Ledger {
         (*self.known.get(i)?).then(|| Digest::from_slice(&self.leaves[i * dl..(i + 1) * dl]))
     }
 
-    /// Leaf `i`'s chunk digests, if known without reading.
-    pub fn chunk_digests(&self, i: u64) -> Option<Vec<Digest>> {
-        if !*self.chunks_known.get(i as usize)? {
-            return None;
+    /// Leaf `i`'s piece digests, if known without reading: from the state's chunk table,
+    /// or from the leaves read recently.
+    pub fn pieces(&self, i: u64) -> Option<Vec<Digest>> {
+        self.leaf(i)?;
+        if self.chunks_known.get(i as usize).copied().unwrap_or(false) {
+            let dl = self.layout.hash.digest_len();
+            let (first, count) = self.layout.chunk_span(i);
+            let bytes = &self.chunks[first as usize * dl..(first + count) as usize * dl];
+            return Some(bytes.chunks(dl).map(Digest::from_slice).collect());
         }
-        let dl = self.layout.hash.digest_len();
-        let (first, count) = self.layout.chunk_span(i);
-        let bytes = &self.chunks[first as usize * dl..(first + count) as usize * dl];
-        Some(bytes.chunks(dl).map(Digest::from_slice).collect())
+        self.recent.iter().rev().find(|(leaf, _)| *leaf == i).map(|(_, p)| p.clone())
     }
 
-    /// Records leaf `i` as just read from the device.
+    /// Records leaf `i`'s digest and its piece digests, as just read or made durable.
     pub fn learn(&mut self, i: u64, digest: &Digest, chunks: &[Digest]) {
         let idx = i as usize;
         if idx >= self.known.len() || self.pending.contains_key(&i) {
@@ -246,6 +255,16 @@ impl Ledger {
         let dl = self.layout.hash.digest_len();
         self.leaves[idx * dl..(idx + 1) * dl].copy_from_slice(digest.as_bytes());
         self.known[idx] = true;
+        if chunks.len() as u64 == self.layout.pieces_of(i) {
+            self.recent.retain(|(leaf, _)| *leaf != i);
+            self.recent.push_back((i, chunks.to_vec()));
+            self.recent_count = self.recent.iter().map(|(_, p)| p.len()).sum();
+            while self.recent_count > RECENT_PIECES && self.recent.len() > 1 {
+                if let Some((_, p)) = self.recent.pop_front() {
+                    self.recent_count -= p.len();
+                }
+            }
+        }
         if !self.chunks_known.is_empty() && !chunks.is_empty() {
             let (first, count) = self.layout.chunk_span(i);
             if chunks.len() as u64 == count {
@@ -290,8 +309,8 @@ impl Ledger {
             let (from, to) = (offset.max(leaf_start), end.min(leaf_end));
             let piece = &data[(from - offset) as usize..(to - offset) as usize];
             let update = if from == leaf_start && to == leaf_end {
-                let (digest, chunks) = leaf_digest(&self.layout, piece);
-                Pending { chunks: self.layout.chunk.map(|_| chunks), digest: Some(digest) }
+                let (_, pieces) = leaf_digest(&self.layout, piece);
+                Pending { pieces: Some(pieces), dirty: Default::default() }
             } else {
                 self.partial_write(leaf, from - leaf_start, piece)
             };
@@ -304,26 +323,32 @@ impl Ledger {
         self.tree = None;
     }
 
-    /// A write inside one leaf: knowable only as whole chunks over known chunk digests.
-    fn partial_write(&self, leaf: u64, at: u64, piece: &[u8]) -> Pending {
-        let unknown = Pending { chunks: None, digest: None };
-        let Some(c) = self.layout.chunk else { return unknown };
-        let (_, count) = self.layout.chunk_span(leaf);
+    /// A write inside one leaf: pieces it covers whole get the digests of the written
+    /// data; pieces it covers in part are dirty, read back once durable. If the leaf's
+    /// pieces were not known, the whole leaf is.
+    fn partial_write(&mut self, leaf: u64, at: u64, data: &[u8]) -> Pending {
+        let p = self.layout.piece();
+        let count = self.layout.pieces_of(leaf) as usize;
         let leaf_len = (self.layout.device_size - leaf * self.layout.buffer).min(self.layout.buffer);
-        let end = at + piece.len() as u64;
-        if !at.is_multiple_of(c) || (!end.is_multiple_of(c) && end != leaf_len) {
-            return unknown;
-        }
-        let base = match self.pending.get(&leaf) {
-            Some(p) => p.chunks.clone(),
-            None => self.chunk_digests(leaf),
+        let mut update = match self.pending.remove(&leaf) {
+            Some(before) => before,
+            None => Pending { pieces: self.pieces(leaf), dirty: Default::default() },
         };
-        let Some(mut chunks) = base.filter(|v| v.len() as u64 == count) else { return unknown };
-        for (k, d) in self.layout.hash.digest_pieces(piece, c as usize).into_iter().enumerate() {
-            chunks[(at / c) as usize + k] = d;
+        let Some(pieces) = update.pieces.as_mut().filter(|v| v.len() == count) else {
+            return Pending { pieces: None, dirty: Default::default() };
+        };
+        let end = at + data.len() as u64;
+        for k in (at / p)..end.div_ceil(p) {
+            let (ps, pe) = (k * p, ((k + 1) * p).min(leaf_len));
+            if at <= ps && end >= pe {
+                let slice = &data[(ps - at) as usize..(pe - at) as usize];
+                pieces[k as usize] = self.layout.hash.digest(slice);
+                update.dirty.remove(&(k as usize));
+            } else {
+                update.dirty.insert(k as usize);
+            }
         }
-        let digest = chunk_root(&self.layout, &chunks);
-        Pending { chunks: Some(chunks), digest: Some(digest) }
+        update
     }
 
     /// The writes so far are durable (after fdatasync): their digests become known.
@@ -333,9 +358,20 @@ impl Ledger {
     /// device holds, never what basyn meant to write.
     pub fn durable(&mut self, device: &Device) -> Result<(), DeviceError> {
         let mut buf = Vec::new();
-        for (leaf, p) in std::mem::take(&mut self.pending) {
-            match p.digest {
-                Some(d) => self.learn(leaf, &d, p.chunks.as_deref().unwrap_or_default()),
+        let p = self.layout.piece();
+        for (leaf, update) in std::mem::take(&mut self.pending) {
+            match update.pieces {
+                Some(mut pieces) => {
+                    let leaf_len = (self.layout.device_size - leaf * self.layout.buffer).min(self.layout.buffer);
+                    for k in update.dirty {
+                        let (ps, pe) = (k as u64 * p, ((k as u64 + 1) * p).min(leaf_len));
+                        buf.resize((pe - ps) as usize, 0);
+                        device.read_at(leaf * self.layout.buffer + ps, &mut buf)?;
+                        pieces[k] = self.layout.hash.digest(&buf);
+                    }
+                    let digest = pieces_root(&self.layout, &pieces);
+                    self.learn(leaf, &digest, &pieces);
+                }
                 // Without a state file nobody needs the digest: leave it unknown.
                 None if self.file.is_none() => {}
                 None => {
@@ -454,8 +490,8 @@ impl Ledger {
         }
         let leaf = offset / b;
         let leaf_len = (l.device_size.saturating_sub(leaf * b)).min(b);
-        if l.chunk == Some(block) && offset.is_multiple_of(b) && len == leaf_len {
-            let chunks = match self.chunk_digests(leaf) {
+        if l.piece() == block && offset.is_multiple_of(b) && len == leaf_len {
+            let chunks = match self.pieces(leaf) {
                 Some(c) => c,
                 None => self.read_leaf(device, leaf, buf)?.1,
             };

@@ -26,10 +26,14 @@ use crate::device::Kind;
 use crate::hash::HashAlgo;
 use crate::stamp::Stamp;
 
+/// Piece size when no `--chunk` is given: large enough that hashing pieces costs no
+/// more than hashing whole blocks, small enough to refine a differing block cheaply.
+pub const DEFAULT_PIECE: u64 = 16 << 10;
+
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"BASYNSTA";
 /// Format version written and accepted.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAX_HEADER: usize = 64 << 10;
 const CHECKSUM_LEN: usize = 32;
 
@@ -52,6 +56,18 @@ impl Layout {
     /// Number of leaves.
     pub fn leaf_count(&self) -> u64 {
         self.device_size.div_ceil(self.buffer)
+    }
+
+    /// Size of the pieces whose digests make up a leaf digest: the chunk with `--chunk`,
+    /// else [`DEFAULT_PIECE`] (or the whole leaf, if smaller).
+    pub fn piece(&self) -> u64 {
+        self.chunk.unwrap_or(DEFAULT_PIECE.min(self.buffer))
+    }
+
+    /// Number of pieces of leaf `i`.
+    pub fn pieces_of(&self, leaf: u64) -> u64 {
+        let len = (self.device_size.saturating_sub(leaf * self.buffer)).min(self.buffer);
+        len.div_ceil(self.piece())
     }
 
     /// Number of chunk digests under each full leaf.

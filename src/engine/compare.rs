@@ -43,8 +43,9 @@ pub struct Comparison {
 pub(super) enum Pending {
     /// Digests of `count` blocks starting at block `first`.
     Digests { first: u64, count: u64 },
-    /// Chunk digests of one differing block.
-    Chunks { offset: u64, len: usize, ours: Vec<Digest>, data: Option<Vec<u8>> },
+    /// Digests of the `unit`-sized pieces of a differing range (a leaf, or a piece of it),
+    /// with ours to compare and, for PUSH, the range's data when it is at hand.
+    Chunks { offset: u64, len: usize, unit: usize, ours: Vec<Digest>, data: Option<Vec<u8>> },
     /// Data the local receiver (PULL) must write.
     Data { offset: u64, len: usize },
     /// A checkpoint on the endpoint.
@@ -278,46 +279,54 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Leaf `leaf` differs: count it, and for SYNC queue what transfers it.
+    /// Leaf `leaf` differs: count it, and for SYNC queue what transfers it: the whole
+    /// leaf, or with refinement the digests of its pieces first (then of the sub-pieces
+    /// of differing pieces, down to the refinement size).
     pub(super) fn differs(&mut self, leaf: u64, offset: u64, len: usize, data: Option<Vec<u8>>) -> Result<(), Fault> {
         self.out.differing += 1;
         let Purpose::Sync(dir) = self.purpose else { return Ok(()) };
-        match self.params.refine {
-            Some(chunk) => {
-                let stored =
-                    (self.ledger.layout().chunk == Some(chunk as u64)).then(|| self.ledger.chunk_digests(leaf));
-                let ours = match (stored.flatten(), data) {
-                    (Some(c), _) => c,
-                    (None, Some(d)) => self.params.hash.digest_pieces(&d, chunk),
-                    (None, None) if self.ledger.layout().chunk == Some(chunk as u64) => {
-                        let mut buf = Vec::new();
-                        self.ledger.read_leaf(self.local, leaf, &mut buf)?.1
-                    }
-                    (None, None) => {
-                        let mut buf = vec![0u8; len];
-                        self.local.read_at(offset, &mut buf)?;
-                        self.params.hash.digest_pieces(&buf, chunk)
-                    }
-                };
-                let msg = Message::HashBlocks { offset, len: len as u64, block: chunk as u32 };
-                self.follow.push_back((msg, Pending::Chunks { offset, len, ours, data: None }));
+        let Some(target) = self.params.refine else {
+            return self.transfer(offset, len, data.as_deref());
+        };
+        let piece = (self.ledger.layout().piece() as usize).max(target);
+        let ours = match (self.ledger.pieces(leaf), &data) {
+            (Some(p), _) if piece as u64 == self.ledger.layout().piece() => p,
+            (_, Some(d)) => self.params.hash.digest_pieces(d, piece),
+            (_, None) => {
+                let mut buf = vec![0u8; len];
+                self.local.read_at(offset, &mut buf)?;
+                self.params.hash.digest_pieces(&buf, piece)
             }
-            None if dir == Direction::Push => {
-                let data = match data {
-                    Some(d) => d,
+        };
+        let data = data.filter(|_| dir == Direction::Push);
+        let msg = Message::HashBlocks { offset, len: len as u64, block: piece as u32 };
+        self.follow.push_back((msg, Pending::Chunks { offset, len, unit: piece, ours, data }));
+        Ok(())
+    }
+
+    /// Sends (PUSH) or asks for (PULL) `[offset, offset+len)`, taking PUSH data from
+    /// `data` (which starts at `offset`) when given.
+    fn transfer(&mut self, offset: u64, len: usize, data: Option<&[u8]>) -> Result<(), Fault> {
+        match self.purpose {
+            Purpose::Sync(Direction::Push) => {
+                let owned;
+                let bytes = match data {
+                    Some(d) => &d[..len],
                     None => {
                         let mut buf = vec![0u8; len];
                         self.local.read_at(offset, &mut buf)?;
-                        buf
+                        owned = buf;
+                        &owned[..]
                     }
                 };
-                self.ep.send(&Frame::Block(BlockFrame::encode(offset, &data, self.params.codec)))?;
-                self.out.written += data.len() as u64;
+                self.ep.send(&Frame::Block(BlockFrame::encode(offset, bytes, self.params.codec)))?;
+                self.out.written += len as u64;
             }
-            None => {
+            Purpose::Sync(Direction::Pull) => {
                 let msg = Message::Read { offset, len: len as u32 };
                 self.follow.push_back((msg, Pending::Data { offset, len }));
             }
+            Purpose::Check => {}
         }
         Ok(())
     }
@@ -329,29 +338,42 @@ impl<'a> Run<'a> {
                 Frame::Control(Message::Flushed) => Ok(()),
                 other => Err(unexpected(&other)),
             },
-            Pending::Chunks { offset, len, ours, data: _ } => {
+            Pending::Chunks { offset, len, unit, ours, data } => {
                 let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
-                let chunk = self.params.refine.ok_or(Fault::Internal("refinement size missing"))?;
+                let target = self.params.refine.ok_or(Fault::Internal("refinement size missing"))?;
                 let theirs = split_digests(self.params.hash, &bytes, ours.len())?;
                 let differing: Vec<usize> = (0..ours.len()).filter(|&j| ours[j] != theirs[j]).collect();
-                self.rep.debug(format_args!("block @ {offset}: {} of {} chunks differ", differing.len(), ours.len()));
-                for (start, end) in runs(&differing, chunk, len) {
-                    let at = offset + start as u64;
-                    match self.purpose {
-                        Purpose::Sync(Direction::Push) => {
-                            let mut buf = vec![0u8; end - start];
-                            self.local.read_at(at, &mut buf)?;
-                            for (k, piece) in buf.chunks(chunk).enumerate() {
-                                let frame = BlockFrame::encode(at + (k * chunk) as u64, piece, self.params.codec);
-                                self.ep.send(&Frame::Block(frame))?;
-                            }
-                            self.out.written += buf.len() as u64;
-                        }
-                        _ => {
-                            let msg = Message::Read { offset: at, len: (end - start) as u32 };
-                            self.follow.push_back((msg, Pending::Data { offset: at, len: end - start }));
-                        }
+                self.rep.debug(format_args!(
+                    "range @ {offset}: {} of {} pieces of {unit} bytes differ",
+                    differing.len(),
+                    ours.len()
+                ));
+                if unit <= target {
+                    for (start, end) in runs(&differing, unit, len) {
+                        let slice = data.as_deref().map(|d| &d[start..end]);
+                        self.transfer(offset + start as u64, end - start, slice)?;
                     }
+                    return Ok(());
+                }
+                // One level down: the differing pieces, in sub-pieces of the target size.
+                for j in differing {
+                    let (start, end) = (j * unit, ((j + 1) * unit).min(len));
+                    let piece_data = match &data {
+                        Some(d) => d[start..end].to_vec(),
+                        None => {
+                            let mut buf = vec![0u8; end - start];
+                            self.local.read_at(offset + start as u64, &mut buf)?;
+                            buf
+                        }
+                    };
+                    let sub = self.params.hash.digest_pieces(&piece_data, target);
+                    let at = offset + start as u64;
+                    let msg = Message::HashBlocks { offset: at, len: (end - start) as u64, block: target as u32 };
+                    let keep = (self.purpose == Purpose::Sync(Direction::Push)).then_some(piece_data);
+                    self.follow.push_back((
+                        msg,
+                        Pending::Chunks { offset: at, len: end - start, unit: target, ours: sub, data: keep },
+                    ));
                 }
                 Ok(())
             }
@@ -437,7 +459,14 @@ mod property_tests {
     use proptest::prelude::*;
 
     /// Syncs `src` onto `dst` in `dir` with the given geometry and returns what was done.
-    fn sync(src: &[u8], dst: &[u8], buffer: usize, chunk: Option<usize>, dir: Direction) -> (Comparison, Vec<u8>) {
+    fn sync(
+        src: &[u8],
+        dst: &[u8],
+        buffer: usize,
+        chunk: Option<usize>,
+        refine: Option<usize>,
+        dir: Direction,
+    ) -> (Comparison, Vec<u8>) {
         let tmp = tempfile::tempdir().unwrap();
         let (lp, rp) = (tmp.path().join("local"), tmp.path().join("remote"));
         let (local_bytes, remote_bytes) = match dir {
@@ -446,7 +475,7 @@ mod property_tests {
         };
         std::fs::write(&lp, local_bytes).unwrap();
         std::fs::write(&rp, remote_bytes).unwrap();
-        let params = Params { hash: HashAlgo::Blake3, buffer, chunk, refine: chunk, codec: Codec::Zstd(1) };
+        let params = Params { hash: HashAlgo::Blake3, buffer, chunk, refine, codec: Codec::Zstd(1) };
         let mut ep = Endpoint::connect(in_process(&rp)).unwrap();
         let spec =
             ReceiverSpec { source_size: src.len() as u64, source: None, source_name: "src".into(), force: false };
@@ -511,17 +540,20 @@ mod property_tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn sync_writes_exactly_the_differing_blocks_or_chunks(
-            len in 1usize..200_000,
-            buffer_kb in 1usize..24,
+            len in 1usize..300_000,
+            buffer_kb in 1usize..80,
             chunk_kb in proptest::option::of(1usize..6),
             edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..12),
             pull in any::<bool>(),
+            default_refine in any::<bool>(),
         ) {
             let buffer = buffer_kb * 1024;
             let chunk = chunk_kb.map(|c| c.min(buffer_kb) * 1024);
+            // Without --chunk: whole blocks, or the default two-level refinement to 4 KiB.
+            let refine = chunk.or((default_refine && buffer > 4096).then_some(4096));
             let src: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let mut dst = src.clone();
             for (at, v) in &edits {
@@ -529,9 +561,9 @@ mod property_tests {
                 dst[i] = dst[i].wrapping_add(v | 1);
             }
             let dir = if pull { Direction::Pull } else { Direction::Push };
-            let (c, receiver) = sync(&src, &dst, buffer, chunk, dir);
+            let (c, receiver) = sync(&src, &dst, buffer, chunk, refine, dir);
             prop_assert!(receiver == src, "receiver differs from source after sync");
-            let (blocks, bytes) = expected_written(&src, &dst, buffer, chunk);
+            let (blocks, bytes) = expected_written(&src, &dst, buffer, refine);
             prop_assert_eq!(c.blocks, len.div_ceil(buffer) as u64);
             prop_assert_eq!(c.differing, blocks);
             prop_assert_eq!(c.written, bytes);
