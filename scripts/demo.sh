@@ -21,9 +21,13 @@ for i in $(seq 1 20); do
   dd if=/dev/urandom of=source.img bs=4096 count=1 seek=$((i * 3001)) conv=notrunc status=none
 done
 
-echo "== SYNC with 64 KiB chunks: only what changed crosses"
-"$basyn" -l source.img -r backup.img -a PUSH -m SYNC --chunk 64 --stat --progress
+echo "== SYNC: the backup's state is fresh, so only the source is read, and only the changed blocks cross"
+"$basyn" -l source.img -r backup.img -a PUSH -m SYNC --stat --progress --verbose
 
-echo "== recheck: compare both images"
-"$basyn" -l source.img -r backup.img --recheck --verbose
+echo "== recheck: both states are fresh, so the trees answer without reading either image"
+"$basyn" -l source.img -r backup.img --recheck --stat --verbose
+echo "== identical (exit $?)"
+
+echo "== recheck by reading both images (--no-state)"
+"$basyn" -l source.img -r backup.img --recheck --no-state
 echo "== identical (exit $?)"

@@ -172,7 +172,7 @@ impl Ledger {
             Ok(None) => format!("state {shown}: none yet, building it"),
             Err(e) => format!("{e}; rebuilding it"),
             Ok(Some(saved)) if saved.layout != layout => {
-                format!("state {shown} was built with other parameters ({:?}); rebuilding it", saved.layout)
+                format!("state {shown} was built with {}, this run uses {layout}; rebuilding it", saved.layout)
             }
             Ok(Some(saved)) => match stamp::compare(&saved.stamp, &start) {
                 Freshness::Fresh => ledger.adopt(saved, &shown, "fresh"),
@@ -449,10 +449,16 @@ impl Ledger {
         if foreign {
             if let Some(file) = &self.file {
                 file.remove()?;
+                self.note =
+                    format!("state {} removed: the device was written by another process", file.path().display());
             }
             return Ok(false);
         }
         self.save(now)?;
+        if let Some(file) = &self.file {
+            let n = self.known.len();
+            self.note = format!("state {} saved: {} of {n} leaves", file.path().display(), self.valid_prefix());
+        }
         Ok(true)
     }
 

@@ -95,6 +95,16 @@ impl Layout {
     }
 }
 
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "hash {}, buffer {} KiB", self.hash, self.buffer / 1024)?;
+        if let Some(c) = self.chunk {
+            write!(f, ", chunk {} KiB", c / 1024)?;
+        }
+        write!(f, ", {} bytes", self.device_size)
+    }
+}
+
 /// The header, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Header {

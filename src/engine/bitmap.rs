@@ -24,11 +24,9 @@ pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, String> {
     let hint = "use --reset-bitmap to rebuild it (the receiver is then read once)";
     match file.load() {
         Ok(None) => Ok(None),
-        Ok(Some(s)) if s.layout != *layout => Err(format!(
-            "bitmap {} was built with other parameters or another size ({:?}); {hint}",
-            path.display(),
-            s.layout
-        )),
+        Ok(Some(s)) if s.layout != *layout => {
+            Err(format!("bitmap {} was built with {} but this run uses {layout}; {hint}", path.display(), s.layout))
+        }
         Ok(Some(s)) if s.valid_leaves != layout.leaf_count() => {
             Err(format!("bitmap {} is incomplete; {hint}", path.display()))
         }
