@@ -91,6 +91,8 @@ pub enum Problem {
     InUse(String),
     /// The receiver is a read-only block device.
     ReadOnly,
+    /// Another basyn holds the device's lock.
+    Locked,
 }
 
 impl fmt::Display for Problem {
@@ -110,6 +112,7 @@ impl fmt::Display for Problem {
             Problem::SameDevice(other) => write!(f, "is the same device as the source {other} (use --force to allow)"),
             Problem::InUse(why) => write!(f, "is in use: {why} (use --force to write anyway)"),
             Problem::ReadOnly => f.write_str("is a read-only block device"),
+            Problem::Locked => f.write_str("is in use by another basyn (its lock is held)"),
         }
     }
 }
@@ -163,6 +166,7 @@ pub struct Device {
     size: u64,
     identity: Identity,
     created: bool,
+    resized: bool,
     bytes_read: std::sync::atomic::AtomicU64,
 }
 
@@ -225,6 +229,8 @@ impl Device {
         {
             return Err(err(Problem::InUse(why)));
         }
+        // Nothing may be changed (resized) before basyn owns the device.
+        lock(&dev.file).map_err(err)?;
         if dev.size != spec.source_size {
             let mismatch = Problem::SizeMismatch { size: dev.size, source: spec.source_size };
             match (spec.force, kind) {
@@ -232,6 +238,7 @@ impl Device {
                 (true, Kind::File) => {
                     dev.file.set_len(spec.source_size).map_err(|e| err(Problem::Io("resize", e)))?;
                     dev.size = spec.source_size;
+                    dev.resized = true;
                 }
                 (true, Kind::Block) if dev.size < spec.source_size => {
                     return Err(err(Problem::TooSmall { size: dev.size, source: spec.source_size }));
@@ -250,6 +257,10 @@ impl Device {
             .create_new(true)
             .open(path)
             .map_err(|e| err(Problem::Io("create", e)))?;
+        if let Err(problem) = lock(&file) {
+            let _ = fs::remove_file(path);
+            return Err(err(problem));
+        }
         if let Err(e) = file.set_len(spec.source_size) {
             let _ = fs::remove_file(path);
             return Err(err(Problem::Io("size the new file", e)));
@@ -282,6 +293,7 @@ impl Device {
             size,
             identity,
             created,
+            resized: false,
             bytes_read: Default::default(),
         })
     }
@@ -304,6 +316,11 @@ impl Device {
     /// True if this open created the file.
     pub fn created(&self) -> bool {
         self.created
+    }
+
+    /// True if this open resized the file (`--force`).
+    pub fn resized(&self) -> bool {
+        self.resized
     }
 
     /// The path as given.
@@ -361,6 +378,15 @@ impl Device {
     /// Makes written data durable (`fdatasync`).
     pub fn sync(&self) -> Result<(), DeviceError> {
         self.file.sync_data().map_err(|e| self.error("flush (fdatasync)", e))
+    }
+}
+
+/// Takes the advisory lock a writing basyn holds for the whole run.
+fn lock(file: &File) -> Result<(), Problem> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(Problem::Locked),
+        Err(fs::TryLockError::Error(e)) => Err(Problem::Io("lock", e)),
     }
 }
 

@@ -144,6 +144,8 @@ pub struct Opened {
     pub identity: Identity,
     /// True if the endpoint created the file.
     pub created: bool,
+    /// True if the endpoint resized the file (`--force`).
+    pub resized: bool,
     /// The endpoint's state.
     pub state: StateSummary,
 }
@@ -267,8 +269,8 @@ impl Endpoint {
         }
         self.send(&Frame::Control(Message::Open { access, hash, codec, buffer, chunk, state }))?;
         match self.recv_message("opening the device")? {
-            Message::Opened { size, kind, identity, created, state } => {
-                Ok(Opened { size, kind, identity, created, state })
+            Message::Opened { size, kind, identity, created, resized, state } => {
+                Ok(Opened { size, kind, identity, created, resized, state })
             }
             other => Err(self.fail("opening the device", ProtocolError::Unexpected(format!("{other:?}")))),
         }
@@ -317,20 +319,31 @@ impl Endpoint {
         }
     }
 
-    /// The digests of tree nodes on one level of the endpoint's (fresh) tree.
+    /// The digests of tree nodes on one level of the endpoint's (fresh) tree, asked in
+    /// batches that each fit a control frame, all in flight at once.
     pub fn tree_nodes(
         &mut self,
         hash: HashAlgo,
         level: usize,
         indices: &[usize],
     ) -> Result<Vec<crate::hash::Digest>, EndpointError> {
-        let msg = Message::TreeNodes { level: level as u32, indices: indices.iter().map(|&i| i as u64).collect() };
-        self.send(&Frame::Control(msg))?;
-        match self.recv()? {
-            Frame::Digests(bytes) => crate::protocol::split_digests(hash, &bytes, indices.len())
-                .map_err(|e| self.fail("walking the tree", e)),
-            other => Err(self.fail("walking the tree", ProtocolError::Unexpected(format!("{other:?}")))),
+        // A varint index takes at most 10 bytes; stay well inside MAX_CONTROL.
+        const BATCH: usize = crate::protocol::MAX_CONTROL / 16;
+        for batch in indices.chunks(BATCH) {
+            let msg = Message::TreeNodes { level: level as u32, indices: batch.iter().map(|&i| i as u64).collect() };
+            self.send(&Frame::Control(msg))?;
         }
+        let mut out = Vec::with_capacity(indices.len());
+        for batch in indices.chunks(BATCH) {
+            match self.recv()? {
+                Frame::Digests(bytes) => out.extend(
+                    crate::protocol::split_digests(hash, &bytes, batch.len())
+                        .map_err(|e| self.fail("walking the tree", e))?,
+                ),
+                other => return Err(self.fail("walking the tree", ProtocolError::Unexpected(format!("{other:?}")))),
+            }
+        }
+        Ok(out)
     }
 
     /// Sends a control message without waiting (its reply is read with [`Endpoint::recv`]).

@@ -68,18 +68,17 @@ pub fn pieces_root(layout: &Layout, chunks: &[Digest]) -> Digest {
     tree::node_digest(layout.hash, &bytes)
 }
 
-/// True if a receiving block device's counters moved by more than `own` sectors, or on
-/// another part of its disk, or by discards basyn never issues.
+/// True if a receiving block device's counters moved by more than `own` sectors, or by
+/// discards basyn never issues.
 fn foreign_writes(start: &Stamp, now: &Stamp, own: u64) -> bool {
     match (start, now) {
         (Stamp::Block { counters: a, boot_id: ba, .. }, Stamp::Block { counters: b, boot_id: bb, .. }) => {
             if ba != bb || a.len() != b.len() || a.is_empty() {
                 return true;
             }
-            let delta = |i: usize| b[i].sectors.saturating_sub(a[i].sectors);
-            let discarded = a.iter().zip(b).any(|(x, y)| x.discard_sectors != y.discard_sectors);
-            // For a partition, the whole disk must have moved exactly as the partition did.
-            discarded || delta(0) > own || (a.len() > 1 && delta(1) != delta(0))
+            // Only the device's own counters: a sibling partition's writes move the disk's.
+            let delta = b[0].sectors.saturating_sub(a[0].sectors);
+            delta > own || a[0].discard_sectors != b[0].discard_sectors
         }
         _ => false,
     }
@@ -94,6 +93,10 @@ struct Pending {
     /// Pieces written only in part: their digests are read back once durable.
     dirty: std::collections::BTreeSet<usize>,
 }
+
+/// Most memory the digest tables of one device may take (leaves, and chunks with
+/// `--chunk`): with the default 2 MiB blocks that is 32 TiB of device.
+const MAX_TABLE: u64 = 512 << 20;
 
 /// At most this many piece digests of recently read leaves are kept in memory.
 const RECENT_PIECES: usize = 1 << 16;
@@ -128,6 +131,18 @@ impl Ledger {
     pub fn open(device: &Device, layout: Layout, opts: &StateOptions) -> Result<Ledger, StateError> {
         let n = layout.leaf_count() as usize;
         let dl = layout.hash.digest_len();
+        let table = (n as u64).saturating_mul(dl as u64)
+            + if layout.chunk.is_some() { layout.chunk_count().saturating_mul(dl as u64) } else { 0 };
+        if table > MAX_TABLE {
+            return Err(StateError::Invalid {
+                path: device.path().display().to_string(),
+                reason: format!(
+                    "{n} blocks of {} bytes would need {} MiB of digests in memory; use a larger --buffer (or --chunk)",
+                    layout.buffer,
+                    table >> 20
+                ),
+            });
+        }
         let mut ledger = Ledger {
             file: None,
             layout,
@@ -303,6 +318,14 @@ impl Ledger {
         self.own_sectors += (end.div_ceil(PAGE) * PAGE - offset / PAGE * PAGE) / 512;
         let first = offset / b;
         let last = end.saturating_sub(1) / b;
+        if self.file.is_none() {
+            // Nothing will be saved: only forget what the written leaves held.
+            for leaf in first..=last.min(self.known.len().saturating_sub(1) as u64) {
+                self.known[leaf as usize] = false;
+            }
+            self.tree = None;
+            return;
+        }
         for leaf in first..=last {
             let leaf_start = leaf * b;
             let leaf_end = (leaf_start + b).min(self.layout.device_size);
@@ -428,7 +451,12 @@ impl Ledger {
             return Ok(());
         }
         let now = self.stamp_now(device)?;
-        if role == Role::Read && self.start.as_ref() != Some(&now) {
+        let Some(start) = &self.start else { return Ok(()) };
+        let foreign = match role {
+            Role::Read => stamp::own_counters(start) != stamp::own_counters(&now),
+            Role::Receiver => foreign_writes(start, &now, self.own_sectors),
+        };
+        if foreign {
             return Ok(());
         }
         self.save(now)
@@ -443,7 +471,7 @@ impl Ledger {
         let Some(start) = self.start.clone() else { return Ok(true) };
         let now = self.stamp_now(device)?;
         let foreign = match role {
-            Role::Read => start != now,
+            Role::Read => stamp::own_counters(&start) != stamp::own_counters(&now),
             Role::Receiver => foreign_writes(&start, &now, self.own_sectors),
         };
         if foreign {
@@ -484,7 +512,12 @@ impl Ledger {
         let l = self.layout;
         let b = l.buffer;
         let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize * l.hash.digest_len());
-        if block == b && offset.is_multiple_of(b) && offset + len <= l.device_size {
+        let end = offset + len;
+        if block == b
+            && offset.is_multiple_of(b)
+            && (end.is_multiple_of(b) || end == l.device_size)
+            && end <= l.device_size
+        {
             for leaf in offset / b..(offset + len).div_ceil(b) {
                 let d = match self.leaf(leaf) {
                     Some(d) => d,
@@ -506,13 +539,17 @@ impl Ledger {
             }
             return Ok(out);
         }
+        // Anything else is read and hashed as asked; block-sized pieces follow the leaf
+        // rule, so that a range cut short (a recheck over the synced length of a larger
+        // device) still compares with the other side's leaves.
         let step = block * ((4u64 << 20) / block).max(1);
         let mut at = offset;
         while at < offset + len {
             let n = step.min(offset + len - at) as usize;
             buf.resize(n, 0);
             device.read_at(at, buf)?;
-            for d in l.hash.digest_pieces(buf, block as usize) {
+            for piece in buf.chunks(block as usize) {
+                let d = if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
                 out.extend_from_slice(d.as_bytes());
             }
             at += n as u64;

@@ -25,9 +25,9 @@ use crate::hash::HashAlgo;
 use crate::ledger::StateOptions;
 
 /// First bytes each side writes: "BASYN", a zero, and the protocol major as a byte pair.
-pub const MAGIC: [u8; 8] = *b"BASYN\0\x00\x01";
+pub const MAGIC: [u8; 8] = *b"BASYN\0\x00\x02";
 /// Protocol version carried in [`Message::Hello`]; a mismatch is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Feature bit: the peer can decode zstd block payloads.
 pub const FEATURE_ZSTD: u64 = 1;
 /// Feature bit: the peer can decode zlib block payloads.
@@ -129,6 +129,8 @@ pub enum Message {
         identity: Identity,
         /// True if the server created it.
         created: bool,
+        /// True if the server resized it (`--force`).
+        resized: bool,
         /// What the server's state says about the device.
         state: StateSummary,
     },
@@ -507,7 +509,7 @@ mod tests {
         assert_eq!(round_trip(&frames), frames);
     }
 
-    /// A version-1 session whose encoding must never change (`fixtures/protocol/`).
+    /// A version-2 session whose encoding must never change (`fixtures/protocol/`).
     fn golden_session() -> Vec<Frame> {
         let identity = Identity {
             boot_id: "8d1c9a52-1f5e-4c33-9b1a-2f4e6d7c8b9a".into(),
@@ -518,7 +520,7 @@ mod tests {
             backing: Some((2049, 77)),
         };
         vec![
-            Frame::Control(Message::Hello { version: 1, features: FEATURE_ZSTD | FEATURE_ZLIB }),
+            Frame::Control(Message::Hello { version: 2, features: FEATURE_ZSTD | FEATURE_ZLIB }),
             Frame::Control(Message::Open {
                 access: Access::Write {
                     source_size: 1 << 30,
@@ -537,6 +539,7 @@ mod tests {
                 kind: Kind::File,
                 identity,
                 created: true,
+                resized: false,
                 state: StateSummary { fresh: true, root: Some(vec![7; 32]), height: 3, note: "fresh".into() },
             }),
             Frame::Control(Message::TreeNodes { level: 1, indices: vec![0, 5, 63] }),
@@ -561,18 +564,18 @@ mod tests {
     }
 
     #[test]
-    fn the_version_1_encoding_matches_the_golden_fixture() {
+    fn the_version_2_encoding_matches_the_golden_fixture() {
         let mut bytes = Vec::new();
         let mut w = FrameWriter::new(&mut bytes, Arc::default());
         w.start().unwrap();
         for f in golden_session() {
             w.send(&f).unwrap();
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v1.bin");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v2.bin");
         if std::env::var_os("BASYN_BLESS").is_some() {
             std::fs::write(path, &bytes).unwrap();
         }
-        let golden = std::fs::read(path).expect("fixtures/protocol/session-v1.bin (BASYN_BLESS=1 writes it)");
+        let golden = std::fs::read(path).expect("fixtures/protocol/session-v2.bin (BASYN_BLESS=1 writes it)");
         assert_eq!(bytes, golden, "the wire encoding changed; bump VERSION instead");
         let mut r = FrameReader::new(&golden[..], Arc::default());
         r.start().unwrap();

@@ -182,7 +182,7 @@ impl Opened {
         check_range(self.limit, offset, len, fits)?;
         match self.ledger.as_mut() {
             Some(l) => l.digest_range(&self.device, offset, len, block, buf).map_err(failed),
-            None => plain_digests(&self.device, self.hash, offset, len, block, buf),
+            None => Err(ProtocolError::Unexpected("digests of a device opened without a ledger".into()).into()),
         }
     }
 
@@ -234,15 +234,59 @@ fn state_failed(e: crate::state::StateError) -> Abort {
     Abort { code: AbortCode::Failed, message: format!("remote {e}") }
 }
 
+/// Refuses parameters no basyn client sends: they would divide by zero, allocate without
+/// bound, or write state files outside basyn's own.
+fn check_request(req: &OpenRequest) -> Result<(), Abort> {
+    let bad = |what: String| Err(ProtocolError::Unexpected(what).into());
+    if req.buffer == 0 || req.buffer > MAX_BLOCK as u64 {
+        return bad(format!("block size {}", req.buffer));
+    }
+    if req.chunk.is_some_and(|c| c == 0 || c > req.buffer) {
+        return bad(format!("chunk size {:?} for blocks of {}", req.chunk, req.buffer));
+    }
+    match req.codec {
+        crate::compress::Codec::Zstd(l) if !(1..=22).contains(&l) => return bad(format!("zstd level {l}")),
+        crate::compress::Codec::Zlib(l) if l > 9 => return bad(format!("zlib level {l}")),
+        _ => {}
+    }
+    if let crate::ledger::StateMode::Path(p) = &req.state.mode {
+        // The client chooses this path: never let it replace a file that is not a state.
+        let refuse = |why: &str| {
+            Err(Abort { code: AbortCode::Precondition, message: format!("remote state file {}: {why}", p.display()) })
+        };
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_symlink() => return refuse("is a symbolic link; refusing to replace it"),
+            Ok(m) if !m.is_file() => return refuse("is not a regular file"),
+            Ok(_) => {
+                let mut head = [0u8; 8];
+                let magic = std::fs::File::open(p).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
+                if magic.is_err() || head != crate::state::MAGIC {
+                    return refuse("exists and is not a basyn state file; refusing to replace it");
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Opens the served device as asked; a refusal is an `Abort` with the precondition code.
 fn open_device(path: &Path, req: OpenRequest) -> Result<(Message, Option<Opened>), Abort> {
+    check_request(&req)?;
     let refused = |e: DeviceError| Abort { code: AbortCode::Precondition, message: e.to_string() };
     let (device, limit) = match &req.access {
         Access::Probe => {
             let kind = Device::probe(path, Side::Remote).map_err(refused)?;
             let identity =
                 crate::device::Identity { boot_id: String::new(), kind, dev: 0, ino: 0, rdev: 0, backing: None };
-            let reply = Message::Opened { size: 0, kind, identity, created: false, state: StateSummary::default() };
+            let reply = Message::Opened {
+                size: 0,
+                kind,
+                identity,
+                created: false,
+                resized: false,
+                state: StateSummary::default(),
+            };
             return Ok((reply, None));
         }
         Access::Read => {
@@ -289,6 +333,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Message, Option<Opened>
         kind: device.kind(),
         identity: device.identity().clone(),
         created: device.created(),
+        resized: device.resized(),
         state: summary,
     };
     Ok((reply, Some(Opened { device, limit, role, hash: req.hash, codec: req.codec, ledger })))
@@ -307,30 +352,4 @@ fn check_range(limit: u64, offset: u64, len: u64, ok: bool) -> Result<(), Abort>
         return Err(ProtocolError::OutOfBounds { offset, len, size: limit }.into());
     }
     Ok(())
-}
-
-/// Digests of every `block`-sized piece of a range, read in large sequential steps
-/// (no state in use).
-fn plain_digests(
-    device: &Device,
-    algo: HashAlgo,
-    offset: u64,
-    len: u64,
-    block: u64,
-    buf: &mut Vec<u8>,
-) -> Result<Vec<u8>, Abort> {
-    // Read several small pieces per system call, but never more than ~4 MiB at once.
-    let step = block * ((4u64 << 20) / block).max(1);
-    let mut out = Vec::with_capacity(len.div_ceil(block) as usize * algo.digest_len());
-    let mut at = offset;
-    while at < offset + len {
-        let n = step.min(offset + len - at) as usize;
-        buf.resize(n, 0);
-        device.read_at(at, buf).map_err(failed)?;
-        for d in algo.digest_pieces(buf, block as usize) {
-            out.extend_from_slice(d.as_bytes());
-        }
-        at += n as u64;
-    }
-    Ok(out)
 }

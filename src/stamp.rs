@@ -64,6 +64,11 @@ pub enum Stamp {
         counters: Vec<WriteCounters>,
         /// The backing file of a loop device.
         backing: Option<FileStamp>,
+        /// The kernel's sequence number of this disk instance (`diskseq`, Linux 5.15+):
+        /// a snapshot re-created under the same device number gets another one.
+        diskseq: Option<u64>,
+        /// Why freshness cannot be proven for this kind of device, if it cannot.
+        unverifiable: Option<String>,
     },
     /// Not verifiable: trusted because the user declares it (`--bitmap`).
     Declared,
@@ -98,11 +103,30 @@ fn file_stamp(meta: &fs::Metadata) -> FileStamp {
     }
 }
 
+/// Timestamps move in coarse clock ticks: a write in the same tick as the stamp would
+/// leave mtime and ctime unchanged. A stamp is therefore taken only once the file's last
+/// change is comfortably older than now, so that any later write shows.
+const TICK: std::time::Duration = std::time::Duration::from_millis(25);
+
+fn settled_metadata(path: &Path) -> io::Result<fs::Metadata> {
+    loop {
+        let meta = fs::metadata(path)?;
+        let changed = std::time::UNIX_EPOCH
+            + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
+        match std::time::SystemTime::now().duration_since(changed) {
+            Ok(age) if age >= TICK => return Ok(meta),
+            // A ctime in the future (clock changes) cannot settle: take it as it is.
+            Err(_) => return Ok(meta),
+            Ok(age) => std::thread::sleep(TICK - age + std::time::Duration::from_millis(1)),
+        }
+    }
+}
+
 /// Stamps `device` now. For a block device its dirty page cache is flushed first, so
 /// that writes still in memory show up in the counters.
 pub fn take(device: &Device) -> io::Result<Stamp> {
     match device.kind() {
-        Kind::File => Ok(Stamp::File(file_stamp(&fs::metadata(device.path())?))),
+        Kind::File => Ok(Stamp::File(file_stamp(&settled_metadata(device.path())?))),
         Kind::Block => {
             device.flush_cache()?;
             let rdev = device.identity().rdev;
@@ -114,11 +138,42 @@ pub fn take(device: &Device) -> io::Result<Stamp> {
             }
             let backing = fs::read_to_string(format!("/sys/class/block/{name}/loop/backing_file"))
                 .ok()
-                .and_then(|p| fs::metadata(p.trim()).ok())
+                .and_then(|p| settled_metadata(Path::new(p.trim())).ok())
                 .map(|m| file_stamp(&m));
-            Ok(Stamp::Block { boot_id: boot_id(), rdev, size: device.size(), counters, backing })
+            // A partition has no sequence number of its own: its disk's tells.
+            let diskseq = std::iter::once(name.clone())
+                .chain(parent_disk(&name))
+                .find_map(|n| fs::read_to_string(format!("/sys/class/block/{n}/diskseq")).ok())
+                .and_then(|s| s.trim().parse().ok());
+            let unverifiable = remote_kind(&name);
+            Ok(Stamp::Block { boot_id: boot_id(), rdev, size: device.size(), counters, backing, diskseq, unverifiable })
         }
     }
+}
+
+/// Devices whose content can change without this kernel's counters moving: network and
+/// replicated block devices, and kinds basyn does not know. Local disks, partitions,
+/// loop, md and device-mapper devices are counted here.
+fn remote_kind(name: &str) -> Option<String> {
+    const LOCAL: [&str; 9] = ["sd", "nvme", "vd", "xvd", "hd", "mmcblk", "loop", "md", "dm-"];
+    if LOCAL.iter().any(|p| name.starts_with(p)) {
+        None
+    } else {
+        Some(format!(
+            "{name} may be written elsewhere than through this kernel (network, replicated or unknown kind of device)"
+        ))
+    }
+}
+
+/// The stamp with only the device's own counters: what "written during this run" is
+/// judged on. The whole disk's counters (for a partition) also move when a sibling
+/// partition is written; they matter only for freshness across runs.
+pub fn own_counters(stamp: &Stamp) -> Stamp {
+    let mut s = stamp.clone();
+    if let Stamp::Block { counters, .. } = &mut s {
+        counters.truncate(1);
+    }
+    s
 }
 
 fn read_counters(name: &str) -> io::Result<WriteCounters> {
@@ -155,15 +210,22 @@ pub fn compare(saved: &Stamp, now: &Stamp) -> Freshness {
             }
         }
         (
-            Stamp::Block { boot_id: ba, rdev: ra, size: sa, counters: ca, backing: ka },
-            Stamp::Block { boot_id: bb, rdev: rb, size: sb, counters: cb, backing: kb },
+            Stamp::Block { boot_id: ba, rdev: ra, size: sa, counters: ca, backing: ka, diskseq: da, unverifiable: ua },
+            Stamp::Block { boot_id: bb, rdev: rb, size: sb, counters: cb, backing: kb, diskseq: db, .. },
         ) => {
-            if ba.is_empty() || ba != bb {
+            if let Some(why) = ua {
+                Freshness::Unverifiable(why.clone())
+            } else if ba.is_empty() || ba != bb {
                 Freshness::Unverifiable(
                     "the machine rebooted since the state was saved, so its write counters cannot tell".into(),
                 )
-            } else if ra != rb {
-                Freshness::Stale("is another device now".into())
+            } else if ra != rb || da != db {
+                Freshness::Stale("is another device now (device number or disk sequence number changed)".into())
+            } else if da.is_none() {
+                Freshness::Unverifiable(
+                    "this kernel gives no disk sequence numbers, so a re-created device cannot be told from the old one"
+                        .into(),
+                )
             } else if sa != sb {
                 Freshness::Stale(format!("changed size from {sa} to {sb}"))
             } else if ca != cb {
@@ -205,8 +267,17 @@ mod tests {
 
     #[test]
     fn another_boot_is_unverifiable() {
-        let a = Stamp::Block { boot_id: "a".into(), rdev: 1, size: 2, counters: vec![], backing: None };
-        let b = Stamp::Block { boot_id: "b".into(), rdev: 1, size: 2, counters: vec![], backing: None };
+        let block = |boot: &str, seq: u64| Stamp::Block {
+            boot_id: boot.into(),
+            rdev: 1,
+            size: 2,
+            counters: vec![],
+            backing: None,
+            diskseq: Some(seq),
+            unverifiable: None,
+        };
+        let (a, b, recreated) = (block("a", 7), block("b", 7), block("a", 8));
+        assert!(matches!(compare(&a, &recreated), Freshness::Stale(_)));
         assert!(matches!(compare(&a, &b), Freshness::Unverifiable(_)));
         assert_eq!(compare(&a, &a.clone()), Freshness::Fresh);
     }

@@ -298,10 +298,12 @@ impl StateFile {
     pub fn save(&self, state: &State) -> Result<(), StateError> {
         let io_err = |source| StateError::Io { path: self.path.display().to_string(), source };
         let mut tmp = self.path.as_os_str().to_os_string();
-        tmp.push(format!(".tmp{}", std::process::id()));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        tmp.push(format!(".tmp{}.{nanos}", std::process::id()));
         let tmp = PathBuf::from(tmp);
         let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            // create_new: never follow or reuse whatever already sits at that name.
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(&encode(state))?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;

@@ -70,7 +70,7 @@ const BATCH_BYTES: u64 = 16 << 20;
 /// Memory that pending replies and kept data may hold.
 const BUDGET: u64 = 64 << 20;
 /// How often long runs make their progress durable and save checkpoints.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// What the local reader thread delivers for one block.
 pub(super) struct Local {

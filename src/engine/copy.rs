@@ -4,12 +4,14 @@
 //! writes.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
+use super::compare::CHECKPOINT_EVERY;
 use super::pipeline::{self, Blocks};
 use super::{Direction, Fault, Params};
 use crate::device::Device;
 use crate::endpoint::Endpoint;
-use crate::ledger::{Ledger, leaf_digest};
+use crate::ledger::{Ledger, Role, leaf_digest};
 use crate::protocol::{BlockFrame, Frame, Message, ProtocolError};
 use crate::report::Reporter;
 
@@ -51,6 +53,7 @@ fn push(
             (BlockFrame::encode(offset, &data, codec), digests)
         });
         let mut written = 0;
+        let mut last = Instant::now();
         for item in rx {
             let item = item?;
             let (frame, digests) = item.value;
@@ -60,6 +63,13 @@ fn push(
             ep.send(&Frame::Block(frame))?;
             rep.advance(item.len as u64);
             written += item.len as u64;
+            if last.elapsed() >= CHECKPOINT_EVERY {
+                // The receiver makes what it has durable and checkpoints its state;
+                // so does the source's state (and the receiver's memory stays bounded).
+                ep.flush_device()?;
+                ledger.checkpoint(local, Role::Read).map_err(|e| Fault::State(format!("local {e}")))?;
+                last = Instant::now();
+            }
         }
         Ok(written)
     })
@@ -70,6 +80,7 @@ fn pull(local: &Device, ledger: &mut Ledger, ep: &mut Endpoint, blocks: Blocks, 
     let mut inflight = 0u64;
     let mut next = 0u64;
     let mut written = 0u64;
+    let mut last = Instant::now();
     loop {
         while next < blocks.count() && (pending.is_empty() || inflight + blocks.block <= PULL_WINDOW) {
             let (offset, len) = blocks.span(next);
@@ -89,8 +100,12 @@ fn pull(local: &Device, ledger: &mut Ledger, ep: &mut Endpoint, blocks: Blocks, 
         };
         let data = block.decode(offset + len as u64)?;
         local.write_at(offset, &data)?;
-        if ledger.enabled() {
-            ledger.wrote(offset, &data);
+        ledger.wrote(offset, &data);
+        if last.elapsed() >= CHECKPOINT_EVERY {
+            local.sync()?;
+            ledger.durable(local)?;
+            ledger.checkpoint(local, Role::Receiver).map_err(|e| Fault::State(format!("local {e}")))?;
+            last = Instant::now();
         }
         inflight -= len as u64;
         written += len as u64;

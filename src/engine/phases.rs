@@ -189,9 +189,14 @@ fn transfer(
     ));
     let empty =
         |side, path: &Path| refused(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty });
+    // The bitmap is checked before the receiver is opened (which may create it).
+    let load_bitmap = |len: u64| match &plan.bitmap {
+        Some(b) if !b.reset => bitmap::load(&b.path, &layout(p, len)).map_err(Error::Refused),
+        _ => Ok(None),
+    };
 
     // Open both ends; every refusal happens here, before anything is written.
-    let (local, ep, len, remote_state, local_ledger_opened) = match dir {
+    let (local, ep, len, remote_state, local_ledger_opened, mut bitmap, renewed) = match dir {
         Direction::Push => {
             let local = Device::open_read(&plan.local, Side::Local).map_err(refused)?;
             if local.size() == 0 {
@@ -199,6 +204,7 @@ fn transfer(
             }
             // The local lock first: a refusal here must not leave a created receiver.
             let ledger = local_ledger(&local, p, local.size(), &plan.state, rep)?;
+            let bitmap = load_bitmap(local.size())?;
             let ep = endpoint(plan, rep, ep)?;
             let access = Access::Write {
                 source_size: local.size(),
@@ -212,7 +218,8 @@ fn transfer(
                 rep.log(format_args!("created {receiver} ({} bytes)", local.size()));
             }
             let len = local.size();
-            (local, ep, len, opened.state, Some(ledger))
+            let renewed = opened.created || opened.resized;
+            (local, ep, len, opened.state, Some(ledger), bitmap, renewed)
         }
         Direction::Pull => {
             let ep = endpoint(plan, rep, ep)?;
@@ -221,6 +228,7 @@ fn transfer(
             if opened.size == 0 {
                 return Err(empty(Side::Remote, &plan.remote));
             }
+            let bitmap = load_bitmap(opened.size)?;
             let spec = ReceiverSpec {
                 source_size: opened.size,
                 source: Some(opened.identity.clone()),
@@ -231,19 +239,20 @@ fn transfer(
             if local.created() {
                 rep.log(format_args!("created {receiver} ({} bytes)", opened.size));
             }
-            (local, ep, opened.size, opened.state, None)
+            let renewed = local.created() || local.resized();
+            (local, ep, opened.size, opened.state, None, bitmap, renewed)
         }
     };
+    if renewed && bitmap.take().is_some() {
+        // A receiver just created or resized does not hold what the bitmap says.
+        rep.log(format_args!("{receiver} was created or resized: the bitmap is not used, it is rebuilt"));
+    }
     if !remote_state.note.is_empty() {
         rep.log(format_args!("remote {}", remote_state.note));
     }
     let mut ledger = match local_ledger_opened {
         Some(l) => l,
         None => local_ledger(&local, p, len, &plan.state, rep)?,
-    };
-    let bitmap = match &plan.bitmap {
-        Some(b) if !b.reset => bitmap::load(&b.path, ledger.layout()).map_err(Error::Refused)?,
-        _ => None,
     };
     stats.device_size = len;
     rep.log(format_args!("device size {len} bytes ({})", human(len as f64)));
@@ -387,15 +396,18 @@ fn recheck(
     let p = &plan.params;
     let after_action = synced.is_some();
     let fail = |msg: String| if after_action { Error::RecheckFailed(msg) } else { Error::Differ(msg) };
-    let local = Device::open_read(&plan.local, Side::Local).map_err(refused)?;
+    // After an action something was written: a failure to recheck is not "nothing changed".
+    let broken = |msg: String| if after_action { Error::RecheckFailed(msg) } else { Error::Refused(msg) };
+    let local = Device::open_read(&plan.local, Side::Local).map_err(|e| broken(e.to_string()))?;
     let ep = endpoint(plan, rep, ep)?;
     let (local_state, remote_state) = if after_action {
         (StateOptions::off(), StateOptions::off())
     } else {
         (plan.state.clone(), plan.remote_state.clone())
     };
-    let opened =
-        ep.open(open_request(plan, Access::Read, Codec::None, remote_state)).map_err(|e| Fault::from(e).refused())?;
+    let opened = ep
+        .open(open_request(plan, Access::Read, Codec::None, remote_state))
+        .map_err(|e| broken(Fault::from(e).to_string()))?;
     let len = match synced {
         Some(len) => len,
         None if local.size() != opened.size => {
