@@ -750,3 +750,51 @@ fn long_tmpdir_does_not_break_ssh() {
     run(cmd, &args).ok();
     assert_same(&local, &remote);
 }
+
+// ---------------------------------------------------------------------------
+// State files over SSH
+// ---------------------------------------------------------------------------
+
+/// The remote-side bytes read, from `--stat`'s `Read:` line.
+fn remote_read(run: &Run) -> u64 {
+    let line = run.stdout.lines().find(|l| l.starts_with("Read:")).unwrap_or_else(|| panic!("no Read line{run:?}"));
+    let n = line.split("remote ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("unparsable Read line {line:?}"))
+}
+
+#[test]
+fn states_over_ssh_spare_reads_and_basyn_index_runs_on_the_remote_host() {
+    let Some(sshd) = Sshd::start() else { return };
+    let size = 16 * MIB;
+    let (local, remote) = (sshd.local("src.img"), sshd.remote("dst.img"));
+    random_image(&local, 41, size);
+
+    // COPY builds both states: the remote one next to the remote image, on the remote host.
+    sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "copy"])).ok();
+    let remote_state = remote.with_file_name("dst.img.basyn-state");
+    assert!(remote_state.exists(), "no remote state after a COPY over ssh");
+
+    // Unchanged: both states fresh, nothing is read on either side.
+    let run = sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "sync", "--stat"]));
+    run.ok();
+    assert!(run.stdout.contains("Read:        local 0 bytes, remote 0 bytes"), "an unchanged sync read{run:?}");
+
+    // Behind basyn's back the remote image changes; `basyn index -h` makes its state
+    // fresh again on the remote host (reading it there), and the next check reads nothing.
+    flip(&remote, (size / 2) as u64, 1);
+    let idx = sshd.basyn(&["index", "-h", ALIAS, s(&remote), "--stat"]);
+    idx.ok();
+    assert_eq!(remote_read(&idx), size as u64, "index must read the changed remote image once{idx:?}");
+    let idx = sshd.basyn(&["index", "-h", ALIAS, s(&remote), "--stat"]);
+    idx.ok();
+    assert_eq!(remote_read(&idx), 0, "a second index of an unchanged image reads nothing{idx:?}");
+    let check = sshd.basyn(&over_ssh(&local, &remote, &["--recheck", "--stat"]));
+    check.fails(3, &["differ"]);
+    assert!(check.stdout.contains("Read:        local 0 bytes, remote 0 bytes"), "fresh states answer{check:?}");
+
+    // A SYNC walks the trees and repairs the one differing block.
+    let run = sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "sync", "--stat"]));
+    run.ok();
+    assert_same(&local, &remote);
+    assert!(run.stat().both < 256 * KIB as u64, "one changed byte cost{run:?}");
+}
