@@ -4,14 +4,13 @@
 
 use std::path::Path;
 
-use super::compare::{Comparison, Pending, Purpose, Run, WINDOW, unexpected};
+use super::compare::{Comparison, Purpose, Run, WINDOW};
 use super::pipeline::{self, Blocks};
 use super::{Direction, Fault, Params};
 use crate::device::Device;
 use crate::endpoint::Endpoint;
 use crate::hash::Digest;
 use crate::ledger::{Ledger, leaf_digest};
-use crate::protocol::{Frame, split_digests};
 use crate::report::Reporter;
 use crate::stamp::Stamp;
 use crate::state::{Layout, State, StateError, StateFile};
@@ -123,29 +122,17 @@ pub fn sync(
             let purpose = if transfer { Purpose::Sync(Direction::Pull) } else { Purpose::Check };
             let mut run = Run::new(local, ledger, ep, params, purpose, rep);
             let mut next = 0u64;
-            loop {
-                run.send_follow_ups()?;
-                run.ask_digest_batches(blocks, &mut next)?;
-                let Some(p) = run.pending.pop_front() else { break };
-                let reply = run.ep.recv()?;
-                run.inflight -= p.cost();
-                match p {
-                    Pending::Digests { first, count } => {
-                        run.batches_out -= 1;
-                        let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
-                        for (k, d) in split_digests(params.hash, &bytes, count as usize)?.into_iter().enumerate() {
-                            let leaf = first + k as u64;
-                            let (offset, n) = blocks.span(leaf);
-                            source.extend_from_slice(d.as_bytes());
-                            run.out.blocks += 1;
-                            rep.advance(n as u64);
-                            if transfer && theirs(leaf) != Some(d) {
-                                rep.debug(format_args!("block {leaf} @ {offset}: differs from the bitmap"));
-                                run.differs(leaf, offset, n, None)?;
-                            }
-                        }
+            while let Some((first, digests)) = run.next_digest_batch(blocks, &mut next)? {
+                for (k, d) in digests.into_iter().enumerate() {
+                    let leaf = first + k as u64;
+                    let (offset, n) = blocks.span(leaf);
+                    source.extend_from_slice(d.as_bytes());
+                    run.out.blocks += 1;
+                    rep.advance(n as u64);
+                    if transfer && theirs(leaf) != Some(d) {
+                        rep.debug(format_args!("block {leaf} @ {offset}: differs from the bitmap"));
+                        run.differs(leaf, offset, n, None)?;
                     }
-                    other => run.handle(other, reply)?,
                 }
                 run.maybe_checkpoint()?;
             }

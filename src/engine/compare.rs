@@ -124,44 +124,31 @@ pub fn run(
         });
         let mut run = Run::new(local, ledger, ep, params, purpose, rep);
         let mut next_batch = 0u64;
-        loop {
-            run.send_follow_ups()?;
-            run.ask_digest_batches(blocks, &mut next_batch)?;
-            let Some(p) = run.pending.pop_front() else { break };
-            let reply = run.ep.recv()?;
-            run.inflight -= p.cost();
-            match p {
-                Pending::Digests { first, count } => {
-                    run.batches_out -= 1;
-                    let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
-                    let remote = split_digests(params.hash, &bytes, count as usize)?;
-                    for (k, theirs) in remote.into_iter().enumerate() {
-                        let item = local_rx.recv().map_err(|_| Fault::Internal("local reader stopped"))??;
-                        debug_assert_eq!(item.index, first + k as u64);
-                        let Local { read, data } = item.value;
-                        let ours = match read {
-                            Some((d, chunks)) => {
-                                run.ledger.learn(item.index, &d, &chunks);
-                                d
-                            }
-                            None => run.ledger.leaf(item.index).ok_or(Fault::Internal("skipped leaf unknown"))?,
-                        };
-                        run.out.blocks += 1;
-                        rep.advance(item.len as u64);
-                        if ours == theirs {
-                            if rep.debugging() {
-                                rep.debug(format_args!("block {} @ {}: same", item.index, item.offset));
-                            }
-                            continue;
-                        }
-                        rep.debug(format_args!(
-                            "block {} @ {} ({} bytes): differs (local {ours}, remote {theirs})",
-                            item.index, item.offset, item.len
-                        ));
-                        run.differs(item.index, item.offset, item.len, data)?;
+        while let Some((first, remote)) = run.next_digest_batch(blocks, &mut next_batch)? {
+            for (k, theirs) in remote.into_iter().enumerate() {
+                let item = local_rx.recv().map_err(|_| Fault::Internal("local reader stopped"))??;
+                debug_assert_eq!(item.index, first + k as u64);
+                let Local { read, data } = item.value;
+                let ours = match read {
+                    Some((d, chunks)) => {
+                        run.ledger.learn(item.index, &d, &chunks);
+                        d
                     }
+                    None => run.ledger.leaf(item.index).ok_or(Fault::Internal("skipped leaf unknown"))?,
+                };
+                run.out.blocks += 1;
+                rep.advance(item.len as u64);
+                if ours == theirs {
+                    if rep.debugging() {
+                        rep.debug(format_args!("block {} @ {}: same", item.index, item.offset));
+                    }
+                    continue;
                 }
-                other => run.handle(other, reply)?,
+                rep.debug(format_args!(
+                    "block {} @ {} ({} bytes): differs (local {ours}, remote {theirs})",
+                    item.index, item.offset, item.len
+                ));
+                run.differs(item.index, item.offset, item.len, data)?;
             }
             run.maybe_checkpoint()?;
         }
@@ -250,6 +237,33 @@ impl<'a> Run<'a> {
             *next += 1;
         }
         Ok(())
+    }
+
+    /// Drives requests and replies until the next batch of leaf digests arrives, handling
+    /// the replies to follow-up requests on the way; `None` once everything is answered.
+    pub(super) fn next_digest_batch(
+        &mut self,
+        blocks: Blocks,
+        next: &mut u64,
+    ) -> Result<Option<(u64, Vec<Digest>)>, Fault> {
+        loop {
+            self.send_follow_ups()?;
+            self.ask_digest_batches(blocks, next)?;
+            let Some(p) = self.pending.pop_front() else { return Ok(None) };
+            let reply = self.ep.recv()?;
+            self.inflight -= p.cost();
+            match p {
+                Pending::Digests { first, count } => {
+                    self.batches_out -= 1;
+                    let Frame::Digests(bytes) = reply else { return Err(unexpected(&reply)) };
+                    return Ok(Some((first, split_digests(self.params.hash, &bytes, count as usize)?)));
+                }
+                other => {
+                    self.handle(other, reply)?;
+                    self.maybe_checkpoint()?;
+                }
+            }
+        }
     }
 
     /// Sends queued follow-up requests as far as the in-flight budget allows.
