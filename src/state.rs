@@ -361,11 +361,11 @@ mod tests {
         let s = sample();
         let bytes = encode(&s);
         assert_eq!(decode(&bytes).unwrap(), s);
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/state/sample-v1.basyn-state");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/state/sample-v2.basyn-state");
         if std::env::var_os("BASYN_BLESS").is_some() {
             fs::write(path, &bytes).unwrap();
         }
-        let golden = fs::read(path).expect("fixtures/state/sample-v1.basyn-state (BASYN_BLESS=1 writes it)");
+        let golden = fs::read(path).expect("fixtures/state/sample-v2.basyn-state (BASYN_BLESS=1 writes it)");
         assert_eq!(decode(&golden).unwrap(), s, "the golden state no longer decodes to the sample");
         assert_eq!(bytes, golden, "the state encoding changed; bump FORMAT_VERSION instead");
     }
