@@ -221,7 +221,8 @@ pub fn compare(saved: &Stamp, now: &Stamp) -> Freshness {
                 )
             } else if ra != rb || da != db {
                 Freshness::Stale("is another device now (device number or disk sequence number changed)".into())
-            } else if da.is_none() {
+            } else if da.is_none() && ka.is_none() {
+                // (A loop device is identified by its backing file's stamp even then.)
                 Freshness::Unverifiable(
                     "this kernel gives no disk sequence numbers, so a re-created device cannot be told from the old one"
                         .into(),
