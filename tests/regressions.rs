@@ -1,0 +1,708 @@
+//! Regression tests, each named after the bug it pins: tree walks over thousands of
+//! differing leaves, foreign-write detection on block-device receivers (false alarms and
+//! missed writes), rechecks after `--force` onto a larger device, locking before
+//! resizing, `--remote-state` paths that are not states, and loop devices re-created
+//! under the same name.
+//!
+//! Loop devices need root and `losetup` (see `util::require`). The loop-device tests
+//! hold one lock between them, so that a test that detaches and re-attaches
+//! `/dev/loopN` is not raced by another test's `losetup --find`. States of loop devices
+//! live in `/var/lib/basyn/dev_loopN.basyn-state`; the guards here delete them.
+
+mod util;
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+/// Where root keeps the states of block devices.
+const STATE_DIR: &str = "/var/lib/basyn";
+
+fn sv(list: &[&str]) -> Vec<String> {
+    list.iter().map(|x| x.to_string()).collect()
+}
+
+/// The numbers on the `--stat` line starting with `prefix`.
+#[track_caller]
+fn numbers(run: &Run, prefix: &str) -> Vec<u64> {
+    let line =
+        run.stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line{run:?}"));
+    line.split(|c: char| !c.is_ascii_digit()).filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect()
+}
+
+/// Bytes read from (local, remote), from `--stat`.
+#[track_caller]
+fn reads(run: &Run) -> (u64, u64) {
+    let r = numbers(run, "Read:");
+    assert_eq!(r.len(), 2, "unexpected Read: line{run:?}");
+    (r[0], r[1])
+}
+
+// ---------------------------------------------------------------------------
+// Loop devices
+// ---------------------------------------------------------------------------
+
+/// Serializes the loop-device tests of this file.
+static LOOPS: Mutex<()> = Mutex::new(());
+
+fn loops() -> MutexGuard<'static, ()> {
+    LOOPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Deletes the default state of a block device (and temp files of a save).
+fn forget_state(kernel_name: &str) {
+    let prefix = format!("dev_{kernel_name}.basyn-state");
+    if let Ok(dir) = fs::read_dir(STATE_DIR) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn state_file_for(kernel_name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("dev_{kernel_name}.basyn-state"))
+}
+
+/// A loop device over an image file; its default state is deleted when it is attached
+/// (left over from an earlier user of that loopN) and when it is dropped.
+struct Loop {
+    name: String,
+    dev: LoopDev,
+}
+
+impl Loop {
+    fn attach(img: &Path) -> Option<Loop> {
+        let dev = loop_dev(img)?;
+        Some(Loop::adopt(dev))
+    }
+
+    fn adopt(dev: LoopDev) -> Loop {
+        let name = dev.path().file_name().unwrap().to_string_lossy().into_owned();
+        forget_state(&name);
+        Loop { name, dev }
+    }
+
+    fn path(&self) -> &Path {
+        self.dev.path()
+    }
+
+    fn s(&self) -> &str {
+        s(self.path())
+    }
+
+    fn state(&self) -> PathBuf {
+        state_file_for(&self.name)
+    }
+}
+
+/// Deletes the default state of block device `name` now and when dropped.
+struct StateGuard {
+    name: String,
+}
+
+impl StateGuard {
+    fn new(name: &str) -> StateGuard {
+        forget_state(name);
+        StateGuard { name: name.to_string() }
+    }
+}
+
+impl Drop for StateGuard {
+    fn drop(&mut self) {
+        forget_state(&self.name);
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        forget_state(&self.name);
+    }
+}
+
+/// A sparse (zero) file of `len` bytes.
+fn sparse(path: &Path, len: u64) {
+    File::create(path).unwrap().set_len(len).unwrap();
+}
+
+/// A large image quickly: one random MiB repeated, each 4 KiB page numbered.
+fn big_image(path: &Path, seed: u64, len: usize) {
+    let base = random_data(seed, MIB);
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        v.extend_from_slice(&base);
+    }
+    v.truncate(len);
+    for (i, page) in v.chunks_mut(4096).enumerate() {
+        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    write(path, &v);
+}
+
+/// Whether two large files or devices are identical, compared piecewise.
+fn same_stream(a: &Path, b: &Path) -> bool {
+    fn fill(f: &mut File, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]).unwrap() {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
+    }
+    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
+    let (mut ba, mut bb) = (vec![0u8; 4 * MIB], vec![0u8; 4 * MIB]);
+    loop {
+        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
+        if ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+/// The first `len` bytes of a file or device.
+fn head(path: &Path, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    File::open(path).unwrap().read_exact(&mut v).unwrap();
+    v
+}
+
+// ---------------------------------------------------------------------------
+// A basyn running in the background
+// ---------------------------------------------------------------------------
+
+struct Running {
+    child: Child,
+    out: Option<JoinHandle<Vec<u8>>>,
+    err: Option<JoinHandle<Vec<u8>>>,
+    args: Vec<String>,
+}
+
+fn start(args: &[String]) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_basyn"))
+        .args(args)
+        .env_remove("CI")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the basyn binary");
+    let collect = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().unwrap()));
+    let err = collect(Box::new(child.stderr.take().unwrap()));
+    Running { child, out: Some(out), err: Some(err), args: args.to_vec() }
+}
+
+impl Running {
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("cannot wait for basyn").is_none()
+    }
+
+    /// Bytes the process has written with write(2) so far (`wchar` of /proc/PID/io):
+    /// for a PULL the data written to the local receiver, for a PUSH the data sent to
+    /// the endpoint.
+    fn written(&self) -> u64 {
+        let text = fs::read_to_string(format!("/proc/{}/io", self.child.id())).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    }
+
+    fn finish(mut self) -> Run {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            match self.child.try_wait().expect("cannot wait for basyn") {
+                Some(st) => break st,
+                None if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!("basyn {} did not finish within two minutes", self.args.join(" "));
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let stdout = String::from_utf8_lossy(&self.out.take().unwrap().join().unwrap()).into_owned();
+        let stderr = String::from_utf8_lossy(&self.err.take().unwrap().join().unwrap()).into_owned();
+        Run { args: self.args.clone(), code: status.code().unwrap_or(-1), stdout, stderr }
+    }
+}
+
+/// How another process writes 4 KiB into the receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Foreign {
+    /// `dd oflag=direct`: an I/O of its own on the device.
+    Direct,
+    /// `pwrite` + `fsync` through the device's page cache (like `dd conv=fsync`).
+    Buffered,
+}
+
+fn foreign_write(dev: &Path, offset: u64, how: Foreign) {
+    match how {
+        Foreign::Direct => {
+            let of = format!("of={}", s(dev));
+            let seek = format!("seek={}", offset / 4096);
+            tool(
+                "dd",
+                &["if=/dev/urandom", &of, "bs=4096", &seek, "count=1", "conv=notrunc", "oflag=direct", "status=none"],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        Foreign::Buffered => poke(dev, offset, &random_data(offset ^ 0x5eed, 4096)),
+    }
+}
+
+/// Runs `args` (a SYNC of `len` bytes onto `dev`) and, once basyn has written half of
+/// the data (so the start of the device is behind it), writes 4 KiB at offset 40 KiB of
+/// `dev`. `None` if basyn had no data left to write by then (too late to interfere).
+fn run_with_a_foreign_write(args: &[String], dev: &Path, len: u64, how: Foreign) -> Option<Run> {
+    let mut running = start(args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while running.running() && running.written() < len / 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    foreign_write(dev, 10 * 4096, how);
+    let interfered = running.running() && running.written() < len;
+    let run = running.finish();
+    interfered.then_some(run)
+}
+
+// ---------------------------------------------------------------------------
+// 1. Tree walks are batched under the control-frame limit
+// ---------------------------------------------------------------------------
+
+/// Two random images of `len` bytes, both indexed with 1 KiB leaves (in parallel).
+fn indexed_pair(dir: &Path, len: usize) -> (PathBuf, PathBuf) {
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    random_image(&a, 1, len);
+    random_image(&b, 2, len);
+    std::thread::scope(|scope| {
+        let jobs = [&a, &b].map(|img| scope.spawn(move || basyn(&["index", s(img), "--buffer", "1"])));
+        for job in jobs {
+            job.join().unwrap().ok();
+        }
+    });
+    (a, b)
+}
+
+#[test]
+fn tree_walk_with_thousands_of_differing_leaves() {
+    // 12288 leaves of 1 KiB, all differing, both states fresh: the SYNC walks the trees.
+    let t = tmp();
+    let (a, b) = indexed_pair(t.path(), 12 * MIB);
+    let r = basyn(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--buffer", "1", "--stat", "--verbose"]);
+    r.ok();
+    assert_same(&a, &b);
+    assert!(r.stdout.contains("walking the trees"), "both states were not fresh: no tree walk{r:?}");
+    let nodes = numbers(&r, "Tree:");
+    assert!(nodes.len() == 1 && nodes[0] > 10_000, "the tree walk compared too few nodes{r:?}");
+    assert_eq!(reads(&r).1, 0, "the receiver's fresh state was not used{r:?}");
+    assert_eq!(numbers(&r, "Blocks:")[1], 12288, "every leaf differs{r:?}");
+
+    // 12288 leaf indices still fit one 64 KiB control frame (varints of at most two
+    // bytes); 28672 do not (indices from 16384 on take three): a check without action
+    // walks the same way, reading nothing, and must not hit the frame limit.
+    let t = tmp();
+    let (a, b) = indexed_pair(t.path(), 28 * MIB);
+    let r = basyn(&["-l", s(&a), "-r", s(&b), "--recheck", "--buffer", "1", "--stat"]);
+    r.fails(3, &["differ in 28672 of 28672 blocks"]);
+    assert_eq!(reads(&r), (0, 0), "the walk read device data{r:?}");
+    let nodes = numbers(&r, "Tree:");
+    assert!(nodes.len() == 1 && nodes[0] > 28_672, "the tree walk compared too few nodes{r:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 2. No false "foreign write" on a block-device receiver without a state
+// ---------------------------------------------------------------------------
+
+#[test]
+fn pull_copy_without_state_onto_a_block_device_succeeds() {
+    let _l = loops();
+    let t = tmp();
+    let src = t.path().join("src.img");
+    random_image(&src, 3, 16 * MIB);
+    let backing = t.path().join("dev.img");
+    random_image(&backing, 4, 16 * MIB);
+    let Some(dev) = Loop::attach(&backing) else { return };
+
+    let r = basyn(&["-l", dev.s(), "-r", s(&src), "-a", "pull", "-m", "copy", "--no-state", "--stat"]);
+    r.ok();
+    assert!(same_stream(&src, dev.path()), "the loop device differs from the image after the COPY{r:?}");
+
+    // A SYNC without state after a few changes (partial writes of refined blocks) too.
+    for at in [5 * 4096u64, 3 * MIB as u64 + 12_345, 16 * MIB as u64 - 100] {
+        flip(&src, at, 50);
+    }
+    let r = basyn(&["-l", dev.s(), "-r", s(&src), "-a", "pull", "-m", "sync", "--no-state", "--stat"]);
+    r.ok();
+    assert!(same_stream(&src, dev.path()), "the loop device differs from the image after the SYNC{r:?}");
+
+    // And a COPY with the default state.
+    flip(&src, 7 * MIB as u64, 4096);
+    basyn(&["-l", dev.s(), "-r", s(&src), "-a", "pull", "-m", "copy"]).ok();
+    assert!(same_stream(&src, dev.path()));
+}
+
+// ---------------------------------------------------------------------------
+// 3. --recheck after --force onto a larger block device, odd source size
+// ---------------------------------------------------------------------------
+
+#[test]
+fn recheck_after_force_onto_a_larger_loop_device_with_an_odd_size() {
+    let _l = loops();
+    let t = tmp();
+    let src = t.path().join("src.img");
+    let len = 16 * MIB + 12345;
+    random_image(&src, 5, len);
+    let backing = t.path().join("dev.img");
+    let original = random_image(&backing, 6, 32 * MIB);
+    let Some(dev) = Loop::attach(&backing) else { return };
+
+    let variants: [&[&str]; 3] = [&["-m", "sync"], &["-m", "sync", "--no-state"], &["-m", "copy"]];
+    for (i, extra) in variants.iter().enumerate() {
+        // Change the source (and so the receiver's first part) between the variants.
+        if i > 0 {
+            flip(&src, (i * 4096) as u64, 4096);
+            flip(&src, len as u64 - 100, 100);
+        }
+        let mut args = sv(&["-l", s(&src), "-r", dev.s(), "-a", "push", "--force", "--recheck", "--stat"]);
+        args.extend(sv(extra));
+        let r = basyn(&args);
+        r.ok();
+        let data = fs::read(&src).unwrap();
+        let now = head(dev.path(), 32 * MIB);
+        assert!(now[..len] == data[..], "{extra:?}: the device does not hold the source{r:?}");
+        assert!(now[len..] == original[len..], "{extra:?}: the device beyond the source's length was changed{r:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. The receiver is locked before it is resized
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_locked_receiver_is_not_resized() {
+    let t = tmp();
+    let src = t.path().join("a.img");
+    random_image(&src, 7, 8 * MIB);
+    let rcv = t.path().join("b.img");
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("push", "sync", &[]),
+        ("pull", "sync", &[]),
+        ("push", "copy", &["--no-state"]),
+        ("pull", "copy", &["--no-state"]),
+    ];
+    for size in [4 * MIB, 12 * MIB] {
+        for (dir, mode, extra) in cases {
+            let content = random_image(&rcv, 8, size);
+            // Another basyn holds the receiver (its flock).
+            let holder = File::open(&rcv).unwrap();
+            holder.try_lock().expect("cannot lock the receiver");
+            let (l, r) = if dir == "push" { (&src, &rcv) } else { (&rcv, &src) };
+            let mut args = sv(&["-l", s(l), "-r", s(r), "-a", dir, "-m", mode, "--force"]);
+            args.extend(sv(extra));
+            let run = basyn(&args);
+            run.fails(1, &["in use by another basyn", s(&rcv)]);
+            assert_eq!(size_of(&rcv), size as u64, "{dir} {mode}: the locked receiver was resized{run:?}");
+            assert_content(&rcv, &content, &format!("{dir} {mode}: the locked receiver"));
+            drop(holder);
+
+            // Once the lock is gone the same command resizes and syncs.
+            basyn(&args).ok();
+            assert_same(&src, &rcv);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 5. --remote-state never replaces a file that is not a state
+// ---------------------------------------------------------------------------
+
+#[test]
+fn remote_state_path_that_is_not_a_state_is_not_replaced() {
+    let t = tmp();
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    random_image(&a, 9, 4 * MIB);
+    let b_data = random_image(&b, 10, 4 * MIB);
+    let precious = t.path().join("precious.txt");
+    write(&precious, b"precious\n");
+
+    let push = |state: &Path| {
+        basyn(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--remote-state", s(state), "--buffer", "64"])
+    };
+    let pull = |state: &Path| {
+        basyn(&["-l", s(&b), "-r", s(&a), "-a", "pull", "-m", "sync", "--remote-state", s(state), "--buffer", "64"])
+    };
+    let check = |state: &Path| basyn(&["-l", s(&a), "-r", s(&b), "--recheck", "--remote-state", s(state)]);
+
+    // An ordinary file: refused, whichever way round, and nothing changed.
+    for r in [push(&precious), pull(&precious), check(&precious)] {
+        r.fails(1, &["not a basyn state file", s(&precious)]);
+        assert_eq!(fs::read(&precious).unwrap(), b"precious\n", "the ordinary file was changed{r:?}");
+        assert_content(&b, &b_data, "receiver after a refused --remote-state");
+    }
+
+    // A path that does not exist yet: the run works and leaves a state there.
+    let fresh = t.path().join("new.basyn-state");
+    push(&fresh).ok();
+    assert_same(&a, &b);
+    let bytes = fs::read(&fresh).expect("no state file at the new --remote-state path");
+    assert!(bytes.starts_with(b"BASYNSTA"), "the new --remote-state file is not a state");
+    // And an existing state there is used and replaced.
+    flip(&a, 1000, 10);
+    push(&fresh).ok();
+    assert_same(&a, &b);
+
+    // A symbolic link, to a state or to nothing, is refused and not followed.
+    let link = t.path().join("link.basyn-state");
+    symlink(&fresh, &link).unwrap();
+    let before = fs::read(&fresh).unwrap();
+    flip(&a, 2000, 10);
+    let b_now = fs::read(&b).unwrap();
+    let r = push(&link);
+    r.fails(1, &["symbolic link", s(&link)]);
+    assert_eq!(fs::read(&fresh).unwrap(), before, "the symlink's target was changed{r:?}");
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the symlink was replaced{r:?}");
+    assert_content(&b, &b_now, "receiver after a refused symlink --remote-state");
+
+    let dangling = t.path().join("dangling.basyn-state");
+    let target = t.path().join("nowhere");
+    symlink(&target, &dangling).unwrap();
+    let r = push(&dangling);
+    r.fails(1, &["symbolic link"]);
+    assert!(!target.exists(), "a state was written through a dangling symlink{r:?}");
+
+    // A directory is refused too.
+    let folder = t.path().join("dir.basyn-state");
+    fs::create_dir(&folder).unwrap();
+    push(&folder).fails(1, &["not a regular file"]);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Another process writing the receiver during the run is reported
+// ---------------------------------------------------------------------------
+
+/// Checks one run that saw a foreign write: exit 2 with the message, or (the write landed
+/// before basyn's first stamp and basyn synced over it) exit 0 with identical devices.
+/// Then the same command must converge. Returns what went wrong.
+fn reported_and_converges(what: &str, first: &Run, args: &[String], src: &Path, dev: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    match first.code {
+        2 if first.stderr.contains("written to by another process") => {}
+        0 if same_stream(src, dev) => {}
+        0 => problems.push(format!(
+            "{what}: exit 0 although the receiver differs from the source: the foreign write was not reported{first:?}"
+        )),
+        _ => problems.push(format!("{what}: unexpected exit code or message{first:?}")),
+    }
+    let again = basyn(args);
+    if again.code != 0 || !same_stream(src, dev) {
+        problems.push(format!(
+            "{what}: the same command again did not converge (exit {}, receiver {}){again:?}",
+            again.code,
+            if same_stream(src, dev) { "identical" } else { "still differs" }
+        ));
+    }
+    problems
+}
+
+#[test]
+fn a_receiver_written_during_a_pull_is_reported() {
+    let _l = loops();
+    let t = tmp();
+    let len = 200 * MIB;
+    let src = t.path().join("src.img");
+    big_image(&src, 11, len);
+    let backing = t.path().join("dev.img");
+    sparse(&backing, len as u64);
+    let Some(dev) = Loop::attach(&backing) else { return };
+    // With the receiver's default state: a state saved after the foreign write would
+    // make the next run trust it.
+    let args = sv(&["-l", dev.s(), "-r", s(&src), "-a", "pull", "-m", "sync", "--buffer", "64", "--stat"]);
+    for _ in 0..3 {
+        forget_state(&dev.name);
+        if let Some(first) = run_with_a_foreign_write(&args, dev.path(), len as u64, Foreign::Direct) {
+            assert!(!(first.code == 2 && dev.state().exists()), "the state was saved after the foreign write{first:?}");
+            let problems = reported_and_converges("PULL", &first, &args, &src, dev.path());
+            assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+            return;
+        }
+    }
+    require(false, "basyn finished before the foreign write three times");
+}
+
+#[test]
+fn a_buffered_write_into_a_page_basyn_just_wrote_is_reported() {
+    // Another process writes 4 KiB through the device's page cache (pwrite + fsync, as
+    // `dd conv=fsync` does) into a page basyn wrote earlier in the run and that is not
+    // yet written back: the kernel writes the page once, so the device's write counters
+    // move by no more than basyn's own writes. basyn must still not report the devices
+    // identical, nor save a state that says so.
+    let _l = loops();
+    let len = 96 * MIB;
+    let mut failures = Vec::new();
+    for dir in ["push", "pull"] {
+        let t = tmp();
+        let src = t.path().join("src.img");
+        big_image(&src, 12, len);
+        let backing = t.path().join("dev.img");
+        sparse(&backing, len as u64);
+        let Some(dev) = Loop::attach(&backing) else { return };
+        let (l, r) = if dir == "push" { (s(&src), dev.s()) } else { (dev.s(), s(&src)) };
+        let args = sv(&["-l", l, "-r", r, "-a", dir, "-m", "sync", "--buffer", "64", "--stat"]);
+        let mut first = None;
+        for _ in 0..3 {
+            forget_state(&dev.name);
+            first = run_with_a_foreign_write(&args, dev.path(), len as u64, Foreign::Buffered);
+            if first.is_some() {
+                break;
+            }
+        }
+        let Some(first) = first else {
+            require(false, "basyn finished before the foreign write three times");
+            return;
+        };
+        failures.extend(reported_and_converges(&dir.to_uppercase(), &first, &args, &src, dev.path()));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+// ---------------------------------------------------------------------------
+// 7. A loop device re-created under the same name is another device
+// ---------------------------------------------------------------------------
+
+/// `losetup /dev/loopN FILE`, retried while the detached device is still being released.
+fn attach_at(dev: &Path, file: &Path) -> Result<LoopDev, String> {
+    let mut last = String::new();
+    for _ in 0..30 {
+        match tool("losetup", &[s(dev), s(file)]) {
+            Ok(_) => return Ok(LoopDev { path: dev.to_path_buf() }),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
+}
+
+#[test]
+fn a_re_created_loop_device_does_not_reuse_its_state() {
+    let _l = loops();
+    if !require_root() || !require_tool("losetup") {
+        return;
+    }
+    let t = tmp();
+    let len = 8 * MIB;
+    let src = t.path().join("src.img");
+    let data = random_image(&src, 13, len);
+    let first_img = t.path().join("first.img");
+    random_image(&first_img, 14, len);
+    // The second image differs from the source in three blocks only: trusting the old
+    // state would leave exactly those wrong.
+    let second_img = t.path().join("second.img");
+    write(&second_img, &data);
+    for at in [0u64, 3 * MIB as u64 + 4096, len as u64 - 4096] {
+        flip(&second_img, at, 4096);
+    }
+    let sync = |dev: &Path| {
+        basyn(&["-l", s(&src), "-r", s(dev), "-a", "push", "-m", "sync", "--buffer", "64", "--stat", "--verbose"])
+    };
+
+    for _attempt in 0..3 {
+        let Some(first) = loop_dev(&first_img) else { return };
+        let path = first.path().to_path_buf();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let state = StateGuard::new(&name);
+        let state_file = state_file_for(&state.name);
+        sync(&path).ok();
+        assert!(same_stream(&src, &path));
+        assert!(state_file.is_file(), "no state {} after the sync", state_file.display());
+        // The source's state is fresh too: with the old receiver state both would be.
+        let r = sync(&path);
+        r.ok();
+        assert_eq!(reads(&r), (0, 0), "an unchanged re-sync read data{r:?}");
+
+        // Detach, keeping the state; attach the other image under the same name.
+        let state_before = fs::read(&state_file).unwrap();
+        drop(first);
+        let Ok(_second) = attach_at(&path, &second_img) else {
+            // Someone else took the device meanwhile: try again with another one.
+            continue;
+        };
+        assert_eq!(fs::read(&state_file).unwrap(), state_before, "the old state is not in place");
+
+        let r = sync(&path);
+        r.ok();
+        assert!(reads(&r).1 > 0, "the re-created {} was not read: its old state was trusted{r:?}", path.display());
+        assert!(same_stream(&src, &path), "the re-created {} differs from the source{r:?}", path.display());
+        return;
+    }
+    require(false, "could not re-attach a loop device under the same name");
+}
+
+#[test]
+fn a_re_created_device_with_unchanged_write_counters_does_not_reuse_its_state() {
+    // A loop device over another block device: its backing "file" is a device node,
+    // whose stamp does not change when the data under it does. Re-created over changed
+    // data, never written (so its write counters are 0 again, as in the old stamp), it
+    // has the same number, size, counters and backing stamp: only the disk sequence
+    // number tells it is another device (an LVM snapshot re-created every night).
+    let _l = loops();
+    if !require_root() || !require_tool("losetup") || !require_tool("blockdev") {
+        return;
+    }
+    let t = tmp();
+    let len = 8 * MIB;
+    let base_img = t.path().join("base.img");
+    random_image(&base_img, 15, len);
+    let dst = t.path().join("dst.img");
+    let Some(base) = loop_dev(&base_img) else { return };
+    let sync = |dev: &Path| {
+        basyn(&["-l", s(dev), "-r", s(&dst), "-a", "push", "-m", "sync", "--buffer", "64", "--stat", "--verbose"])
+    };
+
+    for _attempt in 0..3 {
+        let Some(top) = prerequisite(LoopDev::attach(base.path(), false)) else { return };
+        let path = top.path().to_path_buf();
+        let state = StateGuard::new(&path.file_name().unwrap().to_string_lossy());
+        let state_file = state_file_for(&state.name);
+        sync(&path).ok();
+        assert!(same_stream(&path, &dst));
+        assert!(state_file.is_file(), "no state {} for the source", state_file.display());
+        let r = sync(&path);
+        r.ok();
+        assert_eq!(reads(&r), (0, 0), "an unchanged re-sync read data{r:?}");
+
+        // Re-create the top device over the same base device, whose data changed
+        // meanwhile (written through its backing file, not through any device).
+        drop(top);
+        for at in [4096u64, 5 * MIB as u64] {
+            flip(&base_img, at, 4096);
+        }
+        flushbufs(base.path());
+        let Ok(_again) = attach_at(&path, base.path()) else {
+            // Someone else took the device meanwhile: try again with another one.
+            continue;
+        };
+        let r = sync(&path);
+        r.ok();
+        assert!(reads(&r).0 > 0, "the re-created {} was not read: its old state was trusted{r:?}", path.display());
+        assert!(same_stream(&base_img, &dst), "the receiver does not hold the re-created source's data{r:?}");
+        return;
+    }
+    require(false, "could not re-attach a loop device under the same name");
+}
