@@ -271,9 +271,9 @@ impl Ledger {
         self.leaves[idx * dl..(idx + 1) * dl].copy_from_slice(digest.as_bytes());
         self.known[idx] = true;
         if chunks.len() as u64 == self.layout.pieces_of(i) {
-            self.recent.retain(|(leaf, _)| *leaf != i);
+            // An older entry for the same leaf may stay behind: lookups take the newest.
             self.recent.push_back((i, chunks.to_vec()));
-            self.recent_count = self.recent.iter().map(|(_, p)| p.len()).sum();
+            self.recent_count += chunks.len();
             while self.recent_count > RECENT_PIECES && self.recent.len() > 1 {
                 if let Some((_, p)) = self.recent.pop_front() {
                     self.recent_count -= p.len();

@@ -34,8 +34,37 @@ fn refused(e: impl std::fmt::Display) -> Error {
 /// Runs every phase the plan asks for over one endpoint (one SSH connection), connected
 /// lazily so that local refusals come first and cost no connection.
 pub fn run(plan: &Plan, rep: &mut Reporter, stats: &mut Stats) -> Result<(), Error> {
+    let mut bitmap_out = None;
+    let result = session(plan, rep, stats, &mut bitmap_out);
+    let Some(b) = plan.bitmap.as_ref().filter(|b| !b.update_only) else { return result };
+    match (&result, bitmap_out) {
+        // Saved only once the receiver is known to hold the source's data and nobody
+        // else wrote it during the run.
+        (Ok(()), Some((layout, leaves))) => {
+            bitmap::save(&b.path, &layout, &plan.local, leaves).map_err(|e| Error::Transfer {
+                message: format!("cannot save the bitmap: {e}"),
+                receiver: receiver_name(plan, plan.action.map_or(Direction::Push, |(d, _)| d)),
+            })?;
+            rep.log(format_args!("bitmap {} updated", b.path.display()));
+        }
+        // Nothing was changed: the bitmap still describes the receiver.
+        (Err(Error::Refused(_)), _) => {}
+        // The receiver may be partly changed: the bitmap no longer describes it.
+        _ => {
+            if std::fs::remove_file(&b.path).is_ok() {
+                rep.log(format_args!("bitmap {} removed: it no longer describes the receiver", b.path.display()));
+            }
+        }
+    }
+    result
+}
+
+/// The bitmap to save when the run succeeds: the layout and the source's leaf digests.
+type BitmapOut = Option<(crate::state::Layout, Vec<u8>)>;
+
+fn session(plan: &Plan, rep: &mut Reporter, stats: &mut Stats, bitmap_out: &mut BitmapOut) -> Result<(), Error> {
     let mut ep: Option<Endpoint> = None;
-    let result = phases(plan, rep, &mut ep, stats);
+    let result = phases(plan, rep, &mut ep, stats, bitmap_out);
     let Some(e) = ep else { return result.map(|_| ()) };
     stats.rx = e.rx.get();
     stats.tx = e.tx.get();
@@ -77,6 +106,7 @@ fn phases(
     rep: &mut Reporter,
     ep: &mut Option<Endpoint>,
     stats: &mut Stats,
+    bitmap_out: &mut BitmapOut,
 ) -> Result<Option<Direction>, Error> {
     match plan.action {
         None if !plan.recheck => {
@@ -93,7 +123,7 @@ fn phases(
         }
         None => recheck(plan, rep, ep, None, stats).map(|()| None),
         Some((dir, mode)) => {
-            let len = transfer(plan, rep, ep, dir, mode, stats)?;
+            let len = transfer(plan, rep, ep, dir, mode, stats, bitmap_out)?;
             if plan.recheck {
                 recheck(plan, rep, ep, Some(len), stats)?;
             }
@@ -171,6 +201,7 @@ fn transfer(
     dir: Direction,
     mode: Mode,
     stats: &mut Stats,
+    bitmap_out: &mut BitmapOut,
 ) -> Result<u64, Error> {
     let p = &plan.params;
     if let Some(b) = plan.bitmap.as_ref().filter(|b| b.update_only) {
@@ -306,7 +337,7 @@ fn transfer(
                 ledger.durable(&local)?;
             }
         }
-        if let Some(b) = &plan.bitmap {
+        if plan.bitmap.is_some() {
             // The receiver now holds the source's blocks. The local ledger knows them all,
             // except leaves of a local receiver patched piece by piece: read those back.
             let leaves = match source_leaves.take() {
@@ -321,8 +352,7 @@ fn transfer(
                     ledger.complete_leaves().ok_or(Fault::Internal("bitmap leaves unknown"))?
                 }
             };
-            bitmap::save(&b.path, ledger.layout(), &plan.local, leaves).map_err(|e| Fault::State(e.to_string()))?;
-            rep.log(format_args!("bitmap {} updated", b.path.display()));
+            *bitmap_out = Some((*ledger.layout(), leaves));
         }
         ledger.finish(&local, role).map_err(|e| Fault::State(format!("local {e}")))
     })();
