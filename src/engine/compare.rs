@@ -362,7 +362,9 @@ impl<'a> Run<'a> {
                     differing.len(),
                     ours.len()
                 ));
-                if unit <= target {
+                // Mostly different (new or unrelated data): going a level down would only
+                // read more; send the differing pieces as they are.
+                if unit <= target || differing.len() * 2 > ours.len() {
                     for (start, end) in runs(&differing, unit, len) {
                         let slice = data.as_deref().map(|d| &d[start..end]);
                         self.transfer(offset + start as u64, end - start, slice)?;
@@ -537,18 +539,42 @@ mod property_tests {
     }
 
     /// Bytes SYNC must write: whole differing blocks, or differing chunks within them.
-    fn expected_written(src: &[u8], dst: &[u8], buffer: usize, chunk: Option<usize>) -> (u64, u64) {
+    /// Bytes SYNC must write: whole differing blocks; with refinement the differing
+    /// pieces, and within pieces larger than the target (unless most pieces of the block
+    /// differ) only the differing sub-pieces.
+    fn expected_written(
+        src: &[u8],
+        dst: &[u8],
+        buffer: usize,
+        chunk: Option<usize>,
+        refine: Option<usize>,
+    ) -> (u64, u64) {
+        let differing = |a: &[u8], b: &[u8], unit: usize| -> Vec<(usize, usize)> {
+            (0..a.len().div_ceil(unit))
+                .map(|j| (j * unit, ((j + 1) * unit).min(a.len())))
+                .filter(|&(s, e)| a[s..e] != b[s..e])
+                .collect()
+        };
         let mut blocks = 0;
-        let mut bytes = 0;
+        let mut bytes = 0u64;
         for (a, b) in src.chunks(buffer).zip(dst.chunks(buffer)) {
             if a == b {
                 continue;
             }
             blocks += 1;
-            bytes += match chunk {
-                None => a.len() as u64,
-                Some(c) => a.chunks(c).zip(b.chunks(c)).filter(|(x, y)| x != y).map(|(x, _)| x.len() as u64).sum(),
+            let Some(target) = refine else {
+                bytes += a.len() as u64;
+                continue;
             };
+            let piece = chunk.unwrap_or(16384.min(buffer)).max(target);
+            let pieces = differing(a, b, piece);
+            if piece <= target || pieces.len() * 2 > a.len().div_ceil(piece) {
+                bytes += pieces.iter().map(|(s, e)| (e - s) as u64).sum::<u64>();
+            } else {
+                for (s, e) in pieces {
+                    bytes += differing(&a[s..e], &b[s..e], target).iter().map(|(x, y)| (y - x) as u64).sum::<u64>();
+                }
+            }
         }
         (blocks, bytes)
     }
@@ -577,7 +603,7 @@ mod property_tests {
             let dir = if pull { Direction::Pull } else { Direction::Push };
             let (c, receiver) = sync(&src, &dst, buffer, chunk, refine, dir);
             prop_assert!(receiver == src, "receiver differs from source after sync");
-            let (blocks, bytes) = expected_written(&src, &dst, buffer, refine);
+            let (blocks, bytes) = expected_written(&src, &dst, buffer, chunk, refine);
             prop_assert_eq!(c.blocks, len.div_ceil(buffer) as u64);
             prop_assert_eq!(c.differing, blocks);
             prop_assert_eq!(c.written, bytes);
