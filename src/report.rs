@@ -226,16 +226,28 @@ pub fn human(bytes: f64) -> String {
     if u == 0 { format!("{v:.0} B") } else { format!("{v:.2} {}", UNITS[u]) }
 }
 
-/// Makes SIGINT and SIGTERM end a run with one line and exit code 2, as any failure
-/// that may have left the receiver partly changed. The endpoint notices its input closing
-/// and exits by itself; states keep their last checkpoint.
+/// Set once a receiving device has been opened for writing: an interruption before that
+/// changed nothing.
+static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that the receiving device may now be changed.
+pub fn mark_writing() {
+    WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM end a run with one line and exit code 2 (1 if no receiving
+/// device was opened for writing yet). The endpoint notices its input closing and exits
+/// by itself; states keep their last checkpoint.
 pub fn exit_on_interrupt() {
     extern "C" fn handler(_: libc::c_int) {
-        const MSG: &[u8] = b"\nbasyn: interrupted; the receiving device may be partly changed\n";
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        const CHANGED: &[u8] = b"\nbasyn: interrupted; the receiving device may be partly changed\n";
+        const NOTHING: &[u8] = b"\nbasyn: interrupted before anything was written\n";
+        let writing = WRITING.load(std::sync::atomic::Ordering::SeqCst);
+        let (msg, code) = if writing { (CHANGED, 2) } else { (NOTHING, 1) };
+        // SAFETY: an atomic load, write(2) and _exit(2) are async-signal-safe; msg is static.
         unsafe {
-            libc::write(2, MSG.as_ptr().cast(), MSG.len());
-            libc::_exit(2);
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(code);
         }
     }
     // SAFETY: installs a handler that only calls async-signal-safe functions.

@@ -226,7 +226,9 @@ fn transfer(
         _ => Ok(None),
     };
 
-    // Open both ends; every refusal happens here, before anything is written.
+    // Open both ends; every refusal happens here, before anything is written. (Opening
+    // the receiver may create or resize it: from then on an interruption may leave it
+    // partly changed.)
     let (local, ep, len, remote_state, local_ledger_opened, mut bitmap, renewed) = match dir {
         Direction::Push => {
             let local = Device::open_read(&plan.local, Side::Local).map_err(refused)?;
@@ -244,6 +246,7 @@ fn transfer(
                 force: plan.force,
             };
             let req = open_request(plan, access, p.codec, plan.remote_state.clone());
+            crate::report::mark_writing();
             let opened = ep.open(req).map_err(|e| Fault::from(e).refused())?;
             if opened.created {
                 rep.log(format_args!("created {receiver} ({} bytes)", local.size()));
@@ -266,6 +269,7 @@ fn transfer(
                 source_name: source.clone(),
                 force: plan.force,
             };
+            crate::report::mark_writing();
             let local = Device::open_receiver(&plan.local, Side::Local, &spec).map_err(refused)?;
             if local.created() {
                 rep.log(format_args!("created {receiver} ({} bytes)", opened.size));
