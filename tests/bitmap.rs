@@ -12,10 +12,7 @@
 mod util;
 
 use std::fs::{self, File};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use util::*;
@@ -447,111 +444,13 @@ fn bitmap_options_in_the_wrong_combination_are_usage_errors() {
 // 7. A receiver written by another process during a bitmap SYNC (loop device)
 // ---------------------------------------------------------------------------
 
-/// A basyn process in the background, its output collected by threads.
-struct Running {
-    child: Child,
-    out: Option<JoinHandle<Vec<u8>>>,
-    err: Option<JoinHandle<Vec<u8>>>,
-    args: Vec<String>,
-}
-
-fn start(args: &[String]) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_basyn"))
-        .args(args)
-        .env_remove("CI")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the basyn binary");
-    let collect = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    };
-    let out = collect(Box::new(child.stdout.take().unwrap()));
-    let err = collect(Box::new(child.stderr.take().unwrap()));
-    Running { child, out: Some(out), err: Some(err), args: args.to_vec() }
-}
-
-impl Running {
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("cannot wait for basyn").is_none()
-    }
-
-    /// Bytes the process has written with write(2) so far (`wchar` of /proc/PID/io).
-    fn written(&self) -> u64 {
-        let text = fs::read_to_string(format!("/proc/{}/io", self.child.id())).unwrap_or_default();
-        text.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-    }
-
-    fn finish(mut self) -> Run {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            match self.child.try_wait().expect("cannot wait for basyn") {
-                Some(st) => break st,
-                None if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    panic!("basyn {} did not finish within two minutes", self.args.join(" "));
-                }
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        let stdout = String::from_utf8_lossy(&self.out.take().unwrap().join().unwrap()).into_owned();
-        let stderr = String::from_utf8_lossy(&self.err.take().unwrap().join().unwrap()).into_owned();
-        Run { args: self.args.clone(), code: status.code().unwrap_or(-1), stdout, stderr }
-    }
-}
-
-/// Compares two large files or devices piecewise; true if identical.
-fn same_stream(a: &Path, b: &Path) -> bool {
-    fn fill(f: &mut File, buf: &mut [u8]) -> usize {
-        let mut n = 0;
-        while n < buf.len() {
-            match f.read(&mut buf[n..]).unwrap() {
-                0 => break,
-                k => n += k,
-            }
-        }
-        n
-    }
-    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
-    let (mut ba, mut bb) = (vec![0u8; 4 * MIB], vec![0u8; 4 * MIB]);
-    loop {
-        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
-        if ba[..na] != bb[..nb] {
-            return false;
-        }
-        if na == 0 {
-            return true;
-        }
-    }
-}
-
-/// A large image quickly: one random MiB repeated, each 4 KiB page numbered.
-fn big_image(path: &Path, seed: u64, len: usize) {
-    let base = random_data(seed, MIB);
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        v.extend_from_slice(&base);
-    }
-    v.truncate(len);
-    for (i, page) in v.chunks_mut(4096).enumerate() {
-        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    }
-    write(path, &v);
-}
-
 /// Runs a bitmap SYNC (receiver: the loop device) and writes 4 KiB into the start of the
 /// receiver while basyn is past it and still running. `None` if basyn had no more data to
 /// write when the write was done (too late to interfere).
 fn sync_with_a_foreign_write(dir: Dir, src: &Path, dev: &Path, bm: &Path, len: u64, state: &[&str]) -> Option<Run> {
     let mut args = bitmap_sync(dir, src, dev, bm, &["--stat"]);
     args.extend(sv(state));
-    let mut running = start(&args);
+    let mut running = start(&args, &[]);
     // basyn's writes (PULL: to the device; PUSH: the data into the endpoint's pipe) go
     // roughly in offset order: once half the device went through, its start is written.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -15,9 +15,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use util::*;
@@ -133,45 +131,6 @@ fn sparse(path: &Path, len: u64) {
     File::create(path).unwrap().set_len(len).unwrap();
 }
 
-/// A large image quickly: one random MiB repeated, each 4 KiB page numbered.
-fn big_image(path: &Path, seed: u64, len: usize) {
-    let base = random_data(seed, MIB);
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        v.extend_from_slice(&base);
-    }
-    v.truncate(len);
-    for (i, page) in v.chunks_mut(4096).enumerate() {
-        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    }
-    write(path, &v);
-}
-
-/// Whether two large files or devices are identical, compared piecewise.
-fn same_stream(a: &Path, b: &Path) -> bool {
-    fn fill(f: &mut File, buf: &mut [u8]) -> usize {
-        let mut n = 0;
-        while n < buf.len() {
-            match f.read(&mut buf[n..]).unwrap() {
-                0 => break,
-                k => n += k,
-            }
-        }
-        n
-    }
-    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
-    let (mut ba, mut bb) = (vec![0u8; 4 * MIB], vec![0u8; 4 * MIB]);
-    loop {
-        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
-        if ba[..na] != bb[..nb] {
-            return false;
-        }
-        if na == 0 {
-            return true;
-        }
-    }
-}
-
 /// The first `len` bytes of a file or device.
 fn head(path: &Path, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
@@ -182,66 +141,6 @@ fn head(path: &Path, len: usize) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // A basyn running in the background
 // ---------------------------------------------------------------------------
-
-struct Running {
-    child: Child,
-    out: Option<JoinHandle<Vec<u8>>>,
-    err: Option<JoinHandle<Vec<u8>>>,
-    args: Vec<String>,
-}
-
-fn start(args: &[String]) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_basyn"))
-        .args(args)
-        .env_remove("CI")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the basyn binary");
-    let collect = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    };
-    let out = collect(Box::new(child.stdout.take().unwrap()));
-    let err = collect(Box::new(child.stderr.take().unwrap()));
-    Running { child, out: Some(out), err: Some(err), args: args.to_vec() }
-}
-
-impl Running {
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("cannot wait for basyn").is_none()
-    }
-
-    /// Bytes the process has written with write(2) so far (`wchar` of /proc/PID/io):
-    /// for a PULL the data written to the local receiver, for a PUSH the data sent to
-    /// the endpoint.
-    fn written(&self) -> u64 {
-        let text = fs::read_to_string(format!("/proc/{}/io", self.child.id())).unwrap_or_default();
-        text.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-    }
-
-    fn finish(mut self) -> Run {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            match self.child.try_wait().expect("cannot wait for basyn") {
-                Some(st) => break st,
-                None if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    panic!("basyn {} did not finish within two minutes", self.args.join(" "));
-                }
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        let stdout = String::from_utf8_lossy(&self.out.take().unwrap().join().unwrap()).into_owned();
-        let stderr = String::from_utf8_lossy(&self.err.take().unwrap().join().unwrap()).into_owned();
-        Run { args: self.args.clone(), code: status.code().unwrap_or(-1), stdout, stderr }
-    }
-}
 
 /// How another process writes 4 KiB into the receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,7 +170,7 @@ fn foreign_write(dev: &Path, offset: u64, how: Foreign) {
 /// the data (so the start of the device is behind it), writes 4 KiB at offset 40 KiB of
 /// `dev`. `None` if basyn had no data left to write by then (too late to interfere).
 fn run_with_a_foreign_write(args: &[String], dev: &Path, len: u64, how: Foreign) -> Option<Run> {
-    let mut running = start(args);
+    let mut running = start(args, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while running.running() && running.written() < len / 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
@@ -504,7 +403,7 @@ fn reported_and_converges(what: &str, first: &Run, args: &[String], src: &Path, 
     let mut problems = Vec::new();
     match first.code {
         2 if first.stderr.contains("written to by another process") => {}
-        0 if same_stream(src, dev) => {}
+        0 if stream_difference(src, dev).is_none() => {}
         0 => problems.push(format!(
             "{what}: exit 0 although the receiver differs from the source: the foreign write was not reported{first:?}"
         )),
@@ -515,7 +414,7 @@ fn reported_and_converges(what: &str, first: &Run, args: &[String], src: &Path, 
         problems.push(format!(
             "{what}: the same command again did not converge (exit {}, receiver {}){again:?}",
             again.code,
-            if same_stream(src, dev) { "identical" } else { "still differs" }
+            if stream_difference(src, dev).is_none() { "identical" } else { "still differs" }
         ));
     }
     problems
@@ -629,7 +528,7 @@ fn a_re_created_loop_device_does_not_reuse_its_state() {
         let state = StateGuard::new(&name);
         let state_file = state_file_for(&state.name);
         sync(&path).ok();
-        assert!(same_stream(&src, &path));
+        assert!(stream_difference(&src, &path).is_none());
         assert!(state_file.is_file(), "no state {} after the sync", state_file.display());
         // The source's state is fresh too: with the old receiver state both would be.
         let r = sync(&path);
@@ -648,7 +547,11 @@ fn a_re_created_loop_device_does_not_reuse_its_state() {
         let r = sync(&path);
         r.ok();
         assert!(reads(&r).1 > 0, "the re-created {} was not read: its old state was trusted{r:?}", path.display());
-        assert!(same_stream(&src, &path), "the re-created {} differs from the source{r:?}", path.display());
+        assert!(
+            stream_difference(&src, &path).is_none(),
+            "the re-created {} differs from the source{r:?}",
+            path.display()
+        );
         return;
     }
     require(false, "could not re-attach a loop device under the same name");
@@ -681,7 +584,7 @@ fn a_re_created_device_with_unchanged_write_counters_does_not_reuse_its_state() 
         let state = StateGuard::new(&path.file_name().unwrap().to_string_lossy());
         let state_file = state_file_for(&state.name);
         sync(&path).ok();
-        assert!(same_stream(&path, &dst));
+        assert!(stream_difference(&path, &dst).is_none());
         assert!(state_file.is_file(), "no state {} for the source", state_file.display());
         let r = sync(&path);
         r.ok();
@@ -701,7 +604,10 @@ fn a_re_created_device_with_unchanged_write_counters_does_not_reuse_its_state() 
         let r = sync(&path);
         r.ok();
         assert!(reads(&r).0 > 0, "the re-created {} was not read: its old state was trusted{r:?}", path.display());
-        assert!(same_stream(&base_img, &dst), "the receiver does not hold the re-created source's data{r:?}");
+        assert!(
+            stream_difference(&base_img, &dst).is_none(),
+            "the receiver does not hold the re-created source's data{r:?}"
+        );
         return;
     }
     require(false, "could not re-attach a loop device under the same name");

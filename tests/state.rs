@@ -22,8 +22,6 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use util::*;
@@ -42,65 +40,6 @@ const STATE_DIR: &str = "/var/lib/basyn";
 
 fn sv(list: &[&str]) -> Vec<String> {
     list.iter().map(|x| x.to_string()).collect()
-}
-
-/// A basyn process running in the background, its output collected by threads.
-struct Running {
-    child: Child,
-    out: Option<JoinHandle<Vec<u8>>>,
-    err: Option<JoinHandle<Vec<u8>>>,
-    args: Vec<String>,
-}
-
-fn start(args: &[String], env: &[(&str, &str)]) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_basyn"))
-        .args(args)
-        .env_remove("CI")
-        .env_remove(BOOT_ID_ENV)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the basyn binary");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    Running { child, out: Some(out), err: Some(err), args: args.to_vec() }
-}
-
-impl Running {
-    /// Waits (at most two minutes) and returns the run.
-    fn finish(mut self) -> Run {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            match self.child.try_wait().expect("cannot wait for basyn") {
-                Some(st) => break st,
-                None if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    panic!("basyn {} did not finish within two minutes", self.args.join(" "));
-                }
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        let stdout = String::from_utf8_lossy(&self.out.take().unwrap().join().unwrap()).into_owned();
-        let stderr = String::from_utf8_lossy(&self.err.take().unwrap().join().unwrap()).into_owned();
-        Run { args: self.args.clone(), code: status.code().unwrap_or(-1), stdout, stderr }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("cannot wait for basyn").is_none()
-    }
 }
 
 /// Runs basyn with extra environment variables (and without `CI` or a boot id override
@@ -346,7 +285,7 @@ fn wait_for_io(r: &mut Running, field: &str, bytes: u64) -> bool {
         if !r.running() {
             return false;
         }
-        let total: u64 = process_tree(r.child.id()).iter().map(|p| io_field(*p, field)).sum();
+        let total: u64 = process_tree(r.pid()).iter().map(|p| io_field(*p, field)).sum();
         if total >= bytes {
             return true;
         }
@@ -1260,9 +1199,8 @@ fn kill_9_mid_run_then_a_rerun_converges() {
         let mut bg = start(&args, &[]);
         // Kill once the receiver is being written.
         let mid_run = wait_for_io(&mut bg, "wchar", 32 * MIB as u64);
-        let helpers = process_tree(bg.child.id());
-        let _ = bg.child.kill();
-        let _ = bg.child.wait();
+        let helpers = process_tree(bg.pid());
+        bg.kill();
         // Its endpoint notices and exits (before the output is collected: it may hold
         // the same stderr).
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -581,3 +581,139 @@ pub fn append(path: &Path, data: &[u8]) {
     let mut f = OpenOptions::new().append(true).create(true).open(path).unwrap();
     f.write_all(data).unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// A basyn running in the background, and large-file helpers
+// ---------------------------------------------------------------------------
+
+/// A basyn process in the background, its output collected by threads.
+pub struct Running {
+    child: std::process::Child,
+    out: Option<std::thread::JoinHandle<Vec<u8>>>,
+    err: Option<std::thread::JoinHandle<Vec<u8>>>,
+    args: Vec<String>,
+}
+
+/// Starts basyn with `args` and extra environment variables (without `CI` or a boot id
+/// override unless given).
+pub fn start(args: &[String], env: &[(&str, &str)]) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_basyn"))
+        .args(args)
+        .env_remove("CI")
+        .env_remove("BASYN_TEST_BOOT_ID")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the basyn binary");
+    let collect = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().expect("stdout is piped")));
+    let err = collect(Box::new(child.stderr.take().expect("stderr is piped")));
+    Running { child, out: Some(out), err: Some(err), args: args.to_vec() }
+}
+
+impl Running {
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("cannot wait for basyn").is_none()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Bytes the process has written with write(2) so far (`wchar` of /proc/PID/io):
+    /// for a PULL the data written to the local receiver, for a PUSH the data sent to
+    /// the endpoint.
+    pub fn written(&self) -> u64 {
+        let text = fs::read_to_string(format!("/proc/{}/io", self.child.id())).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Waits (at most two minutes) and returns the run.
+    pub fn finish(mut self) -> Run {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            match self.child.try_wait().expect("cannot wait for basyn") {
+                Some(st) => break st,
+                None if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!("basyn {} did not finish within two minutes", self.args.join(" "));
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let take = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            String::from_utf8_lossy(&h.expect("collected once").join().expect("collector")).into_owned()
+        };
+        let (stdout, stderr) = (take(self.out.take()), take(self.err.take()));
+        Run { args: self.args.clone(), code: status.code().unwrap_or(-1), stdout, stderr }
+    }
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn fill(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).expect("read") {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+/// The offset of the first difference between two large files or devices, compared
+/// piecewise; `None` if they are identical.
+pub fn stream_difference(a: &Path, b: &Path) -> Option<usize> {
+    let (mut fa, mut fb) = (File::open(a).expect("open"), File::open(b).expect("open"));
+    let (mut ba, mut bb) = (vec![0u8; 4 * MIB], vec![0u8; 4 * MIB]);
+    let mut at = 0usize;
+    loop {
+        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
+        if let Some(i) = ba[..na].iter().zip(&bb[..nb]).position(|(x, y)| x != y) {
+            return Some(at + i);
+        }
+        if na != nb {
+            return Some(at + na.min(nb));
+        }
+        if na == 0 {
+            return None;
+        }
+        at += na;
+    }
+}
+
+/// True if two large files or devices are identical.
+pub fn same_stream(a: &Path, b: &Path) -> bool {
+    stream_difference(a, b).is_none()
+}
+
+/// A large image quickly: one random MiB repeated, each 4 KiB page numbered.
+pub fn big_image(path: &Path, seed: u64, len: usize) {
+    let base = random_data(seed, MIB);
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        v.extend_from_slice(&base);
+    }
+    v.truncate(len);
+    for (i, page) in v.chunks_mut(4096).enumerate() {
+        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    write(path, &v);
+}
