@@ -612,3 +612,36 @@ fn a_re_created_device_with_unchanged_write_counters_does_not_reuse_its_state() 
     }
     require(false, "could not re-attach a loop device under the same name");
 }
+
+/// A run killed after a checkpoint resumes: the source's checkpointed leaves that the
+/// receiver already holds are neither read nor sent again, and the rerun converges.
+#[test]
+fn a_killed_run_resumes_from_its_source_checkpoint() {
+    let t = tmp();
+    let (src, dst) = (t.path().join("src.img"), t.path().join("dst.img"));
+    let size = 256 * MIB;
+    big_image(&src, 71, size);
+    fs::copy(&src, &dst).unwrap();
+    // The receiver differs only near its end, so the first part is confirmed equal.
+    flip(&dst, (size - 3 * MIB) as u64, 1);
+    let args = sv(&["-l", s(&src), "-r", s(&dst), "-a", "push", "-m", "sync", "--buffer", "256"]);
+    let mut bg = start(&args, &[("BASYN_TEST_CHECKPOINT_MS", "1")]);
+    let state = t.path().join("src.img.basyn-state");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bg.running() && !state.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bg.kill();
+    assert!(state.exists(), "no checkpoint of the source was saved");
+
+    let mut again = args.clone();
+    again.extend(sv(&["--stat", "--verbose"]));
+    let r = basyn(&again);
+    r.ok();
+    assert_same(&src, &dst);
+    let line = r.stdout.lines().find(|l| l.starts_with("Read:")).unwrap_or_else(|| panic!("no Read line{r:?}"));
+    let local: u64 =
+        line.split("local ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok()).unwrap();
+    assert!(local < size as u64, "the rerun read the whole source again: {line}{r:?}");
+    assert!(r.stdout.contains("fresh checkpoint"), "the rerun did not resume from the source's checkpoint{r:?}");
+}

@@ -70,7 +70,19 @@ const BATCH_BYTES: u64 = 16 << 20;
 /// Memory that pending replies and kept data may hold.
 const BUDGET: u64 = 64 << 20;
 /// How often long runs make their progress durable and save checkpoints.
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+/// Environment variable that shortens the checkpoint interval (milliseconds), so that
+/// tests can interrupt a short run after a checkpoint.
+pub const CHECKPOINT_ENV: &str = "BASYN_TEST_CHECKPOINT_MS";
+
+/// How often long runs checkpoint: [`CHECKPOINT_EVERY`], or [`CHECKPOINT_ENV`].
+pub(super) fn checkpoint_every() -> Duration {
+    static EVERY: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        std::env::var(CHECKPOINT_ENV).ok().and_then(|v| v.parse().ok()).map_or(CHECKPOINT_EVERY, Duration::from_millis)
+    })
+}
 
 /// What the local reader thread delivers for one block.
 pub(super) struct Local {
@@ -413,7 +425,7 @@ impl<'a> Run<'a> {
     /// Every [`CHECKPOINT_EVERY`], makes progress durable on both sides and saves
     /// checkpoints, so that an interrupted run resumes from there.
     pub(super) fn maybe_checkpoint(&mut self) -> Result<(), Fault> {
-        if self.last_checkpoint.elapsed() < CHECKPOINT_EVERY {
+        if self.last_checkpoint.elapsed() < checkpoint_every() {
             return Ok(());
         }
         self.last_checkpoint = Instant::now();

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::compare::CHECKPOINT_EVERY;
+use super::compare::checkpoint_every;
 use super::pipeline::{self, Blocks};
 use super::{Direction, Fault, Params};
 use crate::device::Device;
@@ -63,7 +63,7 @@ fn push(
             ep.send(&Frame::Block(frame))?;
             rep.advance(item.len as u64);
             written += item.len as u64;
-            if last.elapsed() >= CHECKPOINT_EVERY {
+            if last.elapsed() >= checkpoint_every() {
                 // The receiver makes what it has durable and checkpoints its state;
                 // so does the source's state (and the receiver's memory stays bounded).
                 ep.flush_device()?;
@@ -101,7 +101,7 @@ fn pull(local: &Device, ledger: &mut Ledger, ep: &mut Endpoint, blocks: Blocks, 
         let data = block.decode(offset + len as u64)?;
         local.write_at(offset, &data)?;
         ledger.wrote(offset, &data);
-        if last.elapsed() >= CHECKPOINT_EVERY {
+        if last.elapsed() >= checkpoint_every() {
             local.sync()?;
             ledger.durable(local)?;
             ledger.checkpoint(local, Role::Receiver).map_err(|e| Fault::State(format!("local {e}")))?;
