@@ -44,26 +44,123 @@ fn refused(target: &Target, what: impl std::fmt::Display) -> EndpointError {
     EndpointError::Abort { code: AbortCode::Precondition, message: format!("remote host {}: {what}", target.host) }
 }
 
+/// Our ends of the pipes to one remote command.
+struct Ends {
+    reader: io::PipeReader,
+    writer: io::PipeWriter,
+    stderr: BufReader<io::PipeReader>,
+}
+
+/// The remote command's ends of the same pipes.
+struct ChildEnds {
+    stdin: std::os::fd::OwnedFd,
+    stdout: std::os::fd::OwnedFd,
+    stderr: std::os::fd::OwnedFd,
+}
+
+fn pipes() -> io::Result<(Ends, ChildEnds)> {
+    let (their_in, writer) = io::pipe()?;
+    let (reader, their_out) = io::pipe()?;
+    let (stderr, their_err) = io::pipe()?;
+    crate::endpoint::widen_pipe(&their_in);
+    crate::endpoint::widen_pipe(&reader);
+    let ends = Ends { reader, writer, stderr: BufReader::new(stderr) };
+    Ok((ends, ChildEnds { stdin: their_in.into(), stdout: their_out.into(), stderr: their_err.into() }))
+}
+
 /// Progress from the SSH thread to the caller while the connection is set up.
 enum Event {
     Log(String),
-    Ready(Result<(), EndpointError>),
+    Ready(Result<Ends, EndpointError>),
+}
+
+/// What the starting script said on stderr before it exec'd basyn, or instead.
+enum Marker {
+    /// `basyn serve` runs: from the remote PATH, the cache, or `--remote-path`.
+    Started(String),
+    /// No usable basyn: what the PATH had, and the machine type, for an upload.
+    Upload { onpath: String, arch: String },
+    /// The cached upload exists but does not run there.
+    Broken { path: String, why: String },
+    /// `--remote-path` does not name a usable basyn.
+    BadPath(String),
+    /// The command ended without saying anything: its stderr.
+    Silent(String),
+}
+
+/// Reads the remote stderr up to the starting script's marker line. Lines before it (a
+/// chatty shell profile) reach the user's stderr if basyn starts; otherwise the last of
+/// them explains the failure.
+fn read_marker(stderr: &mut BufReader<io::PipeReader>, host: &str) -> Marker {
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let mut line = String::new();
+        match stderr.read_line(&mut line) {
+            Ok(0) | Err(_) => return Marker::Silent(seen.last().cloned().unwrap_or_default()),
+            Ok(_) => {}
+        }
+        let line = line.trim_end();
+        let Some(rest) = line.strip_prefix("basyn-") else {
+            seen.push(line.to_string());
+            continue;
+        };
+        if rest.starts_with("start") {
+            for l in &seen {
+                eprintln!("{host}: {l}");
+            }
+        }
+        let (word, arg) = rest.split_once(' ').unwrap_or((rest, ""));
+        return match word {
+            "start" => Marker::Started(arg.to_string()),
+            "upload" => {
+                let (arch, onpath) = arg.split_once(' ').unwrap_or((arg, "none"));
+                Marker::Upload { onpath: onpath.to_string(), arch: arch.to_string() }
+            }
+            "broken" => {
+                let (path, why) = arg.split_once(' ').unwrap_or((arg, ""));
+                Marker::Broken { path: path.to_string(), why: why.to_string() }
+            }
+            "badpath" => Marker::BadPath(arg.to_string()),
+            _ => Marker::Silent(line.to_string()),
+        };
+    }
+}
+
+/// The script that finds a usable basyn and execs `basyn serve DEVICE` in the same remote
+/// command, saying on stderr what it did (or, exiting 97, why it could not).
+fn start_script(target: &Target, device: &std::ffi::OsStr, name: &str, digest: &str) -> String {
+    let want = quote(&protocol_line());
+    let dev = shell_quote_os(device).to_string_lossy().into_owned();
+    if let Some(path) = &target.remote_path {
+        let p = quote(path);
+        return format!(
+            r#"out=$({p} protocol 2>/dev/null); if [ "$out" = {want} ]; then echo "basyn-start remote-path" >&2; exec {p} serve {dev}; fi
+if [ -n "$out" ]; then why="it speaks $out"; else why=$({p} protocol 2>&1 | tail -n 1); fi
+echo "basyn-badpath $why" >&2; exit 97"#
+        );
+    }
+    format!(
+        r#"v=$(basyn protocol 2>/dev/null); if [ "$v" = {want} ]; then echo "basyn-start path" >&2; exec basyn serve {dev}; fi
+f="{CACHE_DIR}/{name}"
+if [ -x "$f" ] && [ "$(sha256sum < "$f" 2>/dev/null | cut -d' ' -f1)" = {digest} ]; then
+  out=$("$f" protocol 2>/dev/null); if [ "$out" = {want} ]; then echo "basyn-start cached $f" >&2; exec "$f" serve {dev}; fi
+  echo "basyn-broken $f $("$f" protocol 2>&1 | tail -n 1)" >&2; exit 97
+fi
+echo "basyn-upload $(uname -m) ${{v:-none}}" >&2; exit 97"#
+    )
 }
 
 /// Connects, finds or uploads a compatible basyn, and starts `basyn serve DEVICE` there.
-/// `log` receives `--verbose` lines.
+/// In the usual cases (basyn on the remote PATH, or already uploaded) finding and
+/// starting it are one remote command. `log` receives `--verbose` lines.
 pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<Link, EndpointError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| refused(target, format!("cannot start the SSH runtime: {e}")))?;
-    let pipe = |what| io::pipe().map_err(|e| refused(target, format!("cannot make a {what} pipe: {e}")));
-    let (their_in, our_writer) = pipe("stdin")?;
-    let (our_reader, their_out) = pipe("stdout")?;
-    let (our_stderr, their_err) = pipe("stderr")?;
-    for p in [&their_in as &dyn std::os::fd::AsRawFd, &our_reader] {
-        crate::endpoint::widen_pipe(&p.as_raw_fd());
-    }
+    let exe = std::env::current_exe().map_err(|e| refused(target, format!("cannot find this executable: {e}")))?;
+    let digest = file_sha256(&exe).map_err(|e| refused(target, format!("cannot read {}: {e}", exe.display())))?;
+    let name = format!("basyn-{}-{}", env!("CARGO_PKG_VERSION"), &digest[..16]);
     let (events, event_rx) = mpsc::channel();
     let (kill, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let (status_tx, status) = mpsc::channel();
@@ -75,43 +172,27 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
         .spawn(move || {
             rt.block_on(async move {
                 let t = &keeper_target;
+                let fail = |e: EndpointError| {
+                    let _ = events.send(Event::Ready(Err(e)));
+                };
                 let session = match open_session(t).await {
                     Ok(s) => s,
-                    Err(e) => {
-                        let _ = events.send(Event::Ready(Err(e)));
-                        return;
-                    }
+                    Err(e) => return fail(e),
                 };
                 let _ = events.send(Event::Log(format!("connected to {} over ssh", t.host)));
-                let logger = |line: String| {
+                let started = start(&session, t, &device, &exe, &name, &digest, &|line| {
                     let _ = events.send(Event::Log(line));
-                };
-                let remote = match find_remote(&session, t, &logger).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = events.send(Event::Ready(Err(e)));
-                        let _ = session.close().await;
-                        return;
-                    }
-                };
-                let mut cmd = session.command(remote.clone());
-                cmd.arg("serve").raw_arg(shell_quote_os(&device));
-                cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(their_in)))
-                    .stdout(Stdio::from(std::os::fd::OwnedFd::from(their_out)))
-                    .stderr(Stdio::from(std::os::fd::OwnedFd::from(their_err)));
-                let child = cmd.spawn().await;
-                // Our copies of the child's ends must close, or EOF would never arrive.
-                drop(cmd);
-                let child = match child {
+                })
+                .await;
+                let (child, ends) = match started {
                     Ok(c) => c,
                     Err(e) => {
-                        let msg = format!("cannot start {remote} serve: {}", ssh_error(&e));
-                        let _ = events.send(Event::Ready(Err(refused(t, msg))));
+                        fail(e);
                         let _ = session.close().await;
                         return;
                     }
                 };
-                let _ = events.send(Event::Ready(Ok(())));
+                let _ = events.send(Event::Ready(Ok(ends)));
                 let outcome = tokio::select! {
                     st = child.wait() => match st {
                         Ok(st) if st.success() => None,
@@ -129,10 +210,10 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
             })
         })
         .map_err(|e| refused(target, format!("cannot start a thread: {e}")))?;
-    loop {
+    let ends = loop {
         match event_rx.recv() {
             Ok(Event::Log(line)) => log(line),
-            Ok(Event::Ready(Ok(()))) => break,
+            Ok(Event::Ready(Ok(ends))) => break ends,
             Ok(Event::Ready(Err(e))) => {
                 let _ = keeper.join();
                 return Err(e);
@@ -142,15 +223,109 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
                 return Err(refused(target, "the SSH thread stopped unexpectedly"));
             }
         }
-    }
-    relay_stderr(our_stderr, target.host.clone());
+    };
+    relay_stderr(ends.stderr, target.host.clone());
     let process = SshProcess { kill: Some(kill), status, keeper: Some(keeper), ended: None };
     Ok(Link {
-        reader: Box::new(our_reader),
-        writer: Box::new(our_writer),
+        reader: Box::new(ends.reader),
+        writer: Box::new(ends.writer),
         process: Box::new(process),
         label: format!("remote {}:{}", target.host, device_name.display()),
     })
+}
+
+/// Spawns `program args...` on the remote host with fresh pipes.
+async fn spawn_with_pipes<'s>(
+    session: &'s Session,
+    target: &Target,
+    program: &str,
+    args: &[std::ffi::OsString],
+) -> Result<(openssh::Child<&'s Session>, Ends), EndpointError> {
+    let (ends, theirs) = pipes().map_err(|e| refused(target, format!("cannot make pipes: {e}")))?;
+    let mut cmd = session.command(program);
+    for a in args {
+        cmd.raw_arg(a);
+    }
+    cmd.stdin(Stdio::from(theirs.stdin)).stdout(Stdio::from(theirs.stdout)).stderr(Stdio::from(theirs.stderr));
+    let child = cmd.spawn().await;
+    // Our copies of the child's ends must close, or EOF would never arrive.
+    drop(cmd);
+    let child = child.map_err(|e| refused(target, format!("cannot start {program} there: {}", ssh_error(&e))))?;
+    Ok((child, ends))
+}
+
+/// Starts `basyn serve DEVICE` on the remote host: the starting script first; if it finds
+/// no usable basyn, an upload of this executable and a second command.
+async fn start<'s>(
+    session: &'s Session,
+    t: &Target,
+    device: &std::ffi::OsStr,
+    exe: &Path,
+    name: &str,
+    digest: &str,
+    log: &dyn Fn(String),
+) -> Result<(openssh::Child<&'s Session>, Ends), EndpointError> {
+    let script = start_script(t, device, name, digest);
+    let args = [OsString::from("-c"), shell_quote_os(std::ffi::OsStr::new(&script))];
+    let (child, mut ends) = spawn_with_pipes(session, t, "sh", &args).await?;
+    match read_marker(&mut ends.stderr, &t.host) {
+        Marker::Started(how) => {
+            match how.split_once(' ') {
+                Some(("cached", path)) => log(format!("reusing the uploaded basyn at {path}")),
+                _ if how == "path" => log("using basyn from the remote PATH".to_string()),
+                _ => {}
+            }
+            Ok((child, ends))
+        }
+        Marker::BadPath(why) => {
+            let _ = child.wait().await;
+            let path = t.remote_path.as_deref().unwrap_or_default();
+            let why = if why.is_empty() { "it does not run".to_string() } else { why };
+            Err(refused(
+                t,
+                format!(
+                    "--remote-path {path} cannot be used: {why}; point --remote-path at a basyn {}",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ))
+        }
+        Marker::Broken { path, why } => {
+            let _ = child.wait().await;
+            Err(cannot_run(t, &path, if why.is_empty() { "it does not start" } else { &why }))
+        }
+        Marker::Silent(said) => {
+            let _ = child.wait().await;
+            // A login shell that refuses (nologin) says why on stdout.
+            let mut out = Vec::new();
+            let _ = (&mut ends.reader).take(4096).read_to_end(&mut out);
+            let out = String::from_utf8_lossy(&out);
+            let why = match out.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+                Some(l) => l.to_string(),
+                None if said.is_empty() => "it ended without a word".to_string(),
+                None => said,
+            };
+            Err(refused(t, format!("cannot run commands there: {why}")))
+        }
+        Marker::Upload { onpath, arch } => {
+            let _ = child.wait().await;
+            let why = if onpath == "none" { "not found".to_string() } else { format!("it speaks {onpath:?}") };
+            log(format!("no usable basyn on the remote PATH ({why})"));
+            let ours = local_machine();
+            if arch != ours {
+                return Err(refused(
+                    t,
+                    format!(
+                        "basyn is not installed there and this executable is for {ours}, the host is {arch}: install basyn on it or use --remote-path"
+                    ),
+                ));
+            }
+            let path = upload(session, t, exe, digest, name).await?;
+            log(format!("uploaded basyn to {path}"));
+            probe(session, &path).await.map_err(|why| cannot_run(t, &path, &why))?;
+            let args = [OsString::from("serve"), shell_quote_os(device)];
+            spawn_with_pipes(session, t, &path, &args).await
+        }
+    }
 }
 
 /// Quotes an OS path for the remote shell (the remote command line goes through it).
@@ -169,9 +344,9 @@ fn shell_quote_os(s: &std::ffi::OsStr) -> OsString {
 }
 
 /// Copies the remote command's stderr to ours, each line prefixed with the host.
-fn relay_stderr(stderr: io::PipeReader, host: String) {
+fn relay_stderr(stderr: BufReader<io::PipeReader>, host: String) {
     let _ = std::thread::Builder::new().name("basyn-ssh-stderr".into()).spawn(move || {
-        for line in BufReader::new(stderr).lines() {
+        for line in stderr.lines() {
             let Ok(line) = line else { break };
             let mut err = io::stderr().lock();
             let _ = writeln!(err, "{host}: {line}");
@@ -326,69 +501,6 @@ async fn probe(session: &Session, path: &str) -> Result<(), String> {
     }
     let why = err.lines().last().unwrap_or("").to_string();
     Err(if why.is_empty() { format!("it exited with status {code}") } else { why })
-}
-
-/// The remote basyn to run: `--remote-path`, else `basyn` on the remote PATH if it speaks
-/// our protocol, else this executable uploaded into the remote user's cache. The usual
-/// cases cost one remote command: a script that checks the PATH and the cache at once.
-async fn find_remote(session: &Session, target: &Target, log: &dyn Fn(String)) -> Result<String, EndpointError> {
-    let fail = |what: String| refused(target, what);
-    if let Some(path) = &target.remote_path {
-        probe(session, path).await.map_err(|why| {
-            fail(format!(
-                "--remote-path {path} cannot be used: {why}; point --remote-path at a basyn {}",
-                env!("CARGO_PKG_VERSION")
-            ))
-        })?;
-        return Ok(path.clone());
-    }
-    let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find this executable: {e}")))?;
-    let digest = file_sha256(&exe).map_err(|e| fail(format!("cannot read {}: {e}", exe.display())))?;
-    let name = format!("basyn-{}-{}", env!("CARGO_PKG_VERSION"), &digest[..16]);
-    let want = quote(&protocol_line());
-    let script = format!(
-        r#"v=$(basyn protocol 2>/dev/null); if [ "$v" = {want} ]; then echo "path"; exit 0; fi
-echo "onpath ${{v:-none}}"
-f="{CACHE_DIR}/{name}"
-if [ -x "$f" ] && [ "$(sha256sum < "$f" 2>/dev/null | cut -d' ' -f1)" = {digest} ]; then
-  out=$("$f" protocol 2>&1); if [ "$out" = {want} ]; then echo "cached $f"; else echo "broken $f"; printf '%s\n' "$out" | tail -n 1; fi
-  exit 0
-fi
-echo "arch $(uname -m)""#
-    );
-    let (_, out, _) =
-        remote_sh(session, &script, None).await.map_err(|e| fail(format!("cannot look for basyn: {e}")))?;
-    let mut lines = out.lines();
-    let mut line = lines.next().unwrap_or("");
-    if line == "path" {
-        log("using basyn from the remote PATH".to_string());
-        return Ok("basyn".to_string());
-    }
-    if let Some(v) = line.strip_prefix("onpath ") {
-        let why = if v == "none" { "not found".to_string() } else { format!("it speaks {v:?}") };
-        log(format!("no usable basyn on the remote PATH ({why})"));
-        line = lines.next().unwrap_or("");
-    }
-    if let Some(path) = line.strip_prefix("cached ") {
-        log(format!("reusing the uploaded basyn at {path}"));
-        return Ok(path.to_string());
-    }
-    if let Some(path) = line.strip_prefix("broken ") {
-        return Err(cannot_run(target, path, lines.next().unwrap_or("it does not start")));
-    }
-    let Some(arch) = line.strip_prefix("arch ") else {
-        return Err(fail(format!("unexpected answer while looking for basyn: {out:?}")));
-    };
-    let ours = local_machine();
-    if arch != ours {
-        return Err(fail(format!(
-            "basyn is not installed there and this executable is for {ours}, the host is {arch}: install basyn on it or use --remote-path"
-        )));
-    }
-    let path = upload(session, target, &exe, &digest, &name).await?;
-    log(format!("uploaded basyn to {path}"));
-    probe(session, &path).await.map_err(|why| cannot_run(target, &path, &why))?;
-    Ok(path)
 }
 
 /// Where uploads go on the remote host (expanded by its shell).
