@@ -24,22 +24,7 @@ const LEAF: u64 = 64 * 1024;
 const SIZE: usize = 8 * MIB;
 const LEAVES: u64 = (SIZE as u64) / LEAF;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Push,
-    Pull,
-}
-
 const BOTH: [Dir; 2] = [Dir::Push, Dir::Pull];
-
-impl Dir {
-    fn word(self) -> &'static str {
-        match self {
-            Dir::Push => "push",
-            Dir::Pull => "pull",
-        }
-    }
-}
 
 fn sv(list: &[&str]) -> Vec<String> {
     list.iter().map(|x| x.to_string()).collect()

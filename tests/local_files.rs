@@ -8,41 +8,9 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use util::*;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Push,
-    Pull,
-}
-
 const DIRS: [Dir; 2] = [Dir::Push, Dir::Pull];
 const MODES: [&str; 2] = ["copy", "sync"];
 const HASHES: [&str; 9] = ["BLAKE3", "SHA1", "SHA224", "SHA256", "SHA384", "SHA512", "BLAKE2B", "BLAKE2S", "MD5"];
-
-impl Dir {
-    fn word(self) -> &'static str {
-        match self {
-            Dir::Push => "push",
-            Dir::Pull => "pull",
-        }
-    }
-}
-
-/// `-l`/`-r` so that `source` is the source and `receiver` the receiver in `dir`.
-fn ends(dir: Dir, source: &Path, receiver: &Path) -> Vec<String> {
-    let (l, r) = match dir {
-        Dir::Push => (source, receiver),
-        Dir::Pull => (receiver, source),
-    };
-    vec!["-l".into(), s(l).into(), "-r".into(), s(r).into()]
-}
-
-/// Full argument list for an action.
-fn action(dir: Dir, mode: &str, source: &Path, receiver: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = ends(dir, source, receiver);
-    a.extend(["-a".into(), dir.word().into(), "-m".into(), mode.into()]);
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
-}
 
 /// The side word ("local"/"remote") of the receiver and of the source in `dir`.
 fn sides(dir: Dir) -> (&'static str, &'static str) {

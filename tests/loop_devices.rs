@@ -8,23 +8,10 @@ use std::path::{Path, PathBuf};
 
 use util::*;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Push,
-    Pull,
-}
-
 const DIRS: [Dir; 2] = [Dir::Push, Dir::Pull];
 const MODES: [&str; 2] = ["copy", "sync"];
 
 impl Dir {
-    fn word(self) -> &'static str {
-        match self {
-            Dir::Push => "push",
-            Dir::Pull => "pull",
-        }
-    }
-
     /// Side words of (receiver, source).
     fn sides(self) -> (&'static str, &'static str) {
         match self {
@@ -32,21 +19,6 @@ impl Dir {
             Dir::Pull => ("local", "remote"),
         }
     }
-}
-
-fn ends(dir: Dir, source: &Path, receiver: &Path) -> Vec<String> {
-    let (l, r) = match dir {
-        Dir::Push => (source, receiver),
-        Dir::Pull => (receiver, source),
-    };
-    vec!["-l".into(), s(l).into(), "-r".into(), s(r).into()]
-}
-
-fn action(dir: Dir, mode: &str, source: &Path, receiver: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = ends(dir, source, receiver);
-    a.extend(["-a".into(), dir.word().into(), "-m".into(), mode.into()]);
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
 }
 
 fn recheck(dir: Dir, source: &Path, receiver: &Path) -> Vec<String> {

@@ -52,20 +52,7 @@ fn run(args: &[String]) -> Run {
     basyn_env(args, &[])
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Push,
-    Pull,
-}
-
 impl Dir {
-    fn word(self) -> &'static str {
-        match self {
-            Dir::Push => "push",
-            Dir::Pull => "pull",
-        }
-    }
-
     /// Side words of (source, receiver).
     fn sides(self) -> (&'static str, &'static str) {
         match self {
@@ -73,18 +60,6 @@ impl Dir {
             Dir::Pull => ("remote", "local"),
         }
     }
-}
-
-/// `-l -r -a -m` for an action from `source` to `receiver`, with `--stat --verbose`
-/// and `extra` (which must give the geometry).
-fn action(dir: Dir, mode: &str, source: &Path, receiver: &Path, extra: &[&str]) -> Vec<String> {
-    let (l, r) = match dir {
-        Dir::Push => (source, receiver),
-        Dir::Pull => (receiver, source),
-    };
-    let mut a = sv(&["-l", s(l), "-r", s(r), "-a", dir.word(), "-m", mode, "--stat", "--verbose"]);
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
 }
 
 /// A SYNC with 4 KiB leaves.

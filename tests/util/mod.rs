@@ -717,3 +717,43 @@ pub fn big_image(path: &Path, seed: u64, len: usize) {
     }
     write(path, &v);
 }
+
+// ---------------------------------------------------------------------------
+// Directions and argument lists
+// ---------------------------------------------------------------------------
+
+/// The direction of an action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Local is the source.
+    Push,
+    /// Remote is the source.
+    Pull,
+}
+
+impl Dir {
+    /// The `--action` word.
+    pub fn word(self) -> &'static str {
+        match self {
+            Dir::Push => "push",
+            Dir::Pull => "pull",
+        }
+    }
+}
+
+/// `-l`/`-r` so that `source` is the source and `receiver` the receiver in `dir`.
+pub fn ends(dir: Dir, source: &Path, receiver: &Path) -> Vec<String> {
+    let (l, r) = match dir {
+        Dir::Push => (source, receiver),
+        Dir::Pull => (receiver, source),
+    };
+    vec!["-l".into(), s(l).into(), "-r".into(), s(r).into()]
+}
+
+/// Full argument list for an action.
+pub fn action(dir: Dir, mode: &str, source: &Path, receiver: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = ends(dir, source, receiver);
+    a.extend(["-a".into(), dir.word().into(), "-m".into(), mode.into()]);
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
