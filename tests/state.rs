@@ -62,6 +62,14 @@ impl Dir {
     }
 }
 
+/// `-l -r -a -m` for an action from `source` to `receiver`, with `--stat --verbose`
+/// and `extra` (which must give the geometry).
+fn action(dir: Dir, mode: &str, source: &Path, receiver: &Path, extra: &[&str]) -> Vec<String> {
+    let mut e = vec!["--stat", "--verbose"];
+    e.extend_from_slice(extra);
+    util::action(dir, mode, source, receiver, &e)
+}
+
 /// A SYNC with 4 KiB leaves.
 fn sync(dir: Dir, source: &Path, receiver: &Path, extra: &[&str]) -> Vec<String> {
     let mut e = vec!["--buffer", LEAF_KB];
