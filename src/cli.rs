@@ -38,17 +38,8 @@ struct RawArgs {
     #[arg(short = 'r', long = "remote", value_name = "DEVICE")]
     remote: Option<PathBuf>,
 
-    /// Remote SSH host; without it the remote device is on this machine and no SSH is used.
-    #[arg(short = 'h', long = "host", value_name = "HOST")]
-    host: Option<String>,
-
-    /// Remote SSH port (default: as the ssh config says, else 22).
-    #[arg(short = 'p', long = "port", value_name = "PORT")]
-    port: Option<u16>,
-
-    /// Remote SSH user (default: as the ssh config says, else the current user).
-    #[arg(short = 'u', long = "user", value_name = "USER")]
-    user: Option<String>,
+    #[command(flatten)]
+    ssh: SshArgs,
 
     /// PUSH: local is the source; PULL: remote is the source. Without it nothing is transferred.
     #[arg(short = 'a', long = "action", value_enum, ignore_case = true)]
@@ -78,21 +69,8 @@ struct RawArgs {
     #[arg(long)]
     debug: bool,
 
-    /// Hash function for block comparison.
-    #[arg(long, value_enum, ignore_case = true, default_value = "blake3", value_name = "HASH")]
-    hash: HashArg,
-
-    /// Block size in KiB for comparison and transfer.
-    #[arg(long, default_value_t = 2048, value_name = "KB")]
-    buffer: u64,
-
-    /// Chunk size in KiB: a differing buffer is compared in chunks and only differing chunks are sent.
-    #[arg(long, value_name = "KB")]
-    chunk: Option<u64>,
-
-    /// Path of basyn on the remote host (default: `basyn` on its PATH, else upload this one).
-    #[arg(long = "remote-path", value_name = "PATH")]
-    remote_path: Option<String>,
+    #[command(flatten)]
+    tree: TreeArgs,
 
     /// Compression level (0 disables compression).
     #[arg(long, value_name = "N")]
@@ -114,6 +92,58 @@ struct RawArgs {
 
     #[command(subcommand)]
     command: Option<SubArgs>,
+}
+
+/// Where the remote device is: the SSH options, shared by runs and `basyn index`.
+#[derive(Debug, clap::Args)]
+struct SshArgs {
+    /// Remote SSH host; without it the remote device is on this machine and no SSH is used.
+    #[arg(short = 'h', long = "host", value_name = "HOST")]
+    host: Option<String>,
+
+    /// Remote SSH port (default: as the ssh config says, else 22).
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    port: Option<u16>,
+
+    /// Remote SSH user (default: as the ssh config says, else the current user).
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    user: Option<String>,
+
+    /// Path of basyn on the remote host (default: `basyn` on its PATH, else upload this one).
+    #[arg(long = "remote-path", value_name = "PATH")]
+    remote_path: Option<String>,
+}
+
+/// How blocks are digested: shared by runs and `basyn index` (a state is used only by
+/// runs with the same values).
+#[derive(Debug, clap::Args)]
+struct TreeArgs {
+    /// Hash function for block comparison.
+    #[arg(long, value_enum, ignore_case = true, default_value = "blake3", value_name = "HASH")]
+    hash: HashArg,
+
+    /// Block size in KiB for comparison and transfer.
+    #[arg(long, default_value_t = 2048, value_name = "KB")]
+    buffer: u64,
+
+    /// Chunk size in KiB: a differing buffer is compared in chunks and only differing
+    /// chunks are sent; the states keep the chunk digests.
+    #[arg(long, value_name = "KB")]
+    chunk: Option<u64>,
+}
+
+impl SshArgs {
+    fn transport(self) -> Result<Transport, String> {
+        transport(self.host, self.port, self.user, self.remote_path)
+    }
+}
+
+impl TreeArgs {
+    /// Hash, buffer and chunk, validated, in bytes.
+    fn params(&self, codec: Codec) -> Result<Params, String> {
+        let (buffer, chunk) = geometry(self.buffer, self.chunk)?;
+        Ok(Params { hash: hash(self.hash), buffer, chunk, refine: chunk, codec })
+    }
 }
 
 /// The original tool's bitmap options.
@@ -224,33 +254,11 @@ struct IndexArgs {
     /// The device or image file to index.
     device: PathBuf,
 
-    /// Index a device on this SSH host; the host computes the state.
-    #[arg(short = 'h', long = "host", value_name = "HOST")]
-    host: Option<String>,
+    #[command(flatten)]
+    ssh: SshArgs,
 
-    /// SSH port.
-    #[arg(short = 'p', long = "port", value_name = "PORT")]
-    port: Option<u16>,
-
-    /// SSH user.
-    #[arg(short = 'u', long = "user", value_name = "USER")]
-    user: Option<String>,
-
-    /// Path of basyn on the remote host.
-    #[arg(long = "remote-path", value_name = "PATH")]
-    remote_path: Option<String>,
-
-    /// Hash function of the tree.
-    #[arg(long, value_enum, ignore_case = true, default_value = "blake3", value_name = "HASH")]
-    hash: HashArg,
-
-    /// Leaf size in KiB.
-    #[arg(long, default_value_t = 2048, value_name = "KB")]
-    buffer: u64,
-
-    /// Chunk size in KiB (chunk digests kept under each leaf).
-    #[arg(long, value_name = "KB")]
-    chunk: Option<u64>,
+    #[command(flatten)]
+    tree: TreeArgs,
 
     /// State file (default location otherwise).
     #[arg(long = "state", value_name = "PATH")]
@@ -356,7 +364,7 @@ fn first_line(text: &str) -> String {
 
 fn plan(raw: RawArgs) -> Result<Plan, String> {
     let local = raw.local.ok_or("missing --local DEVICE (-l)")?;
-    let transport = transport(raw.host, raw.port, raw.user, raw.remote_path)?;
+    let transport = raw.ssh.transport()?;
     let action = match (raw.action, raw.mode) {
         (None, None) => None,
         (None, Some(_)) => return Err("--mode needs --action (PUSH or PULL)".into()),
@@ -372,23 +380,22 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
             },
         )),
     };
-    let (buffer, chunk) = geometry(raw.buffer, raw.chunk)?;
-    let bitmap = bitmap_plan(&raw.bitmap, raw.remote.is_none(), action, chunk)?;
+    let over_ssh = !matches!(transport, Transport::Local);
+    let params = raw.tree.params(codec(raw.compress, raw.zlevel, over_ssh)?)?;
+    let bitmap = bitmap_plan(&raw.bitmap, raw.remote.is_none(), action, params.chunk)?;
     let remote = match (raw.remote, &bitmap) {
         (Some(r), _) => r,
         // Only refreshing a bitmap from a local source needs no receiver.
         (None, Some(b)) if b.update_only => PathBuf::new(),
         (None, _) => return Err("missing --remote DEVICE (-r)".into()),
     };
-    let over_ssh = !matches!(transport, Transport::Local);
-    let codec = codec(raw.compress, raw.zlevel, over_ssh)?;
     Ok(Plan {
         local,
         remote,
         transport,
         action,
         recheck: raw.recheck,
-        params: Params { hash: hash(raw.hash), buffer, chunk, refine: chunk, codec },
+        params,
         force: raw.force,
         bitmap,
         state: raw.state.local(),
@@ -431,12 +438,11 @@ fn geometry(buffer_kb: u64, chunk_kb: Option<u64>) -> Result<(usize, Option<usiz
 }
 
 fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
-    let transport = transport(a.host, a.port, a.user, a.remote_path)?;
-    let (buffer, chunk) = geometry(a.buffer, a.chunk)?;
+    let transport = a.ssh.transport()?;
     Ok(IndexPlan {
         device: a.device,
         transport,
-        params: Params { hash: hash(a.hash), buffer, chunk, refine: chunk, codec: Codec::None },
+        params: a.tree.params(Codec::None)?,
         state: options(false, a.state, a.trust_state),
         output: Output { stat: a.stat, verbose: a.verbose, progress: a.progress, debug: false },
     })
