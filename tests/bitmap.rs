@@ -41,14 +41,6 @@ fn bitmap_sync(dir: Dir, source: &Path, receiver: &Path, bitmap: &Path, extra: &
     a
 }
 
-/// The numbers on the `--stat` line starting with `prefix`.
-#[track_caller]
-fn numbers(run: &Run, prefix: &str) -> Vec<u64> {
-    let line =
-        run.stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line{run:?}"));
-    line.split(|c: char| !c.is_ascii_digit()).filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect()
-}
-
 /// `--stat` figures: blocks (compared, differing, bytes written) and reads (local, remote).
 #[derive(Debug, Clone, Copy)]
 struct Figures {

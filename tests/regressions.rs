@@ -27,14 +27,6 @@ fn sv(list: &[&str]) -> Vec<String> {
     list.iter().map(|x| x.to_string()).collect()
 }
 
-/// The numbers on the `--stat` line starting with `prefix`.
-#[track_caller]
-fn numbers(run: &Run, prefix: &str) -> Vec<u64> {
-    let line =
-        run.stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line{run:?}"));
-    line.split(|c: char| !c.is_ascii_digit()).filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect()
-}
-
 /// Bytes read from (local, remote), from `--stat`.
 #[track_caller]
 fn reads(run: &Run) -> (u64, u64) {

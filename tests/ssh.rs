@@ -755,13 +755,6 @@ fn long_tmpdir_does_not_break_ssh() {
 // State files over SSH
 // ---------------------------------------------------------------------------
 
-/// The remote-side bytes read, from `--stat`'s `Read:` line.
-fn remote_read(run: &Run) -> u64 {
-    let line = run.stdout.lines().find(|l| l.starts_with("Read:")).unwrap_or_else(|| panic!("no Read line{run:?}"));
-    let n = line.split("remote ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok());
-    n.unwrap_or_else(|| panic!("unparsable Read line {line:?}"))
-}
-
 #[test]
 fn states_over_ssh_spare_reads_and_basyn_index_runs_on_the_remote_host() {
     let Some(sshd) = Sshd::start() else { return };
@@ -784,10 +777,10 @@ fn states_over_ssh_spare_reads_and_basyn_index_runs_on_the_remote_host() {
     flip(&remote, (size / 2) as u64, 1);
     let idx = sshd.basyn(&["index", "-h", ALIAS, s(&remote), "--stat"]);
     idx.ok();
-    assert_eq!(remote_read(&idx), size as u64, "index must read the changed remote image once{idx:?}");
+    assert_eq!(numbers(&idx, "Read:")[1], size as u64, "index must read the changed remote image once{idx:?}");
     let idx = sshd.basyn(&["index", "-h", ALIAS, s(&remote), "--stat"]);
     idx.ok();
-    assert_eq!(remote_read(&idx), 0, "a second index of an unchanged image reads nothing{idx:?}");
+    assert_eq!(numbers(&idx, "Read:")[1], 0, "a second index of an unchanged image reads nothing{idx:?}");
     let check = sshd.basyn(&over_ssh(&local, &remote, &["--recheck", "--stat"]));
     check.fails(3, &["differ"]);
     assert!(check.stdout.contains("Read:        local 0 bytes, remote 0 bytes"), "fresh states answer{check:?}");

@@ -110,14 +110,6 @@ impl Figures {
     }
 }
 
-/// The numbers on the `--stat` line starting with `prefix`.
-#[track_caller]
-fn numbers(run: &Run, prefix: &str) -> Vec<u64> {
-    let line =
-        run.stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line{run:?}"));
-    line.split(|c: char| !c.is_ascii_digit()).filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect()
-}
-
 #[track_caller]
 fn figures(run: &Run) -> Figures {
     let blocks = numbers(run, "Blocks:");
@@ -152,22 +144,6 @@ fn assert_rebuilt(run: &Run, name: &str) {
 // ---------------------------------------------------------------------------
 // Data, files, processes
 // ---------------------------------------------------------------------------
-
-/// A large image quickly: one random MiB repeated, each 4 KiB page numbered so that
-/// no two pages are equal.
-fn big_data(seed: u64, len: usize) -> Vec<u8> {
-    let base = random_data(seed, MIB);
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        v.extend_from_slice(&base);
-    }
-    v.truncate(len);
-    for (i, page) in v.chunks_mut(4096).enumerate() {
-        let n = page.len().min(8);
-        page[..n].copy_from_slice(&(i as u64).to_le_bytes()[..n]);
-    }
-    v
-}
 
 /// `dd if=/dev/urandom of=PATH bs=4096 seek=BLOCK count=COUNT conv=notrunc`, with
 /// `oflag=direct` if `direct` (else the data is left in the page cache).

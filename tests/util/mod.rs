@@ -704,8 +704,9 @@ pub fn same_stream(a: &Path, b: &Path) -> bool {
     stream_difference(a, b).is_none()
 }
 
-/// A large image quickly: one random MiB repeated, each 4 KiB page numbered.
-pub fn big_image(path: &Path, seed: u64, len: usize) {
+/// Large data quickly: one random MiB repeated, each 4 KiB page numbered so that no two
+/// pages are equal.
+pub fn big_data(seed: u64, len: usize) -> Vec<u8> {
     let base = random_data(seed, MIB);
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
@@ -713,9 +714,23 @@ pub fn big_image(path: &Path, seed: u64, len: usize) {
     }
     v.truncate(len);
     for (i, page) in v.chunks_mut(4096).enumerate() {
-        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let n = page.len().min(8);
+        page[..n].copy_from_slice(&(i as u64).to_le_bytes()[..n]);
     }
-    write(path, &v);
+    v
+}
+
+/// A large image quickly (see [`big_data`]).
+pub fn big_image(path: &Path, seed: u64, len: usize) {
+    write(path, &big_data(seed, len));
+}
+
+/// The numbers on the `--stat` line starting with `prefix`.
+#[track_caller]
+pub fn numbers(run: &Run, prefix: &str) -> Vec<u64> {
+    let line =
+        run.stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line{run:?}"));
+    line.split(|c: char| !c.is_ascii_digit()).filter(|x| !x.is_empty()).map(|x| x.parse().expect("digits")).collect()
 }
 
 // ---------------------------------------------------------------------------
