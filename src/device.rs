@@ -328,11 +328,6 @@ impl Device {
         &self.path
     }
 
-    /// Which end this device is on.
-    pub fn side(&self) -> Side {
-        self.side
-    }
-
     /// Wraps an I/O failure with this device's side and path.
     pub fn error(&self, doing: &'static str, e: io::Error) -> DeviceError {
         DeviceError { side: self.side, path: self.path.display().to_string(), problem: Problem::Io(doing, e) }

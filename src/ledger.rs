@@ -179,7 +179,7 @@ impl Ledger {
             std::fs::TryLockError::WouldBlock => StateError::Locked(device.path().display().to_string()),
             std::fs::TryLockError::Error(source) => StateError::Io { path: path.display().to_string(), source },
         })?;
-        let file = StateFile::lock(&path, create_dir)?;
+        let file = StateFile::at(&path, create_dir)?;
         let shown = path.display().to_string();
         let start = stamp::take(device).map_err(|source| StateError::Io { path: shown.clone(), source })?;
         ledger.start = Some(start.clone());
@@ -421,18 +421,16 @@ impl Ledger {
         self.tree.as_ref()
     }
 
+    /// Leaves confirmed from the first on: known, and with a chunk table, their chunk
+    /// digests known too (a state never claims chunk digests it does not have).
     fn valid_prefix(&self) -> u64 {
-        self.known.iter().take_while(|k| **k).count() as u64
+        let with_chunks = |i: usize| self.chunks_known.is_empty() || self.chunks_known[i];
+        (0..self.known.len()).take_while(|&i| self.known[i] && with_chunks(i)).count() as u64
     }
 
     fn save(&self, stamp: Stamp) -> Result<(), StateError> {
         let Some(file) = &self.file else { return Ok(()) };
         let valid = self.valid_prefix();
-        let chunks_valid = self.layout.chunk.is_none() || self.chunks_known.iter().take(valid as usize).all(|k| *k);
-        if !chunks_valid {
-            // Leaf digests alone would claim chunk digests that are unknown: save nothing.
-            return Ok(());
-        }
         file.save(&State {
             layout: self.layout,
             device_path: self.device_path.clone(),

@@ -272,7 +272,7 @@ pub struct StateFile {
 
 impl StateFile {
     /// Names the state file at `path`, creating its directory if `create_dir`.
-    pub fn lock(path: &Path, create_dir: bool) -> Result<StateFile, StateError> {
+    pub fn at(path: &Path, create_dir: bool) -> Result<StateFile, StateError> {
         if create_dir && let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|source| StateError::Io { path: path.display().to_string(), source })?;
         }
@@ -374,7 +374,7 @@ mod tests {
     fn saving_is_atomic() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.basyn-state");
-        let f = StateFile::lock(&p, false).unwrap();
+        let f = StateFile::at(&p, false).unwrap();
         assert!(f.load().unwrap().is_none());
         f.save(&sample()).unwrap();
         assert_eq!(f.load().unwrap(), Some(sample()));

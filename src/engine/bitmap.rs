@@ -19,7 +19,7 @@ use crate::state::{Layout, State, StateError, StateFile};
 /// mismatched bitmap is an error: rebuilding it would need the receiver read that the
 /// user opted out of.
 pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, String> {
-    let file = StateFile::lock(path, false).map_err(|e| e.to_string())?;
+    let file = StateFile::at(path, false).map_err(|e| e.to_string())?;
     let hint = "use --reset-bitmap to rebuild it (the receiver is then read once)";
     match file.load() {
         Ok(None) => Ok(None),
@@ -39,7 +39,7 @@ pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, String> {
 
 /// Saves `leaves` (the source's digests, which the receiver now holds) as the bitmap.
 pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>) -> Result<(), StateError> {
-    let file = StateFile::lock(path, false)?;
+    let file = StateFile::at(path, false)?;
     file.save(&State {
         layout: *layout,
         device_path: device.display().to_string(),
