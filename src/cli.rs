@@ -9,8 +9,8 @@ use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use crate::compress::Codec;
 use crate::engine::{BitmapPlan, Direction, IndexPlan, Mode, Params, Plan, Transport};
 use crate::hash::HashAlgo;
-use crate::ledger::{StateMode, StateOptions};
 use crate::protocol::MAX_BLOCK;
+use crate::protocol::{StateMode, StateOptions};
 use crate::report::Output;
 use crate::ssh::Target;
 
@@ -119,8 +119,8 @@ struct SshArgs {
 #[derive(Debug, clap::Args)]
 struct TreeArgs {
     /// Hash function for block comparison.
-    #[arg(long, value_enum, ignore_case = true, default_value = "blake3", value_name = "HASH")]
-    hash: HashArg,
+    #[arg(long, value_parser = hash_parser(), ignore_case = true, default_value = "BLAKE3", value_name = "HASH")]
+    hash: HashAlgo,
 
     /// Block size in KiB for comparison and transfer.
     #[arg(long, default_value_t = 2048, value_name = "KB")]
@@ -142,7 +142,7 @@ impl TreeArgs {
     /// Hash, buffer and chunk, validated, in bytes.
     fn params(&self, codec: Codec) -> Result<Params, String> {
         let (buffer, chunk) = geometry(self.buffer, self.chunk)?;
-        Ok(Params { hash: hash(self.hash), buffer, chunk, refine: chunk, codec })
+        Ok(Params { hash: self.hash, buffer, chunk, refine: chunk, codec })
     }
 }
 
@@ -294,19 +294,6 @@ enum ModeArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum HashArg {
-    Blake3,
-    Sha1,
-    Sha224,
-    Sha256,
-    Sha384,
-    Sha512,
-    Blake2b,
-    Blake2s,
-    Md5,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
 enum CompressArg {
     Zstd,
     Zlib,
@@ -448,18 +435,11 @@ fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
     })
 }
 
-fn hash(h: HashArg) -> HashAlgo {
-    match h {
-        HashArg::Blake3 => HashAlgo::Blake3,
-        HashArg::Sha1 => HashAlgo::Sha1,
-        HashArg::Sha224 => HashAlgo::Sha224,
-        HashArg::Sha256 => HashAlgo::Sha256,
-        HashArg::Sha384 => HashAlgo::Sha384,
-        HashArg::Sha512 => HashAlgo::Sha512,
-        HashArg::Blake2b => HashAlgo::Blake2b,
-        HashArg::Blake2s => HashAlgo::Blake2s,
-        HashArg::Md5 => HashAlgo::Md5,
-    }
+/// `--hash`: the names [`HashAlgo`] gives its algorithms, in any case.
+fn hash_parser() -> impl clap::builder::TypedValueParser<Value = HashAlgo> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(HashAlgo::ALL.map(HashAlgo::name))
+        .map(|name: String| HashAlgo::from_name(&name).unwrap_or(HashAlgo::Blake3))
 }
 
 /// zstd level 3 over SSH by default, nothing locally unless asked; `--zlevel 0` disables.

@@ -7,6 +7,9 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::block::VerifiedBlock;
+use crate::sysfs;
+
 /// Which end of the transfer a device is on, as the user named it (`--local`/`--remote`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -278,7 +281,7 @@ impl Device {
             Kind::Block => block_size(&file).map_err(|e| err(Problem::Io("read the block device size", e)))?,
         };
         let identity = Identity {
-            boot_id: crate::stamp::boot_id(),
+            boot_id: sysfs::boot_id(),
             kind,
             dev: meta.dev(),
             ino: meta.ino(),
@@ -354,10 +357,12 @@ impl Device {
         })
     }
 
-    /// Writes all of `data` at `offset`. On a block device the write-back of these pages
-    /// starts at once: another process's later write to them then goes out on its own and
-    /// shows in the kernel's counters, instead of hiding in basyn's own write-back.
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    /// Writes a verified block: only data that arrived and matched its checks can be
+    /// written. On a block device the write-back of these pages starts at once: another
+    /// process's later write to them then goes out on its own and shows in the kernel's
+    /// counters, instead of hiding in basyn's own write-back.
+    pub fn write_at(&self, block: &VerifiedBlock) -> Result<(), DeviceError> {
+        let (offset, data) = (block.offset(), block.data());
         self.file.write_all_at(data, offset).map_err(|e| self.error("write", e))?;
         if self.kind == Kind::Block {
             use std::os::fd::AsRawFd;
@@ -458,21 +463,9 @@ fn advise_sequential(file: &File) {
     }
 }
 
-fn major_minor(rdev: u64) -> (u32, u32) {
-    (libc::major(rdev as libc::dev_t), libc::minor(rdev as libc::dev_t))
-}
-
-/// The kernel name of a block device (`sda1`, `loop3`) from its device number.
-pub fn block_name(rdev: u64) -> Option<String> {
-    let (maj, min) = major_minor(rdev);
-    let link = fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok()?;
-    Some(link.file_name()?.to_string_lossy().into_owned())
-}
-
 fn loop_backing(rdev: u64) -> Option<(u64, u64)> {
-    let name = block_name(rdev)?;
-    let backing = fs::read_to_string(format!("/sys/class/block/{name}/loop/backing_file")).ok()?;
-    let meta = fs::metadata(backing.trim()).ok()?;
+    let backing = sysfs::loop_backing_file(&sysfs::block_name(rdev)?)?;
+    let meta = fs::metadata(backing).ok()?;
     Some((meta.dev(), meta.ino()))
 }
 
@@ -481,66 +474,23 @@ fn loop_backing(rdev: u64) -> Option<(u64, u64)> {
 fn in_use(dev: &Device) -> Option<String> {
     match dev.kind {
         Kind::Block => {
-            let name = block_name(dev.identity.rdev)?;
-            let holders: Vec<String> = fs::read_dir(format!("/sys/class/block/{name}/holders"))
-                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-                .unwrap_or_default();
+            let name = sysfs::block_name(dev.identity.rdev)?;
+            let holders = sysfs::holders(&name);
             if !holders.is_empty() {
                 return Some(format!("held by {}", holders.join(", ")));
             }
-            let mut numbers = vec![major_minor(dev.identity.rdev)];
-            numbers.extend(partitions_of(&name));
-            mounted_at(&numbers).map(|m| format!("mounted at {m}"))
+            let mut numbers = vec![sysfs::major_minor(dev.identity.rdev)];
+            numbers.extend(sysfs::partitions(&name));
+            sysfs::mounted_at(&numbers).map(|m| format!("mounted at {m}"))
         }
         Kind::File => {
             let me = (dev.identity.dev, dev.identity.ino);
-            let dir = fs::read_dir("/sys/block").ok()?;
-            for entry in dir.filter_map(|e| e.ok()) {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.starts_with("loop") {
-                    continue;
-                }
-                let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
-                if let Ok(meta) = fs::metadata(backing.trim())
-                    && (meta.dev(), meta.ino()) == me
-                {
-                    return Some(format!("it backs /dev/{name}"));
-                }
-            }
-            None
+            sysfs::loop_devices().into_iter().find_map(|(name, backing)| {
+                let meta = fs::metadata(backing).ok()?;
+                ((meta.dev(), meta.ino()) == me).then(|| format!("it backs /dev/{name}"))
+            })
         }
     }
-}
-
-fn partitions_of(name: &str) -> Vec<(u32, u32)> {
-    let Ok(dir) = fs::read_dir(format!("/sys/class/block/{name}")) else { return Vec::new() };
-    dir.filter_map(|e| e.ok())
-        .filter(|e| e.path().join("partition").exists())
-        .filter_map(|e| fs::read_to_string(e.path().join("dev")).ok())
-        .filter_map(|s| {
-            let (a, b) = s.trim().split_once(':')?;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        })
-        .collect()
-}
-
-fn mounted_at(numbers: &[(u32, u32)]) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    for line in info.lines() {
-        let mut fields = line.split(' ');
-        let (Some(_), Some(_), Some(majmin), Some(_), Some(mount_point)) =
-            (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        let Some((a, b)) = majmin.split_once(':') else { continue };
-        if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>())
-            && numbers.contains(&(a, b))
-        {
-            return Some(mount_point.to_string());
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -1,26 +1,38 @@
-//! The client's handle on the far endpoint: a `basyn serve` reached over some transport,
-//! spoken to with the protocol. Replies are read by a thread into an unbounded queue so
-//! that the engine may keep many requests in flight without ever deadlocking on pipes.
+//! The client's handle on the far endpoint: a `basyn serve` reached over the transport
+//! the plan names, spoken to in the protocol's types. The engine makes typed,
+//! pipelined calls (ask for digests, data or a flush; then take the replies in the
+//! order asked) and never sees a frame. Replies are read by a thread into an unbounded
+//! queue so that the engine may keep many requests in flight without ever deadlocking
+//! on pipes.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::compress::Codec;
-use crate::device::{Identity, Kind};
-use crate::hash::HashAlgo;
-use crate::ledger::StateOptions;
+use crate::hash::{Digest, HashAlgo};
+use crate::link::{Link, LinkError, Process};
 use crate::protocol::{
-    AbortCode, Access, Counter, FEATURE_ZLIB, FEATURE_ZSTD, FEATURES, Frame, FrameReader, FrameWriter, Message,
-    ProtocolError, StateSummary, VERSION,
+    AbortCode, BlockFrame, Closed, Counter, FEATURE_ZLIB, FEATURE_ZSTD, FEATURES, Frame, FrameReader, FrameWriter,
+    MAX_CONTROL, Message, OpenRequest, Opened, ProtocolError, VERSION, split_digests,
 };
+use crate::ssh::Target;
+
+/// Where the far endpoint runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `basyn serve` as a child process on this machine.
+    Local,
+    /// `basyn serve` on another host, over SSH.
+    Ssh(Target),
+}
 
 /// A failure talking to the far endpoint.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EndpointError {
     /// The endpoint refused or failed and said why (its message names device and side).
     #[error("{message}")]
@@ -30,6 +42,9 @@ pub enum EndpointError {
         /// The endpoint's one-line message.
         message: String,
     },
+    /// The endpoint could not be reached or started; nothing was changed.
+    #[error(transparent)]
+    Unreachable(#[from] LinkError),
     /// The connection broke or carried something invalid.
     #[error("{context}: {source}")]
     Broken {
@@ -40,143 +55,37 @@ pub enum EndpointError {
     },
 }
 
-/// The process at the other end of a transport, so that it can be reaped or killed.
-pub trait Process: Send {
-    /// Kills it (idempotent).
-    fn kill(&mut self);
-    /// Waits for it to exit and describes an abnormal exit ("killed by signal 9").
-    fn wait(&mut self) -> Option<String>;
-    /// Like `wait`, but gives up after `limit`: `None` if it is still running.
-    fn wait_for(&mut self, limit: Duration) -> Option<Option<String>>;
+impl EndpointError {
+    /// True if the endpoint said nothing was changed (a refusal before any write).
+    pub fn is_precondition(&self) -> bool {
+        matches!(self, EndpointError::Abort { code: AbortCode::Precondition, .. } | EndpointError::Unreachable(_))
+    }
 }
 
-impl Process for Child {
-    fn kill(&mut self) {
-        let _ = Child::kill(self);
-    }
-    fn wait(&mut self) -> Option<String> {
-        match Child::wait(self) {
-            Ok(st) if st.success() => None,
-            Ok(st) => Some(describe_status(st)),
-            Err(e) => Some(format!("could not be waited for: {e}")),
-        }
-    }
-    fn wait_for(&mut self, limit: Duration) -> Option<Option<String>> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            match self.try_wait() {
-                Ok(Some(st)) if st.success() => return Some(None),
-                Ok(Some(st)) => return Some(Some(describe_status(st))),
-                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-                Ok(None) => return None,
-                Err(e) => return Some(Some(format!("could not be waited for: {e}"))),
+/// The reply thread: every frame from the endpoint into the queue, in order, ending with
+/// the error that ended the stream (a clean end between frames is `Closed` too, since
+/// the endpoint never ends a session without `Closed`).
+fn read_replies<R: std::io::Read>(mut frames: FrameReader<R>, send: mpsc::Sender<Result<Frame, ProtocolError>>) {
+    let end = match frames.start() {
+        Err(e) => e,
+        Ok(()) => loop {
+            match frames.recv() {
+                Ok(Some(f)) => {
+                    if send.send(Ok(f)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break ProtocolError::Closed,
+                Err(e) => break e,
             }
-        }
-    }
+        },
+    };
+    let _ = send.send(Err(end));
 }
 
-fn describe_status(st: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (st.code(), st.signal()) {
-        (Some(c), _) => format!("exited with status {c}"),
-        (None, Some(s)) => format!("was killed by signal {s}"),
-        _ => "ended abnormally".to_string(),
-    }
-}
-
-/// A byte stream pair to a `basyn serve` and the process behind it.
-pub struct Link {
-    /// Replies from the endpoint.
-    pub reader: Box<dyn Read + Send>,
-    /// Requests to the endpoint.
-    pub writer: Box<dyn Write + Send>,
-    /// The process to reap or kill.
-    pub process: Box<dyn Process>,
-    /// The far device as messages name it: `remote PATH` or `remote HOST:PATH`.
-    pub label: String,
-}
-
-impl Link {
-    /// Starts `basyn serve PATH` on this machine as a child over pipes: the same protocol
-    /// SSH carries, so local runs exercise it too.
-    pub fn local_child(path: &Path) -> Result<Link, EndpointError> {
-        let exe = std::env::current_exe().map_err(|e| broken("cannot find the basyn executable", e.into()))?;
-        let mut child = Command::new(exe)
-            .arg("serve")
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| broken("cannot start the local endpoint (basyn serve)", e.into()))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            let _ = child.kill();
-            return Err(broken("cannot start the local endpoint", ProtocolError::Closed));
-        };
-        widen_pipe(&stdin);
-        widen_pipe(&stdout);
-        let label = format!("remote {}", path.display());
-        Ok(Link { reader: Box::new(stdout), writer: Box::new(stdin), process: Box::new(child), label })
-    }
-}
-
-/// Grows a pipe's kernel buffer (64 KiB by default) so that a 2 MiB block crosses in a
-/// few system calls instead of dozens of wake-ups. Best effort: the limit may be lower.
-pub fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
-    // SAFETY: F_SETPIPE_SZ on a valid pipe descriptor; failure leaves it unchanged.
-    unsafe {
-        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
-    }
-}
-
-fn broken(context: &str, source: ProtocolError) -> EndpointError {
-    EndpointError::Broken { context: context.to_string(), source }
-}
-
-/// What the endpoint reported when it opened its device.
-#[derive(Clone, Debug)]
-pub struct Opened {
-    /// Device size in bytes.
-    pub size: u64,
-    /// File or block device.
-    pub kind: Kind,
-    /// Identity for same-device checks.
-    pub identity: Identity,
-    /// True if the endpoint created the file.
-    pub created: bool,
-    /// True if the endpoint resized the file (`--force`).
-    pub resized: bool,
-    /// The endpoint's state.
-    pub state: StateSummary,
-}
-
-/// What to open on the endpoint, and how.
-#[derive(Clone, Debug)]
-pub struct OpenRequest {
-    /// Probe, read or write.
-    pub access: Access,
-    /// Digest algorithm.
-    pub hash: HashAlgo,
-    /// Codec for data the endpoint sends.
-    pub codec: Codec,
-    /// Leaf size.
-    pub buffer: u64,
-    /// Chunk size.
-    pub chunk: Option<u64>,
-    /// State file options for the endpoint's device.
-    pub state: StateOptions,
-}
-
-/// What the endpoint reported when the session closed.
-#[derive(Clone, Debug, Default)]
-pub struct Closed {
-    /// Bytes it read from its device.
-    pub bytes_read: u64,
-    /// Someone other than basyn wrote its device during the session.
-    pub moved: bool,
-    /// What happened to its state file.
-    pub note: String,
-}
+/// Tree-node indices per TreeNodes request: a varint index takes at most 10 bytes, so a
+/// batch stays well inside a control frame.
+const TREE_BATCH: usize = MAX_CONTROL / 16;
 
 /// A connected, handshaken endpoint.
 pub struct Endpoint {
@@ -186,41 +95,33 @@ pub struct Endpoint {
     process: Box<dyn Process>,
     features: u64,
     label: String,
-    /// Bytes sent to the endpoint.
-    pub tx: Arc<Counter>,
-    /// Bytes received from the endpoint.
-    pub rx: Arc<Counter>,
+    tx: Arc<Counter>,
+    rx: Arc<Counter>,
     finished: bool,
 }
 
 impl Endpoint {
-    /// Handshakes over `link`: magic, version, features.
-    pub fn connect(link: Link) -> Result<Endpoint, EndpointError> {
+    /// Starts `basyn serve DEVICE` over `transport` and handshakes. `log` receives
+    /// `--verbose` lines about the connection.
+    pub fn connect(transport: &Transport, device: &Path, log: &dyn Fn(String)) -> Result<Endpoint, EndpointError> {
+        let link = match transport {
+            Transport::Local => Link::local_child(device)?,
+            Transport::Ssh(target) => crate::ssh::connect(target, device, log)?,
+        };
+        Endpoint::over(link)
+    }
+
+    /// Handshakes over `link`: preamble (magic and version), then Hello with features.
+    pub fn over(link: Link) -> Result<Endpoint, EndpointError> {
         let tx = Arc::new(Counter::default());
         let rx = Arc::new(Counter::default());
         let Link { reader, writer, process, label } = link;
-        let mut frames = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, reader), rx.clone());
+        let frames = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, reader), rx.clone());
         let (send, replies) = mpsc::channel();
         let reader = std::thread::Builder::new()
             .name("basyn-replies".into())
-            .spawn(move || {
-                let end = match frames.start() {
-                    Err(e) => e,
-                    Ok(()) => loop {
-                        match frames.recv() {
-                            Ok(Some(f)) => {
-                                if send.send(Ok(f)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => break ProtocolError::Closed,
-                            Err(e) => break e,
-                        }
-                    },
-                };
-                let _ = send.send(Err(end));
-            })
-            .map_err(|e| broken("cannot start a thread", e.into()))?;
+            .spawn(move || read_replies(frames, send))
+            .map_err(|source| LinkError::Start { what: "cannot start a thread", source })?;
         let mut ep = Endpoint {
             writer: Some(FrameWriter::new(BufWriter::with_capacity(1 << 20, writer), tx.clone())),
             replies,
@@ -232,21 +133,31 @@ impl Endpoint {
             rx,
             finished: false,
         };
-        let hello = Message::Hello { version: VERSION, features: FEATURES };
+        let hello = Message::Hello { version: u32::from(VERSION), features: FEATURES };
         let sent = ep.writer_mut().and_then(|w| w.start().and_then(|()| w.message(hello)).map_err(ProtocolError::from));
         if let Err(e) = sent {
             return Err(ep.fail("handshake", e));
         }
         match ep.recv_message("handshake")? {
-            Message::Hello { version, .. } if version != VERSION => {
-                Err(ep.fail("handshake", ProtocolError::Version { ours: VERSION, theirs: version }))
+            Message::Hello { version, .. } if version != u32::from(VERSION) => {
+                Err(ep.fail("handshake", ProtocolError::Version { ours: u32::from(VERSION), theirs: version }))
             }
             Message::Hello { features, .. } => {
                 ep.features = features;
                 Ok(ep)
             }
-            other => Err(ep.fail("handshake", ProtocolError::Unexpected(format!("{other:?}")))),
+            other => Err(ep.unexpected(Frame::Control(other), "the handshake")),
         }
+    }
+
+    /// The far device as messages name it.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Bytes received from and sent to the endpoint so far.
+    pub fn traffic(&self) -> (u64, u64) {
+        (self.rx.get(), self.tx.get())
     }
 
     /// True if the endpoint can decode payloads of `codec`.
@@ -260,20 +171,93 @@ impl Endpoint {
 
     /// Opens the endpoint's device.
     pub fn open(&mut self, req: OpenRequest) -> Result<Opened, EndpointError> {
-        let OpenRequest { access, hash, codec, buffer, chunk, state } = req;
-        if !self.supports(codec) {
+        if !self.supports(req.codec) {
+            let what = format!("codec {}", req.codec.describe());
             return Err(self.fail(
                 "opening the device",
-                ProtocolError::Unexpected(format!("codec {} is not supported by the endpoint", codec.describe())),
+                ProtocolError::Unexpected { what, doing: "choosing a codec the endpoint does not support" },
             ));
         }
-        self.send(&Frame::Control(Message::Open { access, hash, codec, buffer, chunk, state }))?;
+        self.send(&Frame::Control(Message::Open(req)))?;
         match self.recv_message("opening the device")? {
-            Message::Opened { size, kind, identity, created, resized, state } => {
-                Ok(Opened { size, kind, identity, created, resized, state })
-            }
-            other => Err(self.fail("opening the device", ProtocolError::Unexpected(format!("{other:?}")))),
+            Message::Opened(opened) => Ok(opened),
+            other => Err(self.unexpected(Frame::Control(other), "opening the device")),
         }
+    }
+
+    /// Asks for the digests of every `block`-sized piece of `[offset, offset+len)`;
+    /// the reply is taken with [`Endpoint::digests`].
+    pub fn ask_digests(&mut self, offset: u64, len: u64, block: u32) -> Result<(), EndpointError> {
+        self.send(&Frame::Control(Message::HashBlocks { offset, len, block }))
+    }
+
+    /// The next reply, which must be `count` digests of `hash`.
+    pub fn digests(&mut self, hash: HashAlgo, count: usize) -> Result<Vec<Digest>, EndpointError> {
+        match self.recv()? {
+            Frame::Digests(bytes) => split_digests(hash, &bytes, count).map_err(|e| self.fail("reading digests", e)),
+            other => Err(self.unexpected(other, "waiting for digests")),
+        }
+    }
+
+    /// Asks for the data of `[offset, offset+len)`; the reply is taken with [`Endpoint::data`].
+    pub fn ask_read(&mut self, offset: u64, len: u32) -> Result<(), EndpointError> {
+        self.send(&Frame::Control(Message::Read { offset, len }))
+    }
+
+    /// The next reply, which must be the data of `[offset, offset+len)`: still
+    /// unverified, to be checked against the source digests before it is written.
+    pub fn data(&mut self, offset: u64, len: usize) -> Result<BlockFrame, EndpointError> {
+        match self.recv()? {
+            Frame::Block(b) if b.offset == offset && b.raw_len as usize == len => Ok(b),
+            other => {
+                let what = format!("{} where offset {offset} ({len} bytes) was asked for", other.describe());
+                Err(self.fail("waiting for data", ProtocolError::Unexpected { what, doing: "reading data" }))
+            }
+        }
+    }
+
+    /// Sends data for the endpoint's device to verify and write (no reply).
+    pub fn write(&mut self, block: BlockFrame) -> Result<(), EndpointError> {
+        self.send(&Frame::Block(block))
+    }
+
+    /// Asks the endpoint to make every write durable and checkpoint its state; the reply
+    /// is taken with [`Endpoint::flushed`].
+    pub fn ask_flush(&mut self) -> Result<(), EndpointError> {
+        self.send(&Frame::Control(Message::Flush))
+    }
+
+    /// The next reply, which must say the endpoint's writes are durable.
+    pub fn flushed(&mut self) -> Result<(), EndpointError> {
+        match self.recv_message("flushing the device")? {
+            Message::Flushed => Ok(()),
+            other => Err(self.unexpected(Frame::Control(other), "flushing the device")),
+        }
+    }
+
+    /// Makes every write durable on the endpoint (fdatasync there) and waits for it.
+    pub fn flush_device(&mut self) -> Result<(), EndpointError> {
+        self.ask_flush()?;
+        self.flushed()
+    }
+
+    /// The digests of tree nodes on one level of the endpoint's (fresh) tree, asked in
+    /// batches that each fit a control frame, all in flight at once.
+    pub fn tree_nodes(
+        &mut self,
+        hash: HashAlgo,
+        level: usize,
+        indices: &[usize],
+    ) -> Result<Vec<Digest>, EndpointError> {
+        for batch in indices.chunks(TREE_BATCH) {
+            let msg = Message::TreeNodes { level: level as u32, indices: batch.iter().map(|&i| i as u64).collect() };
+            self.send(&Frame::Control(msg))?;
+        }
+        let mut out = Vec::with_capacity(indices.len());
+        for batch in indices.chunks(TREE_BATCH) {
+            out.extend(self.digests(hash, batch.len())?);
+        }
+        Ok(out)
     }
 
     fn writer_mut(&mut self) -> Result<&mut FrameWriter<BufWriter<Box<dyn Write + Send>>>, ProtocolError> {
@@ -281,13 +265,13 @@ impl Endpoint {
     }
 
     /// Queues a frame (flushed before the next wait for a reply).
-    pub fn send(&mut self, frame: &Frame) -> Result<(), EndpointError> {
+    fn send(&mut self, frame: &Frame) -> Result<(), EndpointError> {
         let sent = self.writer_mut().and_then(|w| w.send(frame).map_err(ProtocolError::from));
         sent.map_err(|e| self.fail("sending", e))
     }
 
     /// Waits for the next reply; an `Abort` from the endpoint becomes an error.
-    pub fn recv(&mut self) -> Result<Frame, EndpointError> {
+    fn recv(&mut self) -> Result<Frame, EndpointError> {
         let flushed = self.writer_mut().and_then(|w| w.flush().map_err(ProtocolError::from));
         if let Err(e) = flushed {
             return Err(self.fail("sending", e));
@@ -303,65 +287,29 @@ impl Endpoint {
         }
     }
 
-    fn recv_message(&mut self, doing: &str) -> Result<Message, EndpointError> {
+    fn recv_message(&mut self, doing: &'static str) -> Result<Message, EndpointError> {
         match self.recv()? {
             Frame::Control(m) => Ok(m),
-            other => Err(self.fail(doing, ProtocolError::Unexpected(format!("{other:?}")))),
+            other => Err(self.unexpected(other, doing)),
         }
     }
 
-    /// Makes every write durable on the endpoint (fdatasync there).
-    pub fn flush_device(&mut self) -> Result<(), EndpointError> {
-        self.send(&Frame::Control(Message::Flush))?;
-        match self.recv_message("flushing the device")? {
-            Message::Flushed => Ok(()),
-            other => Err(self.fail("flushing the device", ProtocolError::Unexpected(format!("{other:?}")))),
-        }
-    }
-
-    /// The digests of tree nodes on one level of the endpoint's (fresh) tree, asked in
-    /// batches that each fit a control frame, all in flight at once.
-    pub fn tree_nodes(
-        &mut self,
-        hash: HashAlgo,
-        level: usize,
-        indices: &[usize],
-    ) -> Result<Vec<crate::hash::Digest>, EndpointError> {
-        // A varint index takes at most 10 bytes; stay well inside MAX_CONTROL.
-        const BATCH: usize = crate::protocol::MAX_CONTROL / 16;
-        for batch in indices.chunks(BATCH) {
-            let msg = Message::TreeNodes { level: level as u32, indices: batch.iter().map(|&i| i as u64).collect() };
-            self.send(&Frame::Control(msg))?;
-        }
-        let mut out = Vec::with_capacity(indices.len());
-        for batch in indices.chunks(BATCH) {
-            match self.recv()? {
-                Frame::Digests(bytes) => out.extend(
-                    crate::protocol::split_digests(hash, &bytes, batch.len())
-                        .map_err(|e| self.fail("walking the tree", e))?,
-                ),
-                other => return Err(self.fail("walking the tree", ProtocolError::Unexpected(format!("{other:?}")))),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Sends a control message without waiting (its reply is read with [`Endpoint::recv`]).
-    pub fn request(&mut self, m: Message) -> Result<(), EndpointError> {
-        self.send(&Frame::Control(m))
+    fn unexpected(&mut self, frame: Frame, doing: &'static str) -> EndpointError {
+        self.fail(doing, ProtocolError::unexpected(&frame, doing))
     }
 
     /// Ends the session cleanly (the endpoint saves its state) and reaps the endpoint.
     pub fn close(mut self) -> Result<Closed, EndpointError> {
         self.send(&Frame::Control(Message::Close))?;
         let closed = match self.recv_message("closing the session")? {
-            Message::Closed { bytes_read, moved, note } => Closed { bytes_read, moved, note },
-            other => return Err(self.fail("closing the session", ProtocolError::Unexpected(format!("{other:?}")))),
+            Message::Closed(c) => c,
+            other => return Err(self.unexpected(Frame::Control(other), "closing the session")),
         };
         self.writer = None;
         self.finished = true;
         if let Some(status) = self.process.wait() {
-            return Err(broken(&format!("the endpoint {status} after the session"), ProtocolError::Closed));
+            let context = format!("the endpoint {status} after the session");
+            return Err(EndpointError::Broken { context, source: ProtocolError::Closed });
         }
         if let Some(t) = self.reader.take() {
             let _ = t.join();
@@ -422,34 +370,5 @@ impl Drop for Endpoint {
             self.process.kill();
             let _ = self.process.wait();
         }
-    }
-}
-
-/// An endpoint served by a thread of this process, for unit tests of the engine.
-#[cfg(test)]
-pub fn in_process(path: &Path) -> Link {
-    struct Thread(Option<std::thread::JoinHandle<i32>>);
-    impl Process for Thread {
-        fn kill(&mut self) {}
-        fn wait(&mut self) -> Option<String> {
-            match self.0.take().map(|t| t.join()) {
-                Some(Ok(0)) | None => None,
-                Some(Ok(code)) => Some(format!("exited with status {code}")),
-                Some(Err(_)) => Some("panicked".to_string()),
-            }
-        }
-        fn wait_for(&mut self, _: Duration) -> Option<Option<String>> {
-            Some(self.wait())
-        }
-    }
-    let (req_r, req_w) = std::io::pipe().expect("pipe");
-    let (rep_r, rep_w) = std::io::pipe().expect("pipe");
-    let path = path.to_path_buf();
-    let t = std::thread::spawn(move || crate::serve::serve(&path, req_r, rep_w));
-    Link {
-        reader: Box::new(rep_r),
-        writer: Box::new(req_w),
-        process: Box::new(Thread(Some(t))),
-        label: "remote (in-process)".into(),
     }
 }

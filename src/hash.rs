@@ -71,6 +71,11 @@ impl HashAlgo {
         }
     }
 
+    /// The algorithm named `name` (as [`HashAlgo::name`] spells it), in any case.
+    pub fn from_name(name: &str) -> Option<HashAlgo> {
+        HashAlgo::ALL.into_iter().find(|a| a.name().eq_ignore_ascii_case(name))
+    }
+
     /// Digest of one block of data.
     pub fn digest(self, data: &[u8]) -> Digest {
         fn from(bytes: impl AsRef<[u8]>) -> Digest {
@@ -161,6 +166,15 @@ mod tests {
             assert_ne!(a, b, "{algo}");
             assert_eq!(a, algo.digest(b"block a"), "{algo}");
         }
+    }
+
+    #[test]
+    fn every_algorithm_is_found_by_its_name_in_any_case() {
+        for algo in HashAlgo::ALL {
+            assert_eq!(HashAlgo::from_name(algo.name()), Some(algo));
+            assert_eq!(HashAlgo::from_name(&algo.name().to_lowercase()), Some(algo));
+        }
+        assert_eq!(HashAlgo::from_name("crc32"), None);
     }
 
     #[test]

@@ -2,19 +2,22 @@
 //!
 //! The binary (`main.rs`) parses the command line with [`cli`] and hands a [`engine::Plan`]
 //! to [`engine::run`]; the far end of every run is [`serve::serve`] behind an
-//! [`endpoint::Endpoint`].
+//! [`endpoint::Endpoint`]. `docs/design.md` draws the module map.
 
+pub mod block;
 pub mod cli;
 pub mod compress;
 pub mod device;
+pub mod digest_index;
 pub mod endpoint;
 pub mod engine;
 pub mod hash;
-pub mod ledger;
+pub mod link;
 pub mod protocol;
 pub mod report;
 pub mod serve;
 pub mod ssh;
 pub mod stamp;
 pub mod state;
+pub mod sysfs;
 pub mod tree;

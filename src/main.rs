@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use basyn::cli::{self, Command, Stop};
-use basyn::report::Stats;
+use basyn::report::{Interrupts, Stats};
 use basyn::{engine, serve};
 
 fn main() -> ExitCode {
@@ -19,21 +19,24 @@ fn main() -> ExitCode {
             1
         }
         Ok(Command::Serve(path)) => serve_stdio(&path),
-        Ok(Command::Index(plan)) => report(plan.output.stat, |stats| engine::index(&plan, stats)),
+        Ok(Command::Index(plan)) => {
+            report(plan.output.stat, |stats, interrupts| engine::index(&plan, stats, interrupts))
+        }
         Ok(Command::Protocol) => {
             println!("{}", basyn::ssh::protocol_line());
             0
         }
-        Ok(Command::Run(plan)) => report(plan.output.stat, |stats| engine::run(&plan, stats)),
+        Ok(Command::Run(plan)) => report(plan.output.stat, |stats, interrupts| engine::run(&plan, stats, interrupts)),
     };
     ExitCode::from(code as u8)
 }
 
-/// Runs a job, prints `--stat` (also after a failure), maps the outcome to an exit code.
-fn report(stat: bool, job: impl FnOnce(&mut Stats) -> Result<(), engine::Error>) -> i32 {
-    basyn::report::exit_on_interrupt();
+/// Runs a job with SIGINT/SIGTERM handled, prints `--stat` (also after a failure), maps
+/// the outcome to an exit code.
+fn report(stat: bool, job: impl FnOnce(&mut Stats, &Interrupts) -> Result<(), engine::Error>) -> i32 {
+    let interrupts = Interrupts::install();
     let mut stats = Stats::default();
-    let result = job(&mut stats);
+    let result = job(&mut stats, &interrupts);
     if stat {
         print!("{}", stats.render());
     }
@@ -56,8 +59,8 @@ fn serve_stdio(path: &std::path::Path) -> i32 {
     match fds {
         Ok((input, output)) => {
             // Over SSH these are sshd's pipes, 64 KiB unless widened from this end.
-            basyn::endpoint::widen_pipe(&input);
-            basyn::endpoint::widen_pipe(&output);
+            basyn::link::widen_pipe(&input);
+            basyn::link::widen_pipe(&output);
             serve::serve(path, File::from(input), File::from(output))
         }
         Err(e) => {

@@ -1,33 +1,38 @@
 //! The wire protocol between basyn and `basyn serve`: a preamble, then length-prefixed
-//! frames over any byte stream. See `docs/protocol.md`.
+//! frames over any byte stream. This module owns every message type that crosses the
+//! wire; the client (`endpoint`) and the server (`serve`) both speak in them. See
+//! `docs/protocol.md`.
 //!
 //! ```text
-//! stream   := MAGIC frame*            (each direction starts with the 8-byte MAGIC)
+//! stream   := MAGIC version:u16be frame*   (each direction starts with it)
 //! frame    := kind:u8 len:u32le payload[len]
 //! kind 1   Control  payload = postcard(Message), len <= MAX_CONTROL
-//! kind 2   Block    payload = offset:u64le raw_len:u32le codec:u8 data[..]
+//! kind 2   Block    payload = offset:u64le raw_len:u32le codec:u8
+//!                             check:u8 unit:u32le count:u32le digest_len:u8
+//!                             digest[count] data[..]
 //! kind 3   Digests  payload = digest*  (concatenated, each of the session's digest length)
 //! ```
 //!
-//! Every length is checked against its maximum before anything is allocated; a frame
-//! from the wire is untrusted until [`BlockFrame::decode`] has bounds-checked and
-//! decompressed it.
+//! Every length is checked against its maximum before anything is allocated; a block
+//! from the wire is untrusted until [`BlockFrame::verify`] has bounds-checked,
+//! decompressed and checked it against the source digests it carries.
 
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::compress::{self, Codec, PayloadCodec};
+pub use crate::block::{BlockFrame, Check, MAX_BLOCK};
+use crate::compress::{Codec, PayloadCodec};
 use crate::device::{Identity, Kind};
-use crate::hash::HashAlgo;
-use crate::ledger::StateOptions;
+use crate::hash::{Digest, HashAlgo, MAX_DIGEST_LEN};
 
-/// First bytes each side writes: "BASYN", a zero, and the protocol major as a byte pair.
-pub const MAGIC: [u8; 8] = *b"BASYN\0\x00\x02";
-/// Protocol version carried in [`Message::Hello`]; a mismatch is refused.
-pub const VERSION: u32 = 2;
+/// First bytes each side writes, before the protocol version.
+pub const MAGIC: [u8; 6] = *b"BASYN\0";
+/// Protocol version, written right after [`MAGIC`] and checked before anything else.
+pub const VERSION: u16 = 3;
 /// Feature bit: the peer can decode zstd block payloads.
 pub const FEATURE_ZSTD: u64 = 1;
 /// Feature bit: the peer can decode zlib block payloads.
@@ -35,18 +40,48 @@ pub const FEATURE_ZLIB: u64 = 2;
 /// Features this build supports.
 pub const FEATURES: u64 = FEATURE_ZSTD | FEATURE_ZLIB;
 
-/// Largest block (`--buffer`) the protocol carries: 64 MiB.
-pub const MAX_BLOCK: usize = 64 << 20;
 /// Largest control message.
 pub const MAX_CONTROL: usize = 64 << 10;
 /// Largest digest list: enough for every chunk of a maximal block at 1 KiB chunks.
-pub const MAX_DIGESTS: usize = (MAX_BLOCK / 1024) * crate::hash::MAX_DIGEST_LEN;
-const BLOCK_HEADER: usize = 13;
+pub const MAX_DIGESTS: usize = (MAX_BLOCK / 1024) * MAX_DIGEST_LEN;
+const BLOCK_HEADER: usize = 23;
 const FRAME_HEADER: usize = 5;
+const PREAMBLE: usize = MAGIC.len() + 2;
 
 const KIND_CONTROL: u8 = 1;
 const KIND_BLOCK: u8 = 2;
 const KIND_DIGESTS: u8 = 3;
+
+const CHECK_NONE: u8 = 0;
+const CHECK_LEAVES: u8 = 1;
+const CHECK_PIECES: u8 = 2;
+
+/// Which state file a side uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateMode {
+    /// The default location for the device.
+    Default,
+    /// An explicit file (`--state`, `--remote-state`).
+    Path(PathBuf),
+    /// No state at all (`--no-state`).
+    Off,
+}
+
+/// The state options of one side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateOptions {
+    /// Which file.
+    pub mode: StateMode,
+    /// `--trust-state`: use a state whose freshness cannot be verified.
+    pub trust: bool,
+}
+
+impl StateOptions {
+    /// No state.
+    pub fn off() -> StateOptions {
+        StateOptions { mode: StateMode::Off, trust: false }
+    }
+}
 
 /// What the client wants to do with the served device.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,6 +103,23 @@ pub enum Access {
     },
 }
 
+/// What to open on the server, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpenRequest {
+    /// Probe, read or write.
+    pub access: Access,
+    /// Digest algorithm for [`Message::HashBlocks`].
+    pub hash: HashAlgo,
+    /// Codec for blocks the server sends.
+    pub codec: Codec,
+    /// Leaf (`--buffer`) size.
+    pub buffer: u64,
+    /// Chunk size, if chunk digests are kept under leaves.
+    pub chunk: Option<u64>,
+    /// Which state file to use for the device.
+    pub state: StateOptions,
+}
+
 /// The server's state as the client needs it to decide between a tree walk, a
 /// one-sided comparison and a full read.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +130,34 @@ pub struct StateSummary {
     pub root: Option<Vec<u8>>,
     /// Tree height when fresh.
     pub height: u32,
+    /// What happened to the state file, for `--verbose`.
+    pub note: String,
+}
+
+/// What the server reported when it opened its device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Opened {
+    /// Its size in bytes.
+    pub size: u64,
+    /// File or block device.
+    pub kind: Kind,
+    /// Its identity.
+    pub identity: Identity,
+    /// True if the server created it.
+    pub created: bool,
+    /// True if the server resized it (`--force`).
+    pub resized: bool,
+    /// What the server's state says about the device.
+    pub state: StateSummary,
+}
+
+/// What the server reported when the session closed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Closed {
+    /// Bytes the server read from its device.
+    pub bytes_read: u64,
+    /// Someone other than basyn wrote the device during the session.
+    pub moved: bool,
     /// What happened to the state file, for `--verbose`.
     pub note: String,
 }
@@ -105,35 +185,9 @@ pub enum Message {
     },
     /// Client: open the served device (again, if a device is open: that one is finished
     /// first, its state saved).
-    Open {
-        /// How.
-        access: Access,
-        /// Digest algorithm for [`Message::HashBlocks`].
-        hash: HashAlgo,
-        /// Codec for blocks the server sends.
-        codec: Codec,
-        /// Leaf (`--buffer`) size.
-        buffer: u64,
-        /// Chunk size, if chunk digests are kept under leaves.
-        chunk: Option<u64>,
-        /// Which state file to use for the device.
-        state: StateOptions,
-    },
+    Open(OpenRequest),
     /// Server: the device is open.
-    Opened {
-        /// Its size in bytes.
-        size: u64,
-        /// File or block device.
-        kind: Kind,
-        /// Its identity.
-        identity: Identity,
-        /// True if the server created it.
-        created: bool,
-        /// True if the server resized it (`--force`).
-        resized: bool,
-        /// What the server's state says about the device.
-        state: StateSummary,
-    },
+    Opened(Opened),
     /// Client: digest every `block`-sized piece of `[offset, offset+len)`; answered by
     /// one Digests frame.
     HashBlocks {
@@ -166,14 +220,7 @@ pub enum Message {
     /// Client: the session is over; answered by `Closed`, then the server exits.
     Close,
     /// Server: the device's state is saved; what the session cost.
-    Closed {
-        /// Bytes the server read from its device.
-        bytes_read: u64,
-        /// Someone other than basyn wrote the device during the session.
-        moved: bool,
-        /// What happened to the state file, for `--verbose`.
-        note: String,
-    },
+    Closed(Closed),
     /// Either side: the session ends with this error.
     Abort {
         /// Which kind of failure.
@@ -183,39 +230,22 @@ pub enum Message {
     },
 }
 
-/// A bulk data frame: a block (or chunk) of device data, possibly compressed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BlockFrame {
-    /// Device offset of the data.
-    pub offset: u64,
-    /// Length of the data once decoded.
-    pub raw_len: u32,
-    /// How `payload` is encoded.
-    pub codec: PayloadCodec,
-    /// Encoded bytes.
-    pub payload: Vec<u8>,
-}
-
-impl BlockFrame {
-    /// Encodes `data` found at `offset` with `codec`.
-    pub fn encode(offset: u64, data: &[u8], codec: Codec) -> BlockFrame {
-        let (pc, payload) = codec.encode(data);
-        BlockFrame { offset, raw_len: data.len() as u32, codec: pc, payload }
-    }
-
-    /// Checks the frame against a device of `device_size` bytes and decodes its data.
-    /// This is the only way from wire bytes to data that may be written.
-    pub fn decode(&self, device_size: u64) -> Result<Vec<u8>, ProtocolError> {
-        let end = self.offset.checked_add(u64::from(self.raw_len));
-        if end.is_none_or(|e| e > device_size) || self.raw_len as usize > MAX_BLOCK {
-            return Err(ProtocolError::OutOfBounds {
-                offset: self.offset,
-                len: u64::from(self.raw_len),
-                size: device_size,
-            });
+impl Message {
+    /// The message's name, for errors: never its contents, which may be long.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Open(_) => "Open",
+            Message::Opened(_) => "Opened",
+            Message::HashBlocks { .. } => "HashBlocks",
+            Message::Read { .. } => "Read",
+            Message::TreeNodes { .. } => "TreeNodes",
+            Message::Flush => "Flush",
+            Message::Flushed => "Flushed",
+            Message::Close => "Close",
+            Message::Closed(_) => "Closed",
+            Message::Abort { .. } => "Abort",
         }
-        compress::decode(self.codec, &self.payload, self.raw_len as usize)
-            .map_err(|e| ProtocolError::BadBlock { offset: self.offset, reason: e.to_string() })
     }
 }
 
@@ -230,8 +260,20 @@ pub enum Frame {
     Digests(Vec<u8>),
 }
 
+impl Frame {
+    /// Describes the frame for an error message without ever printing a payload.
+    pub fn describe(&self) -> String {
+        match self {
+            Frame::Control(m) => format!("message {}", m.name()),
+            Frame::Block(b) => format!("data block at offset {} ({} bytes)", b.offset, b.raw_len),
+            Frame::Digests(d) => format!("digest list of {} bytes", d.len()),
+        }
+    }
+}
+
 /// A broken stream or a frame that breaks the protocol.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// The peer closed the stream.
     #[error("the connection closed unexpectedly")]
@@ -258,30 +300,30 @@ pub enum ProtocolError {
     /// A control message that does not decode.
     #[error("undecodable control message: {0}")]
     BadMessage(String),
-    /// A block frame with a short header or unknown codec.
-    #[error("malformed block frame")]
-    BadBlockHeader,
-    /// A block outside the device.
-    #[error("block at offset {offset} of {len} bytes lies outside the device of {size} bytes")]
-    OutOfBounds {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: u64,
-        /// Device size.
-        size: u64,
-    },
-    /// A block whose payload does not decode.
-    #[error("block at offset {offset}: {reason}")]
-    BadBlock {
-        /// Offset.
-        offset: u64,
-        /// Why.
-        reason: String,
-    },
+    /// A block frame with a short header, an unknown codec or a malformed check.
+    #[error("malformed block frame: {0}")]
+    BadBlockHeader(&'static str),
+    /// A block that may not be written.
+    #[error(transparent)]
+    Block(#[from] crate::block::BlockError),
     /// A frame that is valid but not expected now.
-    #[error("unexpected {0}")]
-    Unexpected(String),
+    #[error("unexpected {what} while {doing}")]
+    Unexpected {
+        /// The frame, described by [`Frame::describe`].
+        what: String,
+        /// What was expected.
+        doing: &'static str,
+    },
+    /// A digest list of another length than asked for.
+    #[error("digest list of {len} bytes, expected {count} {algo} digests")]
+    DigestCount {
+        /// Bytes received.
+        len: usize,
+        /// Digests asked for.
+        count: usize,
+        /// The session's algorithm.
+        algo: HashAlgo,
+    },
     /// The peer speaks another protocol version.
     #[error("protocol version mismatch: this basyn speaks {ours}, the peer speaks {theirs}")]
     Version {
@@ -290,6 +332,13 @@ pub enum ProtocolError {
         /// Theirs.
         theirs: u32,
     },
+}
+
+impl ProtocolError {
+    /// `frame` arrived while something else was expected.
+    pub fn unexpected(frame: &Frame, doing: &'static str) -> ProtocolError {
+        ProtocolError::Unexpected { what: frame.describe(), doing }
+    }
 }
 
 /// Byte counters shared between a stream's owner and the statistics.
@@ -318,10 +367,11 @@ impl<W: Write> FrameWriter<W> {
         FrameWriter { inner, count }
     }
 
-    /// Writes the magic preamble.
+    /// Writes the preamble: magic and version.
     pub fn start(&mut self) -> io::Result<()> {
         self.inner.write_all(&MAGIC)?;
-        self.count.add(MAGIC.len());
+        self.inner.write_all(&VERSION.to_be_bytes())?;
+        self.count.add(PREAMBLE);
         self.inner.flush()
     }
 
@@ -333,10 +383,23 @@ impl<W: Write> FrameWriter<W> {
                 self.raw(KIND_CONTROL, &[&body])
             }
             Frame::Block(b) => {
-                let mut head = [0u8; BLOCK_HEADER];
-                head[..8].copy_from_slice(&b.offset.to_le_bytes());
-                head[8..12].copy_from_slice(&b.raw_len.to_le_bytes());
-                head[12] = b.codec as u8;
+                let (check, unit, digests) = match &b.check {
+                    Check::None => (CHECK_NONE, 0, &[][..]),
+                    Check::Leaves(d) => (CHECK_LEAVES, 0, &d[..]),
+                    Check::Pieces { unit, digests } => (CHECK_PIECES, *unit, &digests[..]),
+                };
+                let digest_len = digests.first().map_or(0, |d| d.as_bytes().len());
+                let mut head = Vec::with_capacity(BLOCK_HEADER + digests.len() * digest_len);
+                head.extend_from_slice(&b.offset.to_le_bytes());
+                head.extend_from_slice(&b.raw_len.to_le_bytes());
+                head.push(b.codec as u8);
+                head.push(check);
+                head.extend_from_slice(&unit.to_le_bytes());
+                head.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                head.push(digest_len as u8);
+                for d in digests {
+                    head.extend_from_slice(d.as_bytes());
+                }
                 self.raw(KIND_BLOCK, &[&head, &b.payload])
             }
             Frame::Digests(d) => self.raw(KIND_DIGESTS, &[d]),
@@ -381,16 +444,21 @@ impl<R: Read> FrameReader<R> {
         FrameReader { inner, count }
     }
 
-    /// Reads and checks the magic preamble.
+    /// Reads and checks the preamble: the magic, then the version, so that another
+    /// version of basyn is named as such.
     pub fn start(&mut self) -> Result<(), ProtocolError> {
-        let mut got = Vec::with_capacity(MAGIC.len());
-        (&mut self.inner).take(MAGIC.len() as u64).read_to_end(&mut got)?;
+        let mut got = Vec::with_capacity(PREAMBLE);
+        (&mut self.inner).take(PREAMBLE as u64).read_to_end(&mut got)?;
         self.count.add(got.len());
         if got.is_empty() {
             return Err(ProtocolError::Closed);
         }
-        if got != MAGIC {
+        if got.len() < PREAMBLE || got[..MAGIC.len()] != MAGIC {
             return Err(ProtocolError::BadMagic(got));
+        }
+        let theirs = u16::from_be_bytes([got[MAGIC.len()], got[MAGIC.len() + 1]]);
+        if theirs != VERSION {
+            return Err(ProtocolError::Version { ours: u32::from(VERSION), theirs: u32::from(theirs) });
         }
         Ok(())
     }
@@ -407,7 +475,7 @@ impl<R: Read> FrameReader<R> {
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
         let max = match kind {
             KIND_CONTROL => MAX_CONTROL,
-            KIND_BLOCK => MAX_BLOCK + BLOCK_HEADER,
+            KIND_BLOCK => MAX_BLOCK + BLOCK_HEADER + MAX_DIGESTS,
             KIND_DIGESTS => MAX_DIGESTS,
             other => return Err(ProtocolError::BadKind(other)),
         };
@@ -434,19 +502,41 @@ pub fn decode_body(kind: u8, body: Vec<u8>) -> Result<Frame, ProtocolError> {
             }
             Ok(Frame::Control(m))
         }
-        KIND_BLOCK => {
-            if body.len() < BLOCK_HEADER {
-                return Err(ProtocolError::BadBlockHeader);
-            }
-            let offset = u64::from_le_bytes(body[..8].try_into().map_err(|_| ProtocolError::BadBlockHeader)?);
-            let raw_len = u32::from_le_bytes(body[8..12].try_into().map_err(|_| ProtocolError::BadBlockHeader)?);
-            let codec = PayloadCodec::from_byte(body[12]).ok_or(ProtocolError::BadBlockHeader)?;
-            let payload = body[BLOCK_HEADER..].to_vec();
-            Ok(Frame::Block(BlockFrame { offset, raw_len, codec, payload }))
-        }
+        KIND_BLOCK => decode_block(body).map(Frame::Block),
         KIND_DIGESTS => Ok(Frame::Digests(body)),
         other => Err(ProtocolError::BadKind(other)),
     }
+}
+
+fn decode_block(body: Vec<u8>) -> Result<BlockFrame, ProtocolError> {
+    let bad = ProtocolError::BadBlockHeader;
+    if body.len() < BLOCK_HEADER {
+        return Err(bad("shorter than its header"));
+    }
+    let u64_at = |at: usize| body[at..at + 8].try_into().map(u64::from_le_bytes).map_err(|_| bad("header"));
+    let u32_at = |at: usize| body[at..at + 4].try_into().map(u32::from_le_bytes).map_err(|_| bad("header"));
+    let offset = u64_at(0)?;
+    let raw_len = u32_at(8)?;
+    let codec = PayloadCodec::from_byte(body[12]).ok_or(bad("unknown codec"))?;
+    let (kind, unit, count, digest_len) = (body[13], u32_at(14)?, u32_at(18)? as usize, body[22] as usize);
+    if digest_len > MAX_DIGEST_LEN || (count > 0 && digest_len == 0) {
+        return Err(bad("digest length"));
+    }
+    let digests_end = count
+        .checked_mul(digest_len)
+        .and_then(|n| n.checked_add(BLOCK_HEADER))
+        .filter(|&end| end <= body.len())
+        .ok_or(bad("more digests than the frame holds"))?;
+    let digests: Vec<Digest> =
+        body[BLOCK_HEADER..digests_end].chunks(digest_len.max(1)).map(Digest::from_slice).collect();
+    let check = match kind {
+        CHECK_NONE if count == 0 => Check::None,
+        CHECK_LEAVES => Check::Leaves(digests),
+        CHECK_PIECES if unit > 0 => Check::Pieces { unit, digests },
+        _ => return Err(bad("unknown check")),
+    };
+    let payload = body[digests_end..].to_vec();
+    Ok(BlockFrame { offset, raw_len, codec, check, payload })
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -464,22 +554,28 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Splits a Digests frame into `count` digests of `algo`, or fails if it has another length.
-pub fn split_digests(algo: HashAlgo, bytes: &[u8], count: usize) -> Result<Vec<crate::hash::Digest>, ProtocolError> {
+pub fn split_digests(algo: HashAlgo, bytes: &[u8], count: usize) -> Result<Vec<Digest>, ProtocolError> {
     let dl = algo.digest_len();
     if bytes.len() != count * dl {
-        return Err(ProtocolError::Unexpected(format!(
-            "digest list of {} bytes, expected {count} {algo} digests",
-            bytes.len()
-        )));
+        return Err(ProtocolError::DigestCount { len: bytes.len(), count, algo });
     }
-    Ok(bytes.chunks(dl).map(crate::hash::Digest::from_slice).collect())
+    Ok(bytes.chunks(dl).map(Digest::from_slice).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::StateMode;
     use proptest::prelude::*;
+
+    fn preamble() -> Vec<u8> {
+        let mut p = MAGIC.to_vec();
+        p.extend_from_slice(&VERSION.to_be_bytes());
+        p
+    }
+
+    fn layout() -> crate::tree::Layout {
+        crate::tree::Layout { hash: HashAlgo::Sha1, buffer: 4096, chunk: None, fanout: 4, device_size: 1 << 20 }
+    }
 
     fn round_trip(frames: &[Frame]) -> Vec<Frame> {
         let mut buf = Vec::new();
@@ -500,16 +596,28 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let frames = vec![
-            Frame::Control(Message::Hello { version: VERSION, features: FEATURES }),
+            Frame::Control(Message::Hello { version: u32::from(VERSION), features: FEATURES }),
             Frame::Control(Message::HashBlocks { offset: 1 << 40, len: 77, block: 4096 }),
             Frame::Control(Message::Abort { code: AbortCode::Failed, message: "remote /x: boom".into() }),
-            Frame::Block(BlockFrame::encode(4096, &[5u8; 10000], Codec::Zstd(3))),
+            Frame::Block(BlockFrame::encode(4096, &[5u8; 10000], Codec::Zstd(3), Check::None)),
+            Frame::Block(BlockFrame::encode(
+                0,
+                &[6u8; 300],
+                Codec::None,
+                Check::Pieces { unit: 100, digests: HashAlgo::Sha1.digest_pieces(&[6u8; 300], 100) },
+            )),
+            Frame::Block(BlockFrame::encode(
+                8192,
+                &[7u8; 30],
+                Codec::Zlib(6),
+                Check::Leaves(vec![HashAlgo::Md5.digest(b"leaf")]),
+            )),
             Frame::Digests(vec![1, 2, 3, 4]),
         ];
         assert_eq!(round_trip(&frames), frames);
     }
 
-    /// A version-2 session whose encoding must never change (`fixtures/protocol/`).
+    /// A version-3 session whose encoding must never change (`fixtures/protocol/`).
     fn golden_session() -> Vec<Frame> {
         let identity = Identity {
             boot_id: "8d1c9a52-1f5e-4c33-9b1a-2f4e6d7c8b9a".into(),
@@ -520,8 +628,8 @@ mod tests {
             backing: Some((2049, 77)),
         };
         vec![
-            Frame::Control(Message::Hello { version: 2, features: FEATURE_ZSTD | FEATURE_ZLIB }),
-            Frame::Control(Message::Open {
+            Frame::Control(Message::Hello { version: 3, features: FEATURE_ZSTD | FEATURE_ZLIB }),
+            Frame::Control(Message::Open(OpenRequest {
                 access: Access::Write {
                     source_size: 1 << 30,
                     source: Some(identity.clone()),
@@ -533,15 +641,15 @@ mod tests {
                 buffer: 2 << 20,
                 chunk: Some(64 << 10),
                 state: StateOptions { mode: StateMode::Path("/var/lib/basyn/x.basyn-state".into()), trust: true },
-            }),
-            Frame::Control(Message::Opened {
+            })),
+            Frame::Control(Message::Opened(Opened {
                 size: 1 << 30,
                 kind: Kind::File,
                 identity,
                 created: true,
                 resized: false,
                 state: StateSummary { fresh: true, root: Some(vec![7; 32]), height: 3, note: "fresh".into() },
-            }),
+            })),
             Frame::Control(Message::TreeNodes { level: 1, indices: vec![0, 5, 63] }),
             Frame::Control(Message::HashBlocks { offset: 2 << 20, len: 16 << 20, block: 2 << 20 }),
             Frame::Digests((0u8..64).collect()),
@@ -550,7 +658,18 @@ mod tests {
                 offset: 4096,
                 raw_len: 8,
                 codec: PayloadCodec::Raw,
+                check: Check::None,
                 payload: b"basyn!\n\0".to_vec(),
+            }),
+            Frame::Block(BlockFrame {
+                offset: 2 << 20,
+                raw_len: 8,
+                codec: PayloadCodec::Raw,
+                check: Check::Pieces {
+                    unit: 4,
+                    digests: vec![Digest::from_slice(&[1; 32]), Digest::from_slice(&[2; 32])],
+                },
+                payload: b"pieces!\n".to_vec(),
             }),
             Frame::Control(Message::Flush),
             Frame::Control(Message::Flushed),
@@ -559,23 +678,23 @@ mod tests {
                 message: "remote /x: no such file or device".into(),
             }),
             Frame::Control(Message::Close),
-            Frame::Control(Message::Closed { bytes_read: 1 << 20, moved: false, note: "saved".into() }),
+            Frame::Control(Message::Closed(Closed { bytes_read: 1 << 20, moved: false, note: "saved".into() })),
         ]
     }
 
     #[test]
-    fn the_version_2_encoding_matches_the_golden_fixture() {
+    fn the_version_3_encoding_matches_the_golden_fixture() {
         let mut bytes = Vec::new();
         let mut w = FrameWriter::new(&mut bytes, Arc::default());
         w.start().unwrap();
         for f in golden_session() {
             w.send(&f).unwrap();
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v2.bin");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v3.bin");
         if std::env::var_os("BASYN_BLESS").is_some() {
             std::fs::write(path, &bytes).unwrap();
         }
-        let golden = std::fs::read(path).expect("fixtures/protocol/session-v2.bin (BASYN_BLESS=1 writes it)");
+        let golden = std::fs::read(path).expect("fixtures/protocol/session-v3.bin (BASYN_BLESS=1 writes it)");
         assert_eq!(bytes, golden, "the wire encoding changed; bump VERSION instead");
         let mut r = FrameReader::new(&golden[..], Arc::default());
         r.start().unwrap();
@@ -588,7 +707,7 @@ mod tests {
 
     #[test]
     fn oversized_frames_are_refused_before_allocation() {
-        let mut bytes = MAGIC.to_vec();
+        let mut bytes = preamble();
         bytes.push(KIND_BLOCK);
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         let mut r = FrameReader::new(&bytes[..], Arc::default());
@@ -603,24 +722,43 @@ mod tests {
     }
 
     #[test]
-    fn blocks_outside_the_device_are_refused() {
-        let b = BlockFrame::encode(u64::MAX - 2, &[0u8; 8], Codec::None);
-        assert!(matches!(b.decode(u64::MAX), Err(ProtocolError::OutOfBounds { .. })));
-        let b = BlockFrame::encode(100, &[0u8; 8], Codec::None);
-        assert!(b.decode(107).is_err());
-        assert_eq!(b.decode(108).unwrap(), vec![0u8; 8]);
+    fn another_version_is_named_before_anything_else() {
+        let mut r = FrameReader::new(&b"BASYN\0\x00\x02\x01\x00\x00\x00\x00"[..], Arc::default());
+        let e = r.start().unwrap_err();
+        assert!(matches!(e, ProtocolError::Version { ours: 3, theirs: 2 }), "{e}");
+        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 3, the peer speaks 2");
+    }
+
+    #[test]
+    fn frames_are_described_without_their_payload() {
+        let big = Frame::Block(BlockFrame::encode(7, &vec![1u8; 1 << 20], Codec::None, Check::None));
+        assert_eq!(big.describe(), "data block at offset 7 (1048576 bytes)");
+        let nodes = Frame::Control(Message::TreeNodes { level: 0, indices: (0..5000).collect() });
+        assert_eq!(nodes.describe(), "message TreeNodes");
+    }
+
+    #[test]
+    fn a_block_claiming_more_digests_than_it_holds_is_refused() {
+        let mut body = BlockFrame::encode(0, &[1u8; 10], Codec::None, Check::None);
+        body.check = Check::Leaves(vec![Digest::from_slice(&[9; 32])]);
+        let mut bytes = Vec::new();
+        FrameWriter::new(&mut bytes, Arc::default()).send(&Frame::Block(body)).unwrap();
+        // Claim a million digests in the count field (after the 5-byte frame header).
+        bytes[5 + 18..5 + 22].copy_from_slice(&1_000_000u32.to_le_bytes());
+        let mut r = FrameReader::new(&bytes[..], Arc::default());
+        assert!(matches!(r.recv(), Err(ProtocolError::BadBlockHeader(_))));
     }
 
     proptest! {
         #[test]
         fn the_decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let mut input = MAGIC.to_vec();
+            let mut input = preamble();
             input.extend_from_slice(&bytes);
             let mut r = FrameReader::new(&input[..], Arc::default());
             r.start().unwrap();
             for _ in 0..64 {
                 match r.recv() {
-                    Ok(Some(Frame::Block(b))) => { let _ = b.decode(1 << 30); }
+                    Ok(Some(Frame::Block(b))) => { let _ = b.verify(1 << 30, &layout()); }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
                 }
@@ -636,21 +774,22 @@ mod tests {
         fn mutated_valid_frames_never_panic(pos in 0usize..64, val in any::<u8>()) {
             let mut buf = Vec::new();
             let mut w = FrameWriter::new(&mut buf, Arc::default());
-            w.send(&Frame::Control(Message::Open {
+            w.send(&Frame::Control(Message::Open(OpenRequest {
                 access: Access::Write { source_size: 9, source: None, source_name: "a".into(), force: false },
                 hash: HashAlgo::Sha1,
                 codec: Codec::Zlib(9),
                 buffer: 4096,
                 chunk: None,
                 state: StateOptions { mode: StateMode::Default, trust: false },
-            }))
+            })))
             .unwrap();
-            w.send(&Frame::Block(BlockFrame::encode(0, &[1u8; 40], Codec::Zstd(1)))).unwrap();
+            let check = Check::Pieces { unit: 16, digests: HashAlgo::Sha1.digest_pieces(&[1u8; 40], 16) };
+            w.send(&Frame::Block(BlockFrame::encode(0, &[1u8; 40], Codec::Zstd(1), check))).unwrap();
             let p = pos % buf.len();
             buf[p] = val;
             let mut r = FrameReader::new(&buf[..], Arc::default());
             while let Ok(Some(f)) = r.recv() {
-                if let Frame::Block(b) = f { let _ = b.decode(1 << 20); }
+                if let Frame::Block(b) = f { let _ = b.verify(1 << 20, &layout()); }
             }
         }
     }

@@ -226,34 +226,53 @@ pub fn human(bytes: f64) -> String {
     if u == 0 { format!("{v:.0} B") } else { format!("{v:.2} {}", UNITS[u]) }
 }
 
-/// Set once a receiving device has been opened for writing: an interruption before that
-/// changed nothing.
+/// Set once a receiving device may change: an interruption before that changed nothing.
+/// A static because the signal handler can read nothing else; only [`Interrupts`] sets it.
 static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Records that the receiving device may now be changed.
-pub fn mark_writing() {
-    WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
+/// The SIGINT/SIGTERM handler of a run, and what it must say when it fires: the engine
+/// tells it, through [`Interrupts::receiver_may_change`], when an interruption starts
+/// to mean "the receiving device may be partly changed" (exit 2) instead of "nothing
+/// was written" (exit 1). The endpoint notices its input closing and exits by itself;
+/// states keep their last checkpoint.
+#[derive(Debug)]
+pub struct Interrupts {
+    installed: bool,
 }
 
-/// Makes SIGINT and SIGTERM end a run with one line and exit code 2 (1 if no receiving
-/// device was opened for writing yet). The endpoint notices its input closing and exits
-/// by itself; states keep their last checkpoint.
-pub fn exit_on_interrupt() {
-    extern "C" fn handler(_: libc::c_int) {
-        const CHANGED: &[u8] = b"\nbasyn: interrupted; the receiving device may be partly changed\n";
-        const NOTHING: &[u8] = b"\nbasyn: interrupted before anything was written\n";
-        let writing = WRITING.load(std::sync::atomic::Ordering::SeqCst);
-        let (msg, code) = if writing { (CHANGED, 2) } else { (NOTHING, 1) };
-        // SAFETY: an atomic load, write(2) and _exit(2) are async-signal-safe; msg is static.
-        unsafe {
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(code);
+impl Interrupts {
+    /// Installs the handler for SIGINT and SIGTERM.
+    pub fn install() -> Interrupts {
+        extern "C" fn handler(_: libc::c_int) {
+            const CHANGED: &[u8] = b"\nbasyn: interrupted; the receiving device may be partly changed\n";
+            const NOTHING: &[u8] = b"\nbasyn: interrupted before anything was written\n";
+            let writing = WRITING.load(std::sync::atomic::Ordering::SeqCst);
+            let (msg, code) = if writing { (CHANGED, 2) } else { (NOTHING, 1) };
+            // SAFETY: an atomic load, write(2) and _exit(2) are async-signal-safe; msg is static.
+            unsafe {
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::_exit(code);
+            }
         }
+        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(libc::SIGINT, handler as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, handler as *const () as libc::sighandler_t);
+        }
+        Interrupts { installed: true }
     }
-    // SAFETY: installs a handler that only calls async-signal-safe functions.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as *const () as libc::sighandler_t);
+
+    /// For runs and tests without a handler: nothing to tell.
+    pub fn none() -> Interrupts {
+        Interrupts { installed: false }
+    }
+
+    /// From now on the receiving device may change (it is about to be opened, which may
+    /// create or resize it).
+    pub fn receiver_may_change(&self) {
+        if self.installed {
+            WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 

@@ -1,21 +1,26 @@
-//! `basyn serve PATH`: the far endpoint. Speaks the protocol on stdin/stdout and touches
-//! only the device named on its command line.
+//! `basyn serve PATH`: the far endpoint, the mirror image of the client in `endpoint`.
+//! Speaks the protocol's types on stdin/stdout and touches only the device named on its
+//! command line and that device's state file.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::device::{Device, DeviceError, ReceiverSpec, Side};
+use crate::block::BlockFrame;
+use crate::compress::Codec;
+use crate::device::{Device, DeviceError, Identity, ReceiverSpec, Side};
+use crate::digest_index::{DigestIndex, SaveError};
 use crate::hash::HashAlgo;
-use crate::ledger::{Ledger, Role, StateOptions};
 use crate::protocol::{
-    AbortCode, Access, Counter, FEATURES, Frame, FrameReader, FrameWriter, MAX_BLOCK, MAX_DIGESTS, Message,
-    ProtocolError, StateSummary, VERSION,
+    AbortCode, Access, Check, Closed, Counter, FEATURES, Frame, FrameReader, FrameWriter, MAX_BLOCK, MAX_DIGESTS,
+    Message, OpenRequest, Opened, ProtocolError, StateMode, StateOptions, StateSummary, VERSION,
 };
-use crate::state::Layout;
-use crate::tree::DEFAULT_FANOUT;
+use crate::stamp::Role;
+use crate::state::StateError;
+use crate::tree::{DEFAULT_FANOUT, Layout, leaf_digest};
 
 /// Why a session ended early.
+#[derive(Debug)]
 struct Abort {
     code: AbortCode,
     message: String,
@@ -23,7 +28,12 @@ struct Abort {
 
 impl From<ProtocolError> for Abort {
     fn from(e: ProtocolError) -> Abort {
-        Abort { code: AbortCode::Protocol, message: format!("remote endpoint: {e}") }
+        let code = match e {
+            // Data that does not match the source's digest is a failed transfer, loudly.
+            ProtocolError::Block(crate::block::BlockError::Mismatch { .. }) => AbortCode::Failed,
+            _ => AbortCode::Protocol,
+        };
+        Abort { code, message: format!("remote endpoint: {e}") }
     }
 }
 
@@ -33,8 +43,30 @@ impl From<std::io::Error> for Abort {
     }
 }
 
-fn failed(e: DeviceError) -> Abort {
-    Abort { code: AbortCode::Failed, message: e.to_string() }
+impl From<DeviceError> for Abort {
+    fn from(e: DeviceError) -> Abort {
+        Abort { code: AbortCode::Failed, message: e.to_string() }
+    }
+}
+
+impl From<StateError> for Abort {
+    fn from(e: StateError) -> Abort {
+        Abort { code: AbortCode::Failed, message: format!("remote {e}") }
+    }
+}
+
+impl From<SaveError> for Abort {
+    fn from(e: SaveError) -> Abort {
+        match e {
+            SaveError::Device(e) => e.into(),
+            SaveError::State(e) => e.into(),
+        }
+    }
+}
+
+/// A request whose parameters no basyn client sends.
+fn invalid(what: String, doing: &'static str) -> Abort {
+    ProtocolError::Unexpected { what, doing }.into()
 }
 
 /// Serves `path` over `input`/`output` until the client closes; returns the exit code.
@@ -56,243 +88,267 @@ pub fn serve(path: &Path, input: impl Read, output: impl Write) -> i32 {
 
 fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &mut FrameWriter<W>) -> Result<(), Abort> {
     w.start()?;
-    w.message(Message::Hello { version: VERSION, features: FEATURES })?;
+    w.message(Message::Hello { version: u32::from(VERSION), features: FEATURES })?;
     r.start()?;
     match r.recv()? {
-        Some(Frame::Control(Message::Hello { version, .. })) if version == VERSION => {}
+        Some(Frame::Control(Message::Hello { version, .. })) if version == u32::from(VERSION) => {}
         Some(Frame::Control(Message::Hello { version, .. })) => {
-            return Err(ProtocolError::Version { ours: VERSION, theirs: version }.into());
+            return Err(ProtocolError::Version { ours: u32::from(VERSION), theirs: version }.into());
         }
         None => return Ok(()),
-        Some(other) => return Err(ProtocolError::Unexpected(format!("{other:?} before Hello")).into()),
+        Some(other) => return Err(ProtocolError::unexpected(&other, "waiting for Hello").into()),
     }
-    // The session may open the device several times (a transfer, then a recheck),
-    // each Open finishing the previous one.
-    let mut open: Option<Opened> = None;
-    let mut totals = Totals::default();
-    let mut buf = Vec::new();
+    let mut server = Server { path, open: None, totals: Closed::default(), buf: Vec::new() };
     loop {
-        let Some(frame) = r.recv()? else {
-            // The client went away: keep nothing a state file could misread.
-            return Ok(());
-        };
-        match (frame, open.as_mut()) {
-            (Frame::Control(Message::Open { access, hash, codec, buffer, chunk, state }), _) => {
-                if let Some(o) = open.take() {
-                    totals.absorb(o)?;
-                }
-                let req = OpenRequest { access, hash, codec, buffer, chunk, state };
-                let (reply, now) = open_device(path, req)?;
-                w.message(reply)?;
-                open = now;
-            }
-            (Frame::Control(Message::HashBlocks { offset, len, block }), Some(o)) => {
-                let digests = o.hash_range(offset, len, block, &mut buf)?;
-                w.send(&Frame::Digests(digests))?;
-                w.flush()?;
-            }
-            (Frame::Control(Message::TreeNodes { level, indices }), Some(o)) => {
-                let digests = o.tree_nodes(level, &indices)?;
-                w.send(&Frame::Digests(digests))?;
-                w.flush()?;
-            }
-            (Frame::Control(Message::Read { offset, len }), Some(o)) => {
-                check_range(o.limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
-                buf.resize(len as usize, 0);
-                o.device.read_at(offset, &mut buf).map_err(failed)?;
-                if let Some(l) = o.ledger.as_mut().filter(|_| o.role == Role::Read) {
-                    l.observe(offset, &buf);
-                }
-                w.send(&Frame::Block(crate::protocol::BlockFrame::encode(offset, &buf, o.codec)))?;
-                w.flush()?;
-            }
-            (Frame::Block(block), Some(o)) if o.role == Role::Receiver => {
-                let data = block.decode(o.limit)?;
-                o.device.write_at(block.offset, &data).map_err(failed)?;
-                if let Some(l) = o.ledger.as_mut() {
-                    l.wrote(block.offset, &data);
-                }
-            }
-            (Frame::Control(Message::Flush), o) => {
-                if let Some(o) = o {
-                    o.checkpoint()?;
-                }
-                w.message(Message::Flushed)?;
-            }
-            (Frame::Control(Message::Close), _) => {
-                if let Some(o) = open.take() {
-                    totals.absorb(o)?;
-                }
-                let Totals { moved, bytes_read, note } = totals;
-                w.message(Message::Closed { bytes_read, moved, note })?;
+        // The client went away: keep nothing a state file could misread.
+        let Some(frame) = r.recv()? else { return Ok(()) };
+        if let Some(reply) = server.handle(frame)? {
+            let close = matches!(reply, Frame::Control(Message::Closed(_)));
+            w.send(&reply)?;
+            w.flush()?;
+            if close {
                 return Ok(());
             }
-            (other, _) => return Err(ProtocolError::Unexpected(describe(&other)).into()),
         }
     }
 }
 
-/// What the session's opens added up to, reported in `Closed`.
-#[derive(Default)]
-struct Totals {
-    moved: bool,
-    bytes_read: u64,
-    note: String,
+/// One session's server: the device as the current `Open` left it, and what the
+/// session's opens added up to.
+struct Server<'a> {
+    path: &'a Path,
+    open: Option<Served>,
+    totals: Closed,
+    buf: Vec<u8>,
 }
 
-impl Totals {
-    fn absorb(&mut self, o: Opened) -> Result<(), Abort> {
-        self.bytes_read += o.device.bytes_read();
-        let (moved, note) = o.finish()?;
-        self.moved |= moved;
-        if !note.is_empty() {
-            self.note = note;
+impl Server<'_> {
+    /// Answers one frame from the client; `None` for frames without a reply (writes).
+    fn handle(&mut self, frame: Frame) -> Result<Option<Frame>, Abort> {
+        let reply = match frame {
+            Frame::Control(Message::Open(req)) => {
+                self.end_open()?;
+                let (opened, served) = open_device(self.path, req)?;
+                self.open = served;
+                Frame::Control(Message::Opened(opened))
+            }
+            Frame::Control(Message::Flush) => {
+                if let Some(o) = self.open.as_mut() {
+                    o.index.checkpoint(&o.device, o.role)?;
+                }
+                Frame::Control(Message::Flushed)
+            }
+            Frame::Control(Message::Close) => {
+                self.end_open()?;
+                Frame::Control(Message::Closed(std::mem::take(&mut self.totals)))
+            }
+            other => {
+                let Some(o) = self.open.as_mut() else {
+                    return Err(ProtocolError::unexpected(&other, "no device is open").into());
+                };
+                return o.handle(other, &mut self.buf);
+            }
+        };
+        Ok(Some(reply))
+    }
+
+    /// Finishes the device opened last, if any: its state is saved.
+    fn end_open(&mut self) -> Result<(), Abort> {
+        let Some(mut o) = self.open.take() else { return Ok(()) };
+        self.totals.bytes_read += o.device.bytes_read();
+        let unchanged = o.index.finish(&o.device, o.role)?;
+        self.totals.moved |= !unchanged;
+        if !o.index.note().is_empty() {
+            self.totals.note = o.index.note().to_string();
         }
         Ok(())
     }
 }
 
-/// What an `Open` asks for.
-struct OpenRequest {
-    access: Access,
-    hash: HashAlgo,
-    codec: crate::compress::Codec,
-    buffer: u64,
-    chunk: Option<u64>,
-    state: StateOptions,
-}
-
 /// The device as the current `Open` left it.
-struct Opened {
+struct Served {
     device: Device,
     /// Bytes that may be touched: the device size, or the source size for a receiver.
     limit: u64,
     role: Role,
     hash: HashAlgo,
-    codec: crate::compress::Codec,
-    ledger: Option<Ledger>,
+    codec: Codec,
+    index: DigestIndex,
 }
 
-impl Opened {
-    fn hash_range(&mut self, offset: u64, len: u64, block: u32, buf: &mut Vec<u8>) -> Result<Vec<u8>, Abort> {
-        let block = u64::from(block);
-        let pieces = if block == 0 { u64::MAX } else { len.div_ceil(block) };
-        let fits =
-            block > 0 && block as usize <= MAX_BLOCK && pieces * self.hash.digest_len() as u64 <= MAX_DIGESTS as u64;
-        check_range(self.limit, offset, len, fits)?;
-        match self.ledger.as_mut() {
-            Some(l) => l.digest_range(&self.device, offset, len, block, buf).map_err(failed),
-            None => Err(ProtocolError::Unexpected("digests of a device opened without a ledger".into()).into()),
+impl Served {
+    /// Answers a request about the open device.
+    fn handle(&mut self, frame: Frame, buf: &mut Vec<u8>) -> Result<Option<Frame>, Abort> {
+        match frame {
+            Frame::Control(Message::HashBlocks { offset, len, block }) => {
+                Ok(Some(Frame::Digests(self.hash_range(offset, len, block, buf)?)))
+            }
+            Frame::Control(Message::TreeNodes { level, indices }) => {
+                Ok(Some(Frame::Digests(self.tree_nodes(level, &indices)?)))
+            }
+            Frame::Control(Message::Read { offset, len }) => {
+                check_range(self.limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
+                buf.resize(len as usize, 0);
+                self.device.read_at(offset, buf)?;
+                if self.role == Role::Read {
+                    self.index.observe(offset, buf);
+                }
+                Ok(Some(Frame::Block(BlockFrame::encode(offset, buf, self.codec, Check::None))))
+            }
+            Frame::Block(block) if self.role == Role::Receiver => {
+                let block = block.verify(self.limit, self.index.layout()).map_err(ProtocolError::from)?;
+                self.device.write_at(&block)?;
+                self.index.wrote(&block);
+                Ok(None)
+            }
+            Frame::Block(b) => Err(invalid(format!("data block at offset {}", b.offset), "serving a device read-only")),
+            other => Err(ProtocolError::unexpected(&other, "serving a device").into()),
         }
     }
 
+    fn hash_range(&mut self, offset: u64, len: u64, block: u32, buf: &mut Vec<u8>) -> Result<Vec<u8>, Abort> {
+        let block = u64::from(block);
+        let pieces = if block == 0 { u64::MAX } else { len.div_ceil(block) };
+        let fits = block > 0
+            && block as usize <= MAX_BLOCK
+            && pieces.checked_mul(self.hash.digest_len() as u64).is_some_and(|n| n <= MAX_DIGESTS as u64);
+        check_range(self.limit, offset, len, fits)?;
+        Ok(digest_range(&mut self.index, &self.device, offset, len, block, buf)?)
+    }
+
     fn tree_nodes(&mut self, level: u32, indices: &[u64]) -> Result<Vec<u8>, Abort> {
-        let tree = self.ledger.as_mut().and_then(|l| l.tree());
-        let Some(tree) = tree else {
-            return Err(ProtocolError::Unexpected("a tree request while the state is not fresh".into()).into());
+        let dl = self.hash.digest_len();
+        let Some(tree) = self.index.tree() else {
+            return Err(invalid(format!("TreeNodes for level {level}"), "the state is not fresh"));
         };
         let level = level as usize;
-        if level >= tree.height() || indices.len() * self.hash.digest_len() > MAX_DIGESTS {
-            return Err(ProtocolError::Unexpected(format!("tree request for level {level}")).into());
+        if level >= tree.height() || indices.len().saturating_mul(dl) > MAX_DIGESTS {
+            return Err(invalid(format!("TreeNodes for {} nodes of level {level}", indices.len()), "walking the tree"));
         }
-        let mut out = Vec::with_capacity(indices.len() * self.hash.digest_len());
+        let mut out = Vec::with_capacity(indices.len() * dl);
         for &i in indices {
-            if i as usize >= tree.width(level) {
-                return Err(ProtocolError::Unexpected(format!("tree node {i} of level {level}")).into());
+            if i >= tree.width(level) as u64 {
+                return Err(invalid(format!("tree node {i} of level {level}"), "walking the tree"));
             }
             out.extend_from_slice(tree.node(level, i as usize).as_bytes());
         }
         Ok(out)
     }
-
-    /// After a Flush: durable writes, known digests, a checkpointed state.
-    fn checkpoint(&mut self) -> Result<(), Abort> {
-        if self.role == Role::Receiver {
-            self.device.sync().map_err(failed)?;
-        }
-        if let Some(l) = self.ledger.as_mut() {
-            l.durable(&self.device).map_err(failed)?;
-            l.checkpoint(&self.device, self.role).map_err(state_failed)?;
-        }
-        Ok(())
-    }
-
-    /// Ends this open: saves the state; says whether a device only read was written
-    /// meanwhile, and what happened to the state.
-    fn finish(mut self) -> Result<(bool, String), Abort> {
-        let Some(mut l) = self.ledger.take() else { return Ok((false, String::new())) };
-        if self.role == Role::Receiver {
-            self.device.sync().map_err(failed)?;
-            l.durable(&self.device).map_err(failed)?;
-        }
-        let unchanged = l.finish(&self.device, self.role).map_err(state_failed)?;
-        Ok((!unchanged, l.note().to_string()))
-    }
 }
 
-fn state_failed(e: crate::state::StateError) -> Abort {
-    Abort { code: AbortCode::Failed, message: format!("remote {e}") }
+/// Digests of every `block`-sized piece of `[offset, offset+len)`, read only where the
+/// index does not already know them: leaf-aligned leaf requests and whole-leaf piece
+/// requests are answered (and remembered) through the index. Pieces of the leaf size
+/// follow the leaf rule, all others are plain digests of their data.
+fn digest_range(
+    index: &mut DigestIndex,
+    device: &Device,
+    offset: u64,
+    len: u64,
+    block: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<u8>, DeviceError> {
+    let l = *index.layout();
+    let b = l.buffer;
+    let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize * l.hash.digest_len());
+    let end = offset + len;
+    let leaf_aligned = offset.is_multiple_of(b) && (end.is_multiple_of(b) || end == l.device_size);
+    if block == b && leaf_aligned && end <= l.device_size {
+        for leaf in offset / b..end.div_ceil(b) {
+            let d = match index.leaf(leaf) {
+                Some(d) => d,
+                None => index.read_leaf(device, leaf, buf)?.0,
+            };
+            out.extend_from_slice(d.as_bytes());
+        }
+        return Ok(out);
+    }
+    let leaf = offset / b;
+    if l.piece() == block && offset.is_multiple_of(b) && len == l.leaf_len(leaf) {
+        let pieces = match index.pieces(leaf) {
+            Some(p) => p,
+            None => index.read_leaf(device, leaf, buf)?.1,
+        };
+        for p in pieces {
+            out.extend_from_slice(p.as_bytes());
+        }
+        return Ok(out);
+    }
+    // Anything else is read and hashed as asked; leaf-sized pieces follow the leaf rule,
+    // so that a range cut short (a recheck over the synced length of a larger device)
+    // still compares with the other side's leaves.
+    let step = block * ((4u64 << 20) / block).max(1);
+    let mut at = offset;
+    while at < end {
+        let n = step.min(end - at) as usize;
+        buf.resize(n, 0);
+        device.read_at(at, buf)?;
+        for piece in buf.chunks(block as usize) {
+            let d = if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
+            out.extend_from_slice(d.as_bytes());
+        }
+        at += n as u64;
+    }
+    Ok(out)
 }
 
 /// Refuses parameters no basyn client sends: they would divide by zero, allocate without
 /// bound, or write state files outside basyn's own.
 fn check_request(req: &OpenRequest) -> Result<(), Abort> {
-    let bad = |what: String| Err(ProtocolError::Unexpected(what).into());
+    let doing = "checking the Open request";
     if req.buffer == 0 || req.buffer > MAX_BLOCK as u64 {
-        return bad(format!("block size {}", req.buffer));
+        return Err(invalid(format!("block size {} (at most {MAX_BLOCK})", req.buffer), doing));
     }
-    if req.chunk.is_some_and(|c| c == 0 || c > req.buffer) {
-        return bad(format!("chunk size {:?} for blocks of {}", req.chunk, req.buffer));
+    if let Some(c) = req.chunk.filter(|&c| c == 0 || c > req.buffer) {
+        return Err(invalid(format!("chunk size {c} for blocks of {}", req.buffer), doing));
     }
     match req.codec {
-        crate::compress::Codec::Zstd(l) if !(1..=22).contains(&l) => return bad(format!("zstd level {l}")),
-        crate::compress::Codec::Zlib(l) if l > 9 => return bad(format!("zlib level {l}")),
+        Codec::Zstd(l) if !(1..=22).contains(&l) => return Err(invalid(format!("zstd level {l}"), doing)),
+        Codec::Zlib(l) if l > 9 => return Err(invalid(format!("zlib level {l}"), doing)),
         _ => {}
     }
-    if let crate::ledger::StateMode::Path(p) = &req.state.mode {
-        // The client chooses this path: never let it replace a file that is not a state.
-        let refuse = |why: &str| {
-            Err(Abort { code: AbortCode::Precondition, message: format!("remote state file {}: {why}", p.display()) })
-        };
-        match std::fs::symlink_metadata(p) {
-            Ok(m) if m.file_type().is_symlink() => return refuse("is a symbolic link; refusing to replace it"),
-            Ok(m) if !m.is_file() => return refuse("is not a regular file"),
-            Ok(_) => {
-                let mut head = [0u8; 8];
-                let magic = std::fs::File::open(p).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
-                if magic.is_err() || head != crate::state::MAGIC {
-                    return refuse("exists and is not a basyn state file; refusing to replace it");
-                }
-            }
-            Err(_) => {}
-        }
+    if let StateMode::Path(p) = &req.state.mode {
+        check_state_path(p)?;
     }
     Ok(())
 }
 
+/// The client chooses this path: never let it replace a file that is not a state.
+fn check_state_path(p: &Path) -> Result<(), Abort> {
+    let refuse = |why: &str| {
+        Err(Abort { code: AbortCode::Precondition, message: format!("remote state file {}: {why}", p.display()) })
+    };
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() => refuse("is a symbolic link; refusing to replace it"),
+        Ok(m) if !m.is_file() => refuse("is not a regular file"),
+        Ok(_) => {
+            let mut head = [0u8; 8];
+            let magic = std::fs::File::open(p).and_then(|mut f| Read::read_exact(&mut f, &mut head));
+            if magic.is_err() || head != crate::state::MAGIC {
+                return refuse("exists and is not a basyn state file; refusing to replace it");
+            }
+            Ok(())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
 /// Opens the served device as asked; a refusal is an `Abort` with the precondition code.
-fn open_device(path: &Path, req: OpenRequest) -> Result<(Message, Option<Opened>), Abort> {
+fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>), Abort> {
     check_request(&req)?;
     let refused = |e: DeviceError| Abort { code: AbortCode::Precondition, message: e.to_string() };
-    let (device, limit) = match &req.access {
+    let (device, limit, role) = match &req.access {
         Access::Probe => {
             let kind = Device::probe(path, Side::Remote).map_err(refused)?;
-            let identity =
-                crate::device::Identity { boot_id: String::new(), kind, dev: 0, ino: 0, rdev: 0, backing: None };
-            let reply = Message::Opened {
-                size: 0,
-                kind,
-                identity,
-                created: false,
-                resized: false,
-                state: StateSummary::default(),
-            };
-            return Ok((reply, None));
+            let identity = Identity { boot_id: String::new(), kind, dev: 0, ino: 0, rdev: 0, backing: None };
+            let opened =
+                Opened { size: 0, kind, identity, created: false, resized: false, state: StateSummary::default() };
+            return Ok((opened, None));
         }
         Access::Read => {
             let d = Device::open_read(path, Side::Remote).map_err(refused)?;
             let size = d.size();
-            (d, size)
+            (d, size, Role::Read)
         }
         Access::Write { source_size, source, source_name, force } => {
             let spec = ReceiverSpec {
@@ -301,34 +357,30 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Message, Option<Opened>
                 source_name: source_name.clone(),
                 force: *force,
             };
-            (Device::open_receiver(path, Side::Remote, &spec).map_err(refused)?, *source_size)
+            (Device::open_receiver(path, Side::Remote, &spec).map_err(refused)?, *source_size, Role::Receiver)
         }
     };
-    let role = if matches!(req.access, Access::Write { .. }) { Role::Receiver } else { Role::Read };
     let layout = Layout {
         hash: req.hash,
-        buffer: req.buffer.max(1),
+        buffer: req.buffer,
         chunk: req.chunk,
         fanout: DEFAULT_FANOUT as u32,
         device_size: limit,
     };
-    // Even without a state file the ledger applies the leaf digest rule and remembers
-    // the digests of this session.
-    let bad = |e: crate::state::StateError| Abort { code: AbortCode::Precondition, message: format!("remote {e}") };
+    // Even without a state file the index applies the leaf rule and remembers the
+    // digests of this session.
+    let bad = |e: StateError| Abort { code: AbortCode::Precondition, message: format!("remote {e}") };
     let state = if limit == 0 { StateOptions::off() } else { req.state.clone() };
-    let mut ledger = Some(Ledger::open(&device, layout, &state).map_err(bad)?);
-    let mut summary = StateSummary::default();
-    if let Some(l) = ledger.as_mut() {
-        summary.note = l.note().to_string();
-        if l.fresh()
-            && let Some(t) = l.tree()
-        {
-            summary.fresh = true;
-            summary.root = t.root().map(|d| d.as_bytes().to_vec());
-            summary.height = t.height() as u32;
-        }
+    let mut index = DigestIndex::open(&device, layout, &state).map_err(bad)?;
+    let mut summary = StateSummary { note: index.note().to_string(), ..StateSummary::default() };
+    if index.fresh()
+        && let Some(t) = index.tree()
+    {
+        summary.fresh = true;
+        summary.root = t.root().map(|d| d.as_bytes().to_vec());
+        summary.height = t.height() as u32;
     }
-    let reply = Message::Opened {
+    let opened = Opened {
         size: device.size(),
         kind: device.kind(),
         identity: device.identity().clone(),
@@ -336,20 +388,232 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Message, Option<Opened>
         resized: device.resized(),
         state: summary,
     };
-    Ok((reply, Some(Opened { device, limit, role, hash: req.hash, codec: req.codec, ledger })))
+    Ok((opened, Some(Served { device, limit, role, hash: req.hash, codec: req.codec, index })))
 }
 
-fn describe(frame: &Frame) -> String {
-    match frame {
-        Frame::Control(m) => format!("message {m:?}"),
-        Frame::Block(b) => format!("data block at offset {} for a device opened read-only", b.offset),
-        Frame::Digests(_) => "digest list from the client".to_string(),
+/// A link to `serve` running on a thread of this process, for unit tests of the engine.
+#[cfg(test)]
+pub fn in_process(path: &Path) -> crate::link::Link {
+    struct Thread(Option<std::thread::JoinHandle<i32>>);
+    impl crate::link::Process for Thread {
+        fn kill(&mut self) {}
+        fn wait(&mut self) -> Option<String> {
+            match self.0.take().map(|t| t.join()) {
+                Some(Ok(0)) | None => None,
+                Some(Ok(code)) => Some(format!("exited with status {code}")),
+                Some(Err(_)) => Some("panicked".to_string()),
+            }
+        }
+        fn wait_for(&mut self, _: std::time::Duration) -> Option<Option<String>> {
+            Some(self.wait())
+        }
+    }
+    let (req_r, req_w) = std::io::pipe().expect("pipe");
+    let (rep_r, rep_w) = std::io::pipe().expect("pipe");
+    let path = path.to_path_buf();
+    let t = std::thread::spawn(move || serve(&path, req_r, rep_w));
+    crate::link::Link {
+        reader: Box::new(rep_r),
+        writer: Box::new(req_w),
+        process: Box::new(Thread(Some(t))),
+        label: "remote (in-process)".into(),
     }
 }
 
 fn check_range(limit: u64, offset: u64, len: u64, ok: bool) -> Result<(), Abort> {
     if !ok || offset.checked_add(len).is_none_or(|end| end > limit) {
-        return Err(ProtocolError::OutOfBounds { offset, len, size: limit }.into());
+        return Err(ProtocolError::Block(crate::block::BlockError::OutOfBounds { offset, len, size: limit }).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::Check;
+
+    /// Runs one session against `path` with `frames` after the handshake; returns the
+    /// exit code and every frame the server sent after its Hello.
+    fn session(path: &Path, frames: &[Frame]) -> (i32, Vec<Frame>) {
+        let mut input = Vec::new();
+        let mut w = FrameWriter::new(&mut input, Arc::default());
+        w.start().unwrap();
+        w.send(&Frame::Control(Message::Hello { version: u32::from(VERSION), features: FEATURES })).unwrap();
+        for f in frames {
+            w.send(f).unwrap();
+        }
+        let mut output = Vec::new();
+        let code = serve(path, &input[..], &mut output);
+        let mut r = FrameReader::new(&output[..], Arc::default());
+        r.start().unwrap();
+        let mut replies = Vec::new();
+        while let Ok(Some(f)) = r.recv() {
+            replies.push(f);
+        }
+        assert!(matches!(replies.first(), Some(Frame::Control(Message::Hello { .. }))), "{replies:?}");
+        replies.remove(0);
+        (code, replies)
+    }
+
+    fn open(access: Access, buffer: u64) -> Frame {
+        Frame::Control(Message::Open(OpenRequest {
+            access,
+            hash: HashAlgo::Blake3,
+            codec: Codec::None,
+            buffer,
+            chunk: None,
+            state: StateOptions::off(),
+        }))
+    }
+
+    fn write_access(size: u64) -> Access {
+        Access::Write { source_size: size, source: None, source_name: "local src".into(), force: false }
+    }
+
+    fn layout(size: u64) -> Layout {
+        Layout { hash: HashAlgo::Blake3, buffer: 8192, chunk: None, fanout: DEFAULT_FANOUT as u32, device_size: size }
+    }
+
+    fn abort(frames: &[Frame]) -> (AbortCode, String) {
+        match frames.last() {
+            Some(Frame::Control(Message::Abort { code, message })) => (*code, message.clone()),
+            other => panic!("expected an Abort, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_read_session_answers_leaf_digests_and_data_and_counts_what_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        let data: Vec<u8> = (0..20000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let frames = [
+            open(Access::Read, 8192),
+            Frame::Control(Message::HashBlocks { offset: 0, len: 20000, block: 8192 }),
+            Frame::Control(Message::Read { offset: 100, len: 50 }),
+            Frame::Control(Message::Close),
+        ];
+        let (code, replies) = session(&p, &frames);
+        assert_eq!(code, 0, "{replies:?}");
+        let l = layout(20000);
+        let expected: Vec<u8> = data.chunks(8192).flat_map(|c| leaf_digest(&l, c).0.as_bytes().to_vec()).collect();
+        assert!(matches!(&replies[0], Frame::Control(Message::Opened(o)) if o.size == 20000));
+        assert_eq!(replies[1], Frame::Digests(expected));
+        match &replies[2] {
+            Frame::Block(b) => assert_eq!(b.clone().verify(20000, &l).unwrap().data(), &data[100..150]),
+            other => panic!("expected data, got {other:?}"),
+        }
+        assert!(matches!(&replies[3], Frame::Control(Message::Closed(c)) if c.bytes_read == 20000 + 50));
+    }
+
+    #[test]
+    fn a_block_that_does_not_match_its_source_digest_is_not_written_and_fails_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.img");
+        std::fs::write(&p, vec![0u8; 16384]).unwrap();
+        let l = layout(16384);
+        let good = vec![5u8; 8192];
+        let claimed = leaf_digest(&l, &[6u8; 8192]).0;
+        let frames = [
+            open(write_access(16384), 8192),
+            Frame::Block(BlockFrame::encode(8192, &good, Codec::Zstd(1), Check::Leaves(vec![claimed]))),
+            Frame::Control(Message::Flush),
+        ];
+        let (code, replies) = session(&p, &frames);
+        assert_eq!(code, 2);
+        let (kind, message) = abort(&replies);
+        assert_eq!(kind, AbortCode::Failed);
+        assert!(message.contains("offset 8192") && message.contains("does not match"), "{message}");
+        assert_eq!(std::fs::read(&p).unwrap(), vec![0u8; 16384], "mismatching data reached the device");
+    }
+
+    #[test]
+    fn a_verified_block_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.img");
+        std::fs::write(&p, vec![0u8; 16384]).unwrap();
+        let data = vec![9u8; 4096];
+        let check = Check::Pieces { unit: 1024, digests: HashAlgo::Blake3.digest_pieces(&data, 1024) };
+        let frames = [
+            open(write_access(16384), 8192),
+            Frame::Block(BlockFrame::encode(4096, &data, Codec::Zlib(6), check)),
+            Frame::Control(Message::Close),
+        ];
+        let (code, replies) = session(&p, &frames);
+        assert_eq!(code, 0, "{replies:?}");
+        let on_disk = std::fs::read(&p).unwrap();
+        assert_eq!(&on_disk[4096..8192], &data[..]);
+        assert!(on_disk[..4096].iter().chain(&on_disk[8192..]).all(|&b| b == 0));
+    }
+
+    #[test]
+    fn parameters_no_client_sends_are_refused_naming_their_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![1u8; 4096]).unwrap();
+        let (code, replies) = session(&p, &[open(Access::Read, 0)]);
+        assert_eq!(code, 2);
+        let (kind, message) = abort(&replies);
+        assert_eq!(kind, AbortCode::Protocol);
+        assert!(message.contains("block size 0"), "{message}");
+        // A digest request whose reply size overflows is refused, not allocated.
+        let huge = Frame::Control(Message::HashBlocks { offset: 0, len: u64::MAX, block: 1 });
+        let (code, replies) = session(&p, &[open(Access::Read, 4096), huge]);
+        assert_eq!(code, 2);
+        assert!(abort(&replies).1.contains("outside the device"), "{replies:?}");
+    }
+
+    #[test]
+    fn a_client_chosen_state_path_never_replaces_a_foreign_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![1u8; 4096]).unwrap();
+        let precious = dir.path().join("passwd");
+        std::fs::write(&precious, b"root:x:0:0\n").unwrap();
+        let req = Frame::Control(Message::Open(OpenRequest {
+            access: Access::Read,
+            hash: HashAlgo::Blake3,
+            codec: Codec::None,
+            buffer: 4096,
+            chunk: None,
+            state: StateOptions { mode: StateMode::Path(precious.clone()), trust: false },
+        }));
+        let (code, replies) = session(&p, &[req, Frame::Control(Message::Close)]);
+        assert_eq!(code, 1);
+        let (kind, message) = abort(&replies);
+        assert_eq!(kind, AbortCode::Precondition);
+        assert!(message.contains("not a basyn state file"), "{message}");
+        assert_eq!(std::fs::read(&precious).unwrap(), b"root:x:0:0\n");
+    }
+
+    #[test]
+    fn requests_that_do_not_fit_the_open_device_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![1u8; 8192]).unwrap();
+        let cases: [(&str, Vec<Frame>); 4] = [
+            ("a request before Open", vec![Frame::Control(Message::Read { offset: 0, len: 1 })]),
+            (
+                "a tree walk without a fresh state",
+                vec![open(Access::Read, 4096), Frame::Control(Message::TreeNodes { level: 0, indices: vec![0] })],
+            ),
+            (
+                "data for a device opened read-only",
+                vec![
+                    open(Access::Read, 4096),
+                    Frame::Block(BlockFrame::encode(0, &[2u8; 10], Codec::None, Check::None)),
+                ],
+            ),
+            (
+                "a read past the end",
+                vec![open(Access::Read, 4096), Frame::Control(Message::Read { offset: 8000, len: 500 })],
+            ),
+        ];
+        for (what, frames) in cases {
+            let (code, replies) = session(&p, &frames);
+            assert_eq!(code, 2, "{what}: {replies:?}");
+            assert_eq!(abort(&replies).0, AbortCode::Protocol, "{what}");
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), vec![1u8; 8192]);
+    }
 }

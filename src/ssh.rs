@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 
-use crate::endpoint::{EndpointError, Link, Process};
-use crate::protocol::{AbortCode, VERSION};
+use crate::link::{Link, LinkError, Process};
+use crate::protocol::VERSION;
 
 /// Environment variable naming an ssh config file to use instead of `~/.ssh/config`
 /// (`ssh -F`); the test suite points it at its own sshd.
@@ -40,8 +40,8 @@ pub struct Target {
     pub remote_path: Option<String>,
 }
 
-fn refused(target: &Target, what: impl std::fmt::Display) -> EndpointError {
-    EndpointError::Abort { code: AbortCode::Precondition, message: format!("remote host {}: {what}", target.host) }
+fn refused(target: &Target, what: impl std::fmt::Display) -> LinkError {
+    LinkError::Refused(format!("remote host {}: {what}", target.host))
 }
 
 /// Our ends of the pipes to one remote command.
@@ -62,8 +62,8 @@ fn pipes() -> io::Result<(Ends, ChildEnds)> {
     let (their_in, writer) = io::pipe()?;
     let (reader, their_out) = io::pipe()?;
     let (stderr, their_err) = io::pipe()?;
-    crate::endpoint::widen_pipe(&their_in);
-    crate::endpoint::widen_pipe(&reader);
+    crate::link::widen_pipe(&their_in);
+    crate::link::widen_pipe(&reader);
     let ends = Ends { reader, writer, stderr: BufReader::new(stderr) };
     Ok((ends, ChildEnds { stdin: their_in.into(), stdout: their_out.into(), stderr: their_err.into() }))
 }
@@ -71,7 +71,7 @@ fn pipes() -> io::Result<(Ends, ChildEnds)> {
 /// Progress from the SSH thread to the caller while the connection is set up.
 enum Event {
     Log(String),
-    Ready(Result<Ends, EndpointError>),
+    Ready(Result<Ends, LinkError>),
 }
 
 /// What the starting script said on stderr before it exec'd basyn, or instead.
@@ -153,7 +153,7 @@ echo "basyn-upload $(uname -m) ${{v:-none}}" >&2; exit 97"#
 /// Connects, finds or uploads a compatible basyn, and starts `basyn serve DEVICE` there.
 /// In the usual cases (basyn on the remote PATH, or already uploaded) finding and
 /// starting it are one remote command. `log` receives `--verbose` lines.
-pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<Link, EndpointError> {
+pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<Link, LinkError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -172,7 +172,7 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
         .spawn(move || {
             rt.block_on(async move {
                 let t = &keeper_target;
-                let fail = |e: EndpointError| {
+                let fail = |e: LinkError| {
                     let _ = events.send(Event::Ready(Err(e)));
                 };
                 let session = match open_session(t).await {
@@ -240,7 +240,7 @@ async fn spawn_with_pipes<'s>(
     target: &Target,
     program: &str,
     args: &[std::ffi::OsString],
-) -> Result<(openssh::Child<&'s Session>, Ends), EndpointError> {
+) -> Result<(openssh::Child<&'s Session>, Ends), LinkError> {
     let (ends, theirs) = pipes().map_err(|e| refused(target, format!("cannot make pipes: {e}")))?;
     let mut cmd = session.command(program);
     for a in args {
@@ -264,7 +264,7 @@ async fn start<'s>(
     name: &str,
     digest: &str,
     log: &dyn Fn(String),
-) -> Result<(openssh::Child<&'s Session>, Ends), EndpointError> {
+) -> Result<(openssh::Child<&'s Session>, Ends), LinkError> {
     let script = start_script(t, device, name, digest);
     let args = [OsString::from("-c"), shell_quote_os(std::ffi::OsStr::new(&script))];
     let (child, mut ends) = spawn_with_pipes(session, t, "sh", &args).await?;
@@ -421,7 +421,7 @@ fn known_hosts_policy(target: &Target) -> KnownHosts {
     }
 }
 
-async fn open_session(target: &Target) -> Result<Session, EndpointError> {
+async fn open_session(target: &Target) -> Result<Session, LinkError> {
     let mut b = SessionBuilder::default();
     b.known_hosts_check(known_hosts_policy(target))
         .connect_timeout(Duration::from_secs(10))
@@ -506,7 +506,7 @@ async fn probe(session: &Session, path: &str) -> Result<(), String> {
 /// Where uploads go on the remote host (expanded by its shell).
 const CACHE_DIR: &str = r#"${XDG_CACHE_HOME:-$HOME/.cache}/basyn"#;
 
-fn cannot_run(target: &Target, path: &str, why: &str) -> EndpointError {
+fn cannot_run(target: &Target, path: &str, why: &str) -> LinkError {
     refused(
         target,
         format!(
@@ -527,13 +527,7 @@ fn local_machine() -> String {
 
 /// Copies `exe` into the remote cache under `name`, verifying its SHA-256 there before
 /// it takes its final name; returns the remote path.
-async fn upload(
-    session: &Session,
-    target: &Target,
-    exe: &Path,
-    digest: &str,
-    name: &str,
-) -> Result<String, EndpointError> {
+async fn upload(session: &Session, target: &Target, exe: &Path, digest: &str, name: &str) -> Result<String, LinkError> {
     let fail = |what: String| refused(target, what);
     let script = format!(
         r#"set -e; umask 077; d="{CACHE_DIR}"; mkdir -p "$d"; t="$d/.upload.$$"; trap 'rm -f "$t"' EXIT; cat > "$t"; h=$(sha256sum < "$t" | cut -d' ' -f1); [ "$h" = {digest} ] || {{ echo "uploaded file has sha256 $h, expected {digest}" >&2; exit 3; }}; chmod 700 "$t"; mv -f "$t" "$d/{name}"; trap - EXIT; echo "$d/{name}""#

@@ -16,9 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::device::{Device, Kind};
-
-/// Environment variable that replaces the boot id, so tests can simulate a reboot.
-pub const BOOT_ID_ENV: &str = "BASYN_TEST_BOOT_ID";
+use crate::sysfs;
 
 /// A regular file's stamp.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,14 +83,6 @@ pub enum Freshness {
     Unverifiable(String),
 }
 
-/// The running kernel's boot id (or the test override).
-pub fn boot_id() -> String {
-    if let Some(id) = std::env::var_os(BOOT_ID_ENV) {
-        return id.to_string_lossy().into_owned();
-    }
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
 fn file_stamp(meta: &fs::Metadata) -> FileStamp {
     FileStamp {
         dev: meta.dev(),
@@ -130,23 +120,27 @@ pub fn take(device: &Device) -> io::Result<Stamp> {
         Kind::Block => {
             device.flush_cache()?;
             let rdev = device.identity().rdev;
-            let name = crate::device::block_name(rdev)
+            let name = sysfs::block_name(rdev)
                 .ok_or_else(|| io::Error::other("the kernel does not list this block device in /sys"))?;
+            let disk = sysfs::parent_disk(&name);
             let mut counters = vec![read_counters(&name)?];
-            if let Some(disk) = parent_disk(&name) {
-                counters.push(read_counters(&disk)?);
+            if let Some(disk) = &disk {
+                counters.push(read_counters(disk)?);
             }
-            let backing = fs::read_to_string(format!("/sys/class/block/{name}/loop/backing_file"))
-                .ok()
-                .and_then(|p| settled_metadata(Path::new(p.trim())).ok())
-                .map(|m| file_stamp(&m));
+            let backing =
+                sysfs::loop_backing_file(&name).and_then(|p| settled_metadata(&p).ok()).map(|m| file_stamp(&m));
             // A partition has no sequence number of its own: its disk's tells.
-            let diskseq = std::iter::once(name.clone())
-                .chain(parent_disk(&name))
-                .find_map(|n| fs::read_to_string(format!("/sys/class/block/{n}/diskseq")).ok())
-                .and_then(|s| s.trim().parse().ok());
+            let diskseq = sysfs::diskseq(&name).or_else(|| disk.as_deref().and_then(sysfs::diskseq));
             let unverifiable = remote_kind(&name);
-            Ok(Stamp::Block { boot_id: boot_id(), rdev, size: device.size(), counters, backing, diskseq, unverifiable })
+            Ok(Stamp::Block {
+                boot_id: sysfs::boot_id(),
+                rdev,
+                size: device.size(),
+                counters,
+                backing,
+                diskseq,
+                unverifiable,
+            })
         }
     }
 }
@@ -177,22 +171,39 @@ pub fn own_counters(stamp: &Stamp) -> Stamp {
 }
 
 fn read_counters(name: &str) -> io::Result<WriteCounters> {
-    let text = fs::read_to_string(format!("/sys/class/block/{name}/stat"))?;
-    let f: Vec<u64> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    if f.len() < 7 {
-        return Err(io::Error::other(format!("unexpected /sys/class/block/{name}/stat")));
-    }
-    Ok(WriteCounters { name: name.to_string(), sectors: f[6], discard_sectors: f.get(13).copied().unwrap_or(0) })
+    let w = sysfs::written(name)?;
+    Ok(WriteCounters { name: name.to_string(), sectors: w.sectors, discard_sectors: w.discard_sectors })
 }
 
-/// For a partition (`/sys/class/block/sda1/partition` exists), the whole disk's name.
-fn parent_disk(name: &str) -> Option<String> {
-    let dir = Path::new("/sys/class/block").join(name);
-    if !dir.join("partition").exists() {
-        return None;
+/// The role a device plays in a run, which decides what counts as someone else's write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Only read: any change of its stamp is someone else's.
+    Read,
+    /// Written by basyn: re-stamped after fdatasync.
+    Receiver,
+}
+
+/// True if someone other than basyn wrote the device between the stamps `start` and
+/// `now`: for a device only read, any change of its own stamp; for a receiving block
+/// device, counters that moved by more than `own_sectors` (what basyn's own writes can
+/// add) or discards, which basyn never issues. A regular-file receiver's own writes
+/// cannot be told apart from another writer's, so it is never judged written by others.
+pub fn written_by_others(start: &Stamp, now: &Stamp, role: Role, own_sectors: u64) -> bool {
+    match role {
+        Role::Read => own_counters(start) != own_counters(now),
+        Role::Receiver => match (start, now) {
+            (Stamp::Block { counters: a, boot_id: ba, .. }, Stamp::Block { counters: b, boot_id: bb, .. }) => {
+                if ba != bb || a.len() != b.len() || a.is_empty() {
+                    return true;
+                }
+                // Only the device's own counters: a sibling partition's writes move the disk's.
+                let delta = b[0].sectors.saturating_sub(a[0].sectors);
+                delta > own_sectors || a[0].discard_sectors != b[0].discard_sectors
+            }
+            _ => false,
+        },
     }
-    let real = fs::canonicalize(&dir).ok()?;
-    Some(real.parent()?.file_name()?.to_string_lossy().into_owned())
 }
 
 /// Compares a saved stamp with the device's stamp now.

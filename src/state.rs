@@ -5,7 +5,7 @@
 //! ```text
 //! offset      size   field
 //! 0           8      magic "BASYNSTA"
-//! 8           4      format version, u32 little endian (1)
+//! 8           4      format version, u32 little endian (2)
 //! 12          4      header length H, u32 little endian (at most 64 KiB)
 //! 16          H      header: postcard(Header)
 //! 16+H        L*d    leaf digests (L = leaf count, d = digest length)
@@ -14,10 +14,12 @@
 //! ```
 //!
 //! A state is decoded only through [`decode`], which checks the checksum first and then
-//! every count against the header before trusting any of it.
+//! every count against the header before trusting any of it. [`StateFile::load`] reads
+//! the header first and refuses a file whose length the header does not imply before
+//! reading the rest, so a corrupt file never makes basyn read or allocate without bound.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -25,85 +27,17 @@ use serde::{Deserialize, Serialize};
 use crate::device::Kind;
 use crate::hash::HashAlgo;
 use crate::stamp::Stamp;
-
-/// Piece size when no `--chunk` is given: large enough that hashing pieces costs no
-/// more than hashing whole blocks, small enough to refine a differing block cheaply.
-pub const DEFAULT_PIECE: u64 = 16 << 10;
+use crate::tree::Layout;
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"BASYNSTA";
 /// Format version written and accepted.
 pub const FORMAT_VERSION: u32 = 2;
 const MAX_HEADER: usize = 64 << 10;
+const PREFIX_LEN: usize = 16;
 const CHECKSUM_LEN: usize = 32;
-
-/// The parameters a tree was built with; a state is used only if they match the run's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layout {
-    /// Digest algorithm.
-    pub hash: HashAlgo,
-    /// Leaf (block) size in bytes.
-    pub buffer: u64,
-    /// Chunk size in bytes, if chunk digests are kept under each leaf.
-    pub chunk: Option<u64>,
-    /// Children per internal node.
-    pub fanout: u32,
-    /// Bytes covered by the tree.
-    pub device_size: u64,
-}
-
-impl Layout {
-    /// Number of leaves.
-    pub fn leaf_count(&self) -> u64 {
-        self.device_size.div_ceil(self.buffer)
-    }
-
-    /// Size of the pieces whose digests make up a leaf digest: the chunk with `--chunk`,
-    /// else [`DEFAULT_PIECE`] (or the whole leaf, if smaller).
-    pub fn piece(&self) -> u64 {
-        self.chunk.unwrap_or(DEFAULT_PIECE.min(self.buffer))
-    }
-
-    /// Number of pieces of leaf `i`.
-    pub fn pieces_of(&self, leaf: u64) -> u64 {
-        let len = (self.device_size.saturating_sub(leaf * self.buffer)).min(self.buffer);
-        len.div_ceil(self.piece())
-    }
-
-    /// Number of chunk digests under each full leaf.
-    pub fn chunks_per_leaf(&self) -> u64 {
-        self.chunk.map_or(0, |c| self.buffer.div_ceil(c))
-    }
-
-    /// Index of leaf `i`'s first chunk digest, and how many it has.
-    pub fn chunk_span(&self, leaf: u64) -> (u64, u64) {
-        let Some(c) = self.chunk else { return (0, 0) };
-        let start = leaf * self.buffer;
-        let len = (self.device_size - start).min(self.buffer);
-        (leaf * self.chunks_per_leaf(), len.div_ceil(c))
-    }
-
-    /// Total number of chunk digests.
-    pub fn chunk_count(&self) -> u64 {
-        match self.leaf_count() {
-            0 => 0,
-            n => {
-                let (first, count) = self.chunk_span(n - 1);
-                first + count
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for Layout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "hash {}, buffer {} KiB", self.hash, self.buffer / 1024)?;
-        if let Some(c) = self.chunk {
-            write!(f, ", chunk {} KiB", c / 1024)?;
-        }
-        write!(f, ", {} bytes", self.device_size)
-    }
-}
+/// Largest state file read: the digest tables a run may hold in memory, and a header.
+pub const MAX_STATE: u64 = (1 << 30) + (MAX_HEADER + PREFIX_LEN + CHECKSUM_LEN) as u64;
 
 /// The header, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,8 +66,92 @@ pub struct State {
     pub chunks: Vec<u8>,
 }
 
+/// Why the bytes of a state file are not a valid state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Shorter than the fixed prefix and checksum.
+    #[error("too short ({len} bytes)")]
+    TooShort {
+        /// Bytes found.
+        len: u64,
+    },
+    /// Longer than any state basyn writes.
+    #[error("{len} bytes, more than the largest state ({max} bytes)")]
+    TooLarge {
+        /// Bytes found.
+        len: u64,
+        /// [`MAX_STATE`].
+        max: u64,
+    },
+    /// Not a state file at all.
+    #[error("not a basyn state file (bad magic)")]
+    BadMagic,
+    /// Another format version.
+    #[error("format version {found}, this basyn reads {supported}")]
+    Version {
+        /// The file's version.
+        found: u32,
+        /// [`FORMAT_VERSION`].
+        supported: u32,
+    },
+    /// The checksum does not match the content.
+    #[error("checksum mismatch (truncated or corrupted)")]
+    Checksum,
+    /// The header length field points outside the file or past [`MAX_HEADER`].
+    #[error("header length {len} is out of bounds")]
+    HeaderLength {
+        /// Declared header length.
+        len: usize,
+    },
+    /// The header does not decode.
+    #[error("undecodable header: {0}")]
+    Header(#[source] postcard::Error),
+    /// The header has bytes after its end.
+    #[error("{0} trailing bytes in the header")]
+    TrailingHeader(usize),
+    /// Tree parameters no basyn writes.
+    #[error("invalid parameters: buffer {buffer}, chunk {chunk:?}, fanout {fanout}")]
+    Parameters {
+        /// Leaf size.
+        buffer: u64,
+        /// Chunk size.
+        chunk: Option<u64>,
+        /// Fan-out.
+        fanout: u32,
+    },
+    /// The digest tables the header implies do not fit in 64 bits.
+    #[error("the header implies more digests than can be counted")]
+    Overflow,
+    /// The file's length is not the one the header implies.
+    #[error("{found} bytes of digests, the header implies {expected}")]
+    DigestBytes {
+        /// Bytes of digests present.
+        found: u64,
+        /// Bytes the header implies.
+        expected: u64,
+    },
+    /// The file is not as long as its header implies.
+    #[error("{len} bytes, its header implies {expected} (truncated or corrupted)")]
+    Length {
+        /// Bytes in the file.
+        len: u64,
+        /// Bytes the header implies.
+        expected: u64,
+    },
+    /// More confirmed leaves than leaves.
+    #[error("{valid} valid leaves of {leaves}")]
+    ValidLeaves {
+        /// Confirmed leaves claimed.
+        valid: u64,
+        /// Leaves in the tree.
+        leaves: u64,
+    },
+}
+
 /// Why a state file cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StateError {
     /// Reading, writing or locking failed.
     #[error("state file {path}: {}", crate::device::describe_io(source))]
@@ -147,12 +165,26 @@ pub enum StateError {
     #[error("{0} is in use by another basyn (its lock is held)")]
     Locked(String),
     /// The bytes are not a valid state.
-    #[error("state file {path} is not usable: {reason}")]
+    #[error("state file {path} is not usable: {source}")]
     Invalid {
         /// The state file.
         path: String,
         /// What is wrong.
-        reason: String,
+        source: DecodeError,
+    },
+    /// The device has too many leaves for the digest tables of one run.
+    #[error(
+        "{device}: {leaves} blocks of {buffer} bytes would need {mib} MiB of digests in memory; use a larger --buffer (or --chunk)"
+    )]
+    TooManyLeaves {
+        /// The device.
+        device: String,
+        /// Its leaf count.
+        leaves: u64,
+        /// Leaf size.
+        buffer: u64,
+        /// Memory the tables would take.
+        mib: u64,
     },
 }
 
@@ -179,44 +211,78 @@ pub fn encode(state: &State) -> Vec<u8> {
     out
 }
 
-/// Decodes and verifies a state; any inconsistency is an error, never a panic.
-pub fn decode(bytes: &[u8]) -> Result<State, String> {
-    if bytes.len() < 16 + CHECKSUM_LEN {
-        return Err(format!("too short ({} bytes)", bytes.len()));
+/// The tree parameters and the header, from the prefix and header bytes alone.
+fn decode_header(bytes: &[u8]) -> Result<(Header, usize), DecodeError> {
+    if bytes.len() < PREFIX_LEN {
+        return Err(DecodeError::TooShort { len: bytes.len() as u64 });
     }
     if bytes[..8] != MAGIC {
-        return Err("not a basyn state file (bad magic)".into());
+        return Err(DecodeError::BadMagic);
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if version != FORMAT_VERSION {
-        return Err(format!("format version {version}, this basyn reads {FORMAT_VERSION}"));
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
-    if HashAlgo::Blake3.digest(body).as_bytes() != sum {
-        return Err("checksum mismatch (truncated or corrupted)".into());
+        return Err(DecodeError::Version { found: version, supported: FORMAT_VERSION });
     }
     let head_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
-    if head_len > MAX_HEADER || 16 + head_len > body.len() {
-        return Err(format!("header length {head_len} is out of bounds"));
+    if head_len > MAX_HEADER || PREFIX_LEN + head_len > bytes.len() {
+        return Err(DecodeError::HeaderLength { len: head_len });
     }
-    let (header, rest) = postcard::take_from_bytes::<Header>(&body[16..16 + head_len])
-        .map_err(|e| format!("undecodable header: {e}"))?;
+    let (header, rest) =
+        postcard::take_from_bytes::<Header>(&bytes[PREFIX_LEN..PREFIX_LEN + head_len]).map_err(DecodeError::Header)?;
     if !rest.is_empty() {
-        return Err("trailing bytes in the header".into());
+        return Err(DecodeError::TrailingHeader(rest.len()));
     }
     let l = header.layout;
     if l.buffer == 0 || l.chunk == Some(0) || l.fanout < 2 || l.chunk.is_some_and(|c| c > l.buffer) {
-        return Err("invalid parameters".into());
+        return Err(DecodeError::Parameters { buffer: l.buffer, chunk: l.chunk, fanout: l.fanout });
     }
+    Ok((header, head_len))
+}
+
+/// Bytes of leaf and chunk digests a layout implies.
+fn digest_bytes(l: &Layout) -> Result<(u64, u64), DecodeError> {
     let dl = l.hash.digest_len() as u64;
-    let leaves_len = l.leaf_count().checked_mul(dl).ok_or("leaf count overflows")?;
-    let chunks_len = l.chunk_count().checked_mul(dl).ok_or("chunk count overflows")?;
-    let data = &body[16 + head_len..];
-    if leaves_len.checked_add(chunks_len) != Some(data.len() as u64) {
-        return Err(format!("{} bytes of digests, the header implies {}", data.len(), leaves_len + chunks_len));
+    let leaves = l.leaf_count().checked_mul(dl).ok_or(DecodeError::Overflow)?;
+    let chunks = l.chunk_count().checked_mul(dl).ok_or(DecodeError::Overflow)?;
+    Ok((leaves, chunks))
+}
+
+/// The file length the prefix and header in `head` imply.
+fn implied_len(head: &[u8]) -> Result<u64, DecodeError> {
+    let (header, head_len) = decode_header(head)?;
+    let (leaves, chunks) = digest_bytes(&header.layout)?;
+    leaves
+        .checked_add(chunks)
+        .and_then(|d| d.checked_add((PREFIX_LEN + head_len + CHECKSUM_LEN) as u64))
+        .ok_or(DecodeError::Overflow)
+}
+
+/// Decodes and verifies a state; any inconsistency is an error, never a panic.
+pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
+    if bytes.len() < PREFIX_LEN + CHECKSUM_LEN {
+        return Err(DecodeError::TooShort { len: bytes.len() as u64 });
+    }
+    if bytes[..8] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::Version { found: version, supported: FORMAT_VERSION });
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+    if HashAlgo::Blake3.digest(body).as_bytes() != sum {
+        return Err(DecodeError::Checksum);
+    }
+    let (header, head_len) = decode_header(body)?;
+    let l = header.layout;
+    let (leaves_len, chunks_len) = digest_bytes(&l)?;
+    let data = &body[PREFIX_LEN + head_len..];
+    let expected = leaves_len.checked_add(chunks_len).ok_or(DecodeError::Overflow)?;
+    if expected != data.len() as u64 {
+        return Err(DecodeError::DigestBytes { found: data.len() as u64, expected });
     }
     if header.valid_leaves > l.leaf_count() {
-        return Err("more valid leaves than leaves".into());
+        return Err(DecodeError::ValidLeaves { valid: header.valid_leaves, leaves: l.leaf_count() });
     }
     let (leaves, chunks) = data.split_at(leaves_len as usize);
     Ok(State {
@@ -284,14 +350,32 @@ impl StateFile {
         &self.path
     }
 
-    /// Loads and verifies the state; `Ok(None)` if there is none yet.
+    /// Loads and verifies the state; `Ok(None)` if there is none yet. The header is
+    /// read and checked first: a file longer than the header implies (or than
+    /// [`MAX_STATE`]) is refused before the rest is read.
     pub fn load(&self) -> Result<Option<State>, StateError> {
-        let bytes = match fs::read(&self.path) {
-            Ok(b) => b,
+        let shown = || self.path.display().to_string();
+        let io_err = |source| StateError::Io { path: shown(), source };
+        let invalid = |source| StateError::Invalid { path: shown(), source };
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path: self.path.display().to_string(), source }),
+            Err(source) => return Err(io_err(source)),
         };
-        decode(&bytes).map(Some).map_err(|reason| StateError::Invalid { path: self.path.display().to_string(), reason })
+        let len = file.metadata().map_err(io_err)?.len();
+        if len > MAX_STATE {
+            return Err(invalid(DecodeError::TooLarge { len, max: MAX_STATE }));
+        }
+        let mut bytes = Vec::new();
+        (&mut file).take((PREFIX_LEN + MAX_HEADER) as u64).read_to_end(&mut bytes).map_err(io_err)?;
+        // A header that does not decode is reported by `decode` (checksum first).
+        if let Ok(expected) = implied_len(&bytes)
+            && expected != len
+        {
+            return Err(invalid(DecodeError::Length { len, expected }));
+        }
+        file.read_to_end(&mut bytes).map_err(io_err)?;
+        decode(&bytes).map(Some).map_err(invalid)
     }
 
     /// Saves atomically: temp file, fsync, rename over the old one, fsync the directory.
@@ -419,7 +503,7 @@ mod tests {
             bytes.extend_from_slice(&body);
             let sum = HashAlgo::Blake3.digest(&bytes);
             bytes.extend_from_slice(sum.as_bytes());
-            let _ = decode(&bytes);
+            prop_assert!(decode(&bytes).is_err(), "garbage under a valid checksum decoded");
         }
     }
 }

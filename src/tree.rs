@@ -1,5 +1,6 @@
-//! The Merkle tree over a device: leaves are the digests of `--buffer` blocks, each
-//! internal node the digest of up to `fanout` children, one root. Pure: no I/O.
+//! The Merkle tree over a device: its [`Layout`], the leaf rule (a leaf's digest from
+//! its pieces' digests), and the tree itself: leaves are the digests of `--buffer`
+//! blocks, each internal node the digest of up to `fanout` children, one root. Pure: no I/O.
 //!
 //! Digests are stored flat (one `Vec<u8>` per level, `digest_len` bytes each) so a tree
 //! of a million leaves costs little more than the leaves themselves.
@@ -8,6 +9,103 @@ use crate::hash::{Digest, HashAlgo};
 
 /// Default number of children per internal node.
 pub const DEFAULT_FANOUT: usize = 64;
+
+/// Piece size when no `--chunk` is given: large enough that hashing pieces costs no
+/// more than hashing whole blocks, small enough to refine a differing block cheaply.
+pub const DEFAULT_PIECE: u64 = 16 << 10;
+
+/// The parameters a tree was built with; a state is used only if they match the run's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layout {
+    /// Digest algorithm.
+    pub hash: HashAlgo,
+    /// Leaf (block) size in bytes.
+    pub buffer: u64,
+    /// Chunk size in bytes, if chunk digests are kept under each leaf.
+    pub chunk: Option<u64>,
+    /// Children per internal node.
+    pub fanout: u32,
+    /// Bytes covered by the tree.
+    pub device_size: u64,
+}
+
+impl Layout {
+    /// Number of leaves.
+    pub fn leaf_count(&self) -> u64 {
+        self.device_size.div_ceil(self.buffer)
+    }
+
+    /// Length of leaf `i` (the last may be shorter; 0 past the end).
+    pub fn leaf_len(&self, leaf: u64) -> u64 {
+        self.device_size.saturating_sub(leaf.saturating_mul(self.buffer)).min(self.buffer)
+    }
+
+    /// Offset and length of leaf `i`.
+    pub fn leaf_span(&self, leaf: u64) -> (u64, u64) {
+        (leaf * self.buffer, self.leaf_len(leaf))
+    }
+
+    /// Size of the pieces whose digests make up a leaf digest: the chunk with `--chunk`,
+    /// else [`DEFAULT_PIECE`] (or the whole leaf, if smaller).
+    pub fn piece(&self) -> u64 {
+        self.chunk.unwrap_or(DEFAULT_PIECE.min(self.buffer))
+    }
+
+    /// Number of pieces of leaf `i`.
+    pub fn pieces_of(&self, leaf: u64) -> u64 {
+        self.leaf_len(leaf).div_ceil(self.piece())
+    }
+
+    /// Number of chunk digests under each full leaf.
+    pub fn chunks_per_leaf(&self) -> u64 {
+        self.chunk.map_or(0, |c| self.buffer.div_ceil(c))
+    }
+
+    /// Index of leaf `i`'s first chunk digest, and how many it has.
+    pub fn chunk_span(&self, leaf: u64) -> (u64, u64) {
+        let Some(c) = self.chunk else { return (0, 0) };
+        (leaf * self.chunks_per_leaf(), self.leaf_len(leaf).div_ceil(c))
+    }
+
+    /// Total number of chunk digests.
+    pub fn chunk_count(&self) -> u64 {
+        match self.leaf_count() {
+            0 => 0,
+            n => {
+                let (first, count) = self.chunk_span(n - 1);
+                first + count
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "hash {}, buffer {} KiB", self.hash, self.buffer / 1024)?;
+        if let Some(c) = self.chunk {
+            write!(f, ", chunk {} KiB", c / 1024)?;
+        }
+        write!(f, ", {} bytes", self.device_size)
+    }
+}
+
+/// The leaf rule: a leaf's digest is the node digest over the digests of its pieces
+/// ([`Layout::piece`]), so that the pieces under a leaf prove it, a differing leaf can be
+/// refined without hashing it again, and a leaf patched piece by piece gets its new
+/// digest from its pieces. Returns the leaf digest and the piece digests.
+pub fn leaf_digest(layout: &Layout, data: &[u8]) -> (Digest, Vec<Digest>) {
+    let pieces = layout.hash.digest_pieces(data, layout.piece() as usize);
+    (pieces_root(layout, &pieces), pieces)
+}
+
+/// The leaf digest over its piece digests.
+pub fn pieces_root(layout: &Layout, pieces: &[Digest]) -> Digest {
+    let mut bytes = Vec::with_capacity(pieces.len() * layout.hash.digest_len());
+    for p in pieces {
+        bytes.extend_from_slice(p.as_bytes());
+    }
+    node_digest(layout.hash, &bytes)
+}
 
 /// A Merkle tree of block digests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,45 +198,15 @@ impl Tree {
         start..(start + self.fanout).min(below)
     }
 
-    /// Replaces leaf `index` and recomputes its path to the root.
-    pub fn set_leaf(&mut self, index: usize, digest: &Digest) {
-        let dl = self.algo.digest_len();
-        assert_eq!(digest.as_bytes().len(), dl, "digest of another algorithm");
-        self.levels[0][index * dl..(index + 1) * dl].copy_from_slice(digest.as_bytes());
-        let mut child = index;
-        for level in 1..self.levels.len() {
-            let parent = child / self.fanout;
-            let range = self.children(level, parent);
-            let below = &self.levels[level - 1][range.start * dl..range.end * dl];
-            let d = node_digest(self.algo, below);
-            self.levels[level][parent * dl..(parent + 1) * dl].copy_from_slice(d.as_bytes());
-            child = parent;
-        }
-    }
-
-    /// True if `other` has the same algorithm, fan-out and number of leaves, so that
-    /// node indices mean the same on both.
-    pub fn same_shape(&self, other: &Tree) -> bool {
-        self.algo == other.algo && self.fanout == other.fanout && self.leaf_count() == other.leaf_count()
-    }
-
-    /// The leaves where this tree differs from `other` (which must have the same shape),
-    /// found top-down: only subtrees whose roots differ are visited.
-    pub fn diff(&self, other: &Tree) -> Vec<usize> {
-        assert!(self.same_shape(other), "trees of different shapes");
-        let fetch = |level: usize, indices: &[usize]| {
-            Ok::<_, std::convert::Infallible>(indices.iter().map(|&i| other.node(level, i)).collect())
-        };
-        match self.walk(fetch) {
-            Ok(leaves) => leaves,
-            Err(never) => match never {},
-        }
-    }
-
-    /// The top-down walk behind [`Tree::diff`], with the other side's nodes fetched one
-    /// level at a time through `fetch(level, indices)`: one call (one round trip) per
-    /// level, batching every node of that level that must be compared.
-    pub fn walk<E>(&self, mut fetch: impl FnMut(usize, &[usize]) -> Result<Vec<Digest>, E>) -> Result<Vec<usize>, E> {
+    /// The leaves where this tree differs from the other side's tree of the same shape,
+    /// with the other side's leaf digests, found top-down: only subtrees whose roots
+    /// differ are visited. The other side's nodes are fetched one level at a time through
+    /// `fetch(level, indices)`: one call (one round trip) per level, batching every node
+    /// of that level that must be compared.
+    pub fn walk<E>(
+        &self,
+        mut fetch: impl FnMut(usize, &[usize]) -> Result<Vec<Digest>, E>,
+    ) -> Result<Vec<(usize, Digest)>, E> {
         if self.leaf_count() == 0 {
             return Ok(Vec::new());
         }
@@ -146,12 +214,16 @@ impl Tree {
         let mut candidates = vec![0usize];
         loop {
             let theirs = fetch(level, &candidates)?;
-            let differing: Vec<usize> =
-                candidates.iter().zip(theirs).filter(|(i, d)| self.node(level, **i) != *d).map(|(i, _)| *i).collect();
+            let differing: Vec<(usize, Digest)> = candidates
+                .iter()
+                .zip(theirs)
+                .filter(|(i, d)| self.node(level, **i) != *d)
+                .map(|(i, d)| (*i, d))
+                .collect();
             if level == 0 || differing.is_empty() {
                 return Ok(differing);
             }
-            candidates = differing.iter().flat_map(|&i| self.children(level, i)).collect();
+            candidates = differing.iter().flat_map(|&(i, _)| self.children(level, i)).collect();
             level -= 1;
         }
     }
@@ -170,6 +242,17 @@ pub fn node_digest(algo: HashAlgo, children: &[u8]) -> Digest {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The leaves where `a` differs from `b` (of the same shape), by a walk over `b`.
+    fn diff(a: &Tree, b: &Tree) -> Vec<usize> {
+        assert_eq!((a.algo, a.fanout, a.leaf_count()), (b.algo, b.fanout, b.leaf_count()), "trees of different shapes");
+        let fetch = |level: usize, indices: &[usize]| Ok::<_, ()>(indices.iter().map(|&i| b.node(level, i)).collect());
+        let found = a.walk(fetch).unwrap();
+        for &(i, d) in &found {
+            assert_eq!(d, b.leaf(i), "the walk returns the other side's leaf digest");
+        }
+        found.into_iter().map(|(i, _)| i).collect()
+    }
 
     fn leaves(n: usize, seed: u8) -> Vec<Digest> {
         (0..n).map(|i| HashAlgo::Blake3.digest(&[(i % 251) as u8, (i / 251) as u8, seed])).collect()
@@ -206,26 +289,9 @@ mod tests {
             }
             let ta = Tree::from_leaves(HashAlgo::Blake3, fanout, &a);
             let tb = Tree::from_leaves(HashAlgo::Blake3, fanout, &b);
-            let got: Vec<usize> = ta.diff(&tb);
+            let got: Vec<usize> = diff(&ta, &tb);
             prop_assert_eq!(got, expected.into_iter().collect::<Vec<_>>());
-            prop_assert_eq!(ta.root() == tb.root(), ta.diff(&tb).is_empty());
-        }
-
-        #[test]
-        fn updating_a_leaf_updates_its_path_to_the_root(
-            n in 1usize..500,
-            fanout in 2usize..10,
-            updates in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..10),
-        ) {
-            let mut ls: Vec<Digest> = leaves(n, 1).iter().map(|d| HashAlgo::Sha256.digest(d.as_bytes())).collect();
-            let mut t = Tree::from_leaves(HashAlgo::Sha256, fanout, &ls);
-            for (at, v) in updates {
-                let i = at.index(n);
-                let d = HashAlgo::Sha256.digest(&[v, i as u8]);
-                ls[i] = d;
-                t.set_leaf(i, &d);
-                prop_assert_eq!(&t, &Tree::from_leaves(HashAlgo::Sha256, fanout, &ls));
-            }
+            prop_assert_eq!(ta.root() == tb.root(), diff(&ta, &tb).is_empty());
         }
 
         #[test]
@@ -242,7 +308,7 @@ mod tests {
                 calls.push(level);
                 Ok::<_, ()>(idx.iter().map(|&i| tb.node(level, i)).collect())
             }).unwrap();
-            prop_assert_eq!(got, ta.diff(&tb));
+            prop_assert_eq!(got.into_iter().map(|(i, _)| i).collect::<Vec<_>>(), diff(&ta, &tb));
             // Strictly descending levels, each at most once.
             prop_assert!(calls.windows(2).all(|w| w[0] == w[1] + 1));
             prop_assert!(calls.len() <= ta.height());

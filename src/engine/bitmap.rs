@@ -1,45 +1,94 @@
 //! `-b/--bitmap FILE`, as in the current original tool: the receiver's block digests
 //! kept in a file on this host and trusted as the user declares, so that SYNC never
 //! reads the receiver. Stored in the `.basyn-state` format with a `Declared` stamp.
+//! This module holds the whole workflow: loading and checking the file, SYNC against
+//! it, `--update-bitmap` (refresh only), and saving or removing it after the run.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::compare::{Comparison, Purpose, Run, WINDOW};
-use super::pipeline::{self, Blocks};
-use super::{Direction, Fault, Params};
-use crate::device::Device;
-use crate::endpoint::Endpoint;
+use super::compare::Purpose;
+use super::session::{Session, absorb, local_index, name, receiver_name};
+use super::window::{Comparison, Ctx, WINDOW, Window};
+use super::{BitmapPlan, Direction, Error, Fault, Plan};
+use crate::compress::Codec;
+use crate::device::{Device, Side};
+use crate::digest_index::DigestIndex;
 use crate::hash::Digest;
-use crate::ledger::{Ledger, leaf_digest};
+use crate::protocol::{Access, StateOptions};
 use crate::report::Reporter;
-use crate::stamp::Stamp;
-use crate::state::{Layout, State, StateError, StateFile};
+use crate::stamp::{Role, Stamp};
+use crate::state::{DecodeError, State, StateError, StateFile};
+use crate::tree::{Layout, leaf_digest};
+
+const HINT: &str = "use --reset-bitmap to rebuild it (the receiver is then read once)";
+
+/// Why a bitmap cannot be used or kept.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BitmapError {
+    /// It was built for another device size, block size or hash.
+    #[error("bitmap {} was built with {found} but this run uses {wanted}; {HINT}", path.display())]
+    Mismatch {
+        /// The bitmap file.
+        path: PathBuf,
+        /// Its layout.
+        found: Layout,
+        /// The run's layout.
+        wanted: Layout,
+    },
+    /// It does not hold every leaf.
+    #[error("bitmap {} is incomplete: {valid} of {leaves} blocks; {HINT}", path.display())]
+    Incomplete {
+        /// The bitmap file.
+        path: PathBuf,
+        /// Leaves it holds.
+        valid: u64,
+        /// Leaves the run has.
+        leaves: u64,
+    },
+    /// Its bytes are not a valid bitmap.
+    #[error("bitmap {} is not usable: {source}; {HINT}", path.display())]
+    Unusable {
+        /// The bitmap file.
+        path: PathBuf,
+        /// What is wrong.
+        source: DecodeError,
+    },
+    /// It cannot be read.
+    #[error(transparent)]
+    Read(StateError),
+    /// It cannot be saved.
+    #[error("cannot save the bitmap: {0}")]
+    Save(#[source] StateError),
+}
+
+/// The bitmap to save when the run succeeds: the layout and the source's leaf digests.
+pub(super) type Out = Option<(Layout, Vec<u8>)>;
 
 /// Loads a bitmap for `layout`: `Ok(None)` if the file does not exist yet. A corrupt or
 /// mismatched bitmap is an error: rebuilding it would need the receiver read that the
 /// user opted out of.
-pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, String> {
-    let file = StateFile::at(path, false).map_err(|e| e.to_string())?;
-    let hint = "use --reset-bitmap to rebuild it (the receiver is then read once)";
+pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, BitmapError> {
+    let file = StateFile::at(path, false).map_err(BitmapError::Read)?;
     match file.load() {
         Ok(None) => Ok(None),
         Ok(Some(s)) if s.layout != *layout => {
-            Err(format!("bitmap {} was built with {} but this run uses {layout}; {hint}", path.display(), s.layout))
+            Err(BitmapError::Mismatch { path: path.to_path_buf(), found: s.layout, wanted: *layout })
         }
-        Ok(Some(s)) if s.valid_leaves != layout.leaf_count() => {
-            Err(format!("bitmap {} is incomplete; {hint}", path.display()))
-        }
+        Ok(Some(s)) if s.valid_leaves != layout.leaf_count() => Err(BitmapError::Incomplete {
+            path: path.to_path_buf(),
+            valid: s.valid_leaves,
+            leaves: layout.leaf_count(),
+        }),
         Ok(Some(s)) => Ok(Some(s.leaves)),
-        Err(StateError::Invalid { reason, .. }) => {
-            Err(format!("bitmap {} is not usable: {reason}; {hint}", path.display()))
-        }
-        Err(e) => Err(e.to_string()),
+        Err(StateError::Invalid { source, .. }) => Err(BitmapError::Unusable { path: path.to_path_buf(), source }),
+        Err(e) => Err(BitmapError::Read(e)),
     }
 }
 
 /// Saves `leaves` (the source's digests, which the receiver now holds) as the bitmap.
-pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>) -> Result<(), StateError> {
-    let file = StateFile::at(path, false)?;
+pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>) -> Result<(), BitmapError> {
+    let file = StateFile::at(path, false).map_err(BitmapError::Save)?;
     file.save(&State {
         layout: *layout,
         device_path: device.display().to_string(),
@@ -48,95 +97,158 @@ pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>) -> Res
         leaves,
         chunks: Vec::new(),
     })
+    .map_err(BitmapError::Save)
 }
 
-/// SYNC against a bitmap: the source's digests (local ledger or read for PUSH, the
+/// Every leaf digest of the local device, reading the leaves its index does not know.
+pub(super) fn complete(index: &mut DigestIndex, local: &Device) -> Result<Vec<u8>, Fault> {
+    complete_with_progress(index, local, None)
+}
+
+fn complete_with_progress(index: &mut DigestIndex, local: &Device, rep: Option<&Reporter>) -> Result<Vec<u8>, Fault> {
+    index.fill(local, |n| {
+        if let Some(rep) = rep {
+            rep.advance(n);
+        }
+    })?;
+    index.complete_leaves().ok_or(Fault::Internal("bitmap leaves unknown"))
+}
+
+/// SYNC against a bitmap: the source's digests (local index or read for PUSH, the
 /// endpoint's for PULL) are compared with the receiver's digests from the bitmap, and
-/// differing leaves are transferred whole. Without a bitmap to compare with, or without
-/// `transfer`, nothing is sent: only the source's digests are gathered
-/// (`--update-bitmap`). Returns what was done and the source's leaf digests.
-#[allow(clippy::too_many_arguments)]
-pub fn sync(
-    local: &Device,
-    ledger: &mut Ledger,
-    ep: Option<&mut Endpoint>,
-    len: u64,
-    params: &Params,
-    dir: Direction,
-    bitmap: Option<&[u8]>,
-    rep: &Reporter,
-) -> Result<(Comparison, Vec<u8>), Fault> {
-    // The receiver is never read: differing blocks go whole.
-    let params = &Params { refine: None, ..params.clone() };
-    let blocks = Blocks { len, block: params.buffer as u64 };
+/// differing leaves are transferred whole. Without a bitmap (`--update-bitmap` of a
+/// PULL) nothing is sent: only the source's digests are gathered. Returns what was done
+/// and the source's leaf digests.
+pub(super) fn sync(ctx: Ctx<'_>, dir: Direction, bitmap: Option<&[u8]>) -> Result<(Comparison, Vec<u8>), Fault> {
+    // The receiver is never read: differing leaves go whole.
+    let params = super::Params { refine: None, ..ctx.params.clone() };
+    let ctx = Ctx { params: &params, ..ctx };
     let dl = params.hash.digest_len();
     let theirs = |i: u64| bitmap.map(|b| Digest::from_slice(&b[i as usize * dl..(i as usize + 1) * dl]));
-    let mut source = Vec::with_capacity(blocks.count() as usize * dl);
-    match (dir, ep) {
-        // Refresh only, from the local source: its state, or one read of what it lacks.
-        (Direction::Push, None) => {
-            let mut buf = Vec::new();
-            for leaf in 0..blocks.count() {
-                let d = match ledger.leaf(leaf) {
-                    Some(d) => d,
-                    None => ledger.read_leaf(local, leaf, &mut buf)?.0,
-                };
-                source.extend_from_slice(d.as_bytes());
-                rep.advance(blocks.span(leaf).1 as u64);
-            }
-            Ok((Comparison { blocks: blocks.count(), ..Comparison::default() }, source))
-        }
-        (Direction::Push, Some(ep)) => {
-            let layout = *ledger.layout();
-            let skip: Vec<bool> = (0..blocks.count()).map(|i| ledger.leaf(i).is_some()).collect();
-            std::thread::scope(|scope| {
-                let (rx, _reader) = pipeline::spawn(scope, local, blocks, skip, 8, move |_, data| {
-                    data.map(|d| (leaf_digest(&layout, &d).0, d))
-                });
-                let mut run = Run::new(local, ledger, ep, params, Purpose::Sync(Direction::Push), rep);
-                for item in rx {
-                    let item = item?;
-                    let (ours, data) = match item.value {
-                        Some((d, data)) => {
-                            run.ledger.learn(item.index, &d, &[]);
-                            (d, Some(data))
-                        }
-                        None => (run.ledger.leaf(item.index).ok_or(Fault::Internal("skipped leaf unknown"))?, None),
-                    };
-                    source.extend_from_slice(ours.as_bytes());
-                    run.out.blocks += 1;
-                    rep.advance(item.len as u64);
-                    if theirs(item.index) != Some(ours) {
-                        rep.debug(format_args!("block {} @ {}: differs from the bitmap", item.index, item.offset));
-                        run.differs(item.index, item.offset, item.len, data)?;
-                        run.drain(WINDOW)?;
-                    }
+    match dir {
+        Direction::Push => push(ctx, &theirs),
+        Direction::Pull => pull(ctx, bitmap.is_some(), &theirs),
+    }
+}
+
+fn push(ctx: Ctx<'_>, theirs: &dyn Fn(u64) -> Option<Digest>) -> Result<(Comparison, Vec<u8>), Fault> {
+    let layout = ctx.layout();
+    let local = ctx.local;
+    let mut source = Vec::with_capacity(layout.leaf_count() as usize * layout.hash.digest_len());
+    let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| ctx.index.leaf(i).is_some()).collect();
+    std::thread::scope(|scope| {
+        let rx = super::reader::spawn(scope, local, layout, skip, move |_, data| {
+            data.map(|d| (leaf_digest(&layout, &d).0, d))
+        });
+        let mut w = Window::new(ctx, Purpose::Sync(Direction::Push));
+        for leaf in rx {
+            let leaf = leaf?;
+            let (ours, data) = match leaf.value {
+                Some((d, data)) => {
+                    w.ctx.index.learn(leaf.index, &d, &[]);
+                    (d, Some(data))
                 }
-                run.drain(0)?;
-                Ok((run.out, source))
-            })
-        }
-        (Direction::Pull, None) => Err(Fault::Internal("a PULL needs the endpoint")),
-        (Direction::Pull, Some(ep)) => {
-            let transfer = bitmap.is_some();
-            let purpose = if transfer { Purpose::Sync(Direction::Pull) } else { Purpose::Check };
-            let mut run = Run::new(local, ledger, ep, params, purpose, rep);
-            let mut next = 0u64;
-            while let Some((first, digests)) = run.next_digest_batch(blocks, &mut next)? {
-                for (k, d) in digests.into_iter().enumerate() {
-                    let leaf = first + k as u64;
-                    let (offset, n) = blocks.span(leaf);
-                    source.extend_from_slice(d.as_bytes());
-                    run.out.blocks += 1;
-                    rep.advance(n as u64);
-                    if transfer && theirs(leaf) != Some(d) {
-                        rep.debug(format_args!("block {leaf} @ {offset}: differs from the bitmap"));
-                        run.differs(leaf, offset, n, None)?;
-                    }
-                }
-                run.maybe_checkpoint()?;
+                None => (w.ctx.index.leaf(leaf.index).ok_or(Fault::Internal("skipped leaf unknown"))?, None),
+            };
+            source.extend_from_slice(ours.as_bytes());
+            w.out.blocks += 1;
+            w.ctx.rep.advance(leaf.len as u64);
+            if theirs(leaf.index) != Some(ours) {
+                w.ctx.rep.debug(format_args!("block {} @ {}: differs from the bitmap", leaf.index, leaf.offset));
+                w.differs(leaf.index, leaf.offset, leaf.len, data, ours)?;
+                w.drain(WINDOW)?;
             }
-            Ok((run.out, source))
         }
+        w.drain(0)?;
+        Ok((w.out, source))
+    })
+}
+
+fn pull(ctx: Ctx<'_>, transfer: bool, theirs: &dyn Fn(u64) -> Option<Digest>) -> Result<(Comparison, Vec<u8>), Fault> {
+    let layout = ctx.layout();
+    let mut source = Vec::with_capacity(layout.leaf_count() as usize * layout.hash.digest_len());
+    let purpose = if transfer { Purpose::Sync(Direction::Pull) } else { Purpose::Check };
+    let mut w = Window::new(ctx, purpose);
+    while let Some((first, digests)) = w.next_digest_batch()? {
+        for (k, d) in digests.into_iter().enumerate() {
+            let leaf = first + k as u64;
+            let (offset, len) = layout.leaf_span(leaf);
+            source.extend_from_slice(d.as_bytes());
+            w.out.blocks += 1;
+            w.ctx.rep.advance(len);
+            if transfer && theirs(leaf) != Some(d) {
+                w.ctx.rep.debug(format_args!("block {leaf} @ {offset}: differs from the bitmap"));
+                w.differs(leaf, offset, len as usize, None, d)?;
+            }
+        }
+        w.maybe_checkpoint()?;
+    }
+    Ok((w.out, source))
+}
+
+/// After a run with a bitmap: saved only once the receiver is known to hold the
+/// source's data and nobody else wrote it during the run; kept if nothing was changed;
+/// removed when the receiver may be partly changed, since it no longer describes it.
+pub(super) fn after_run(plan: &Plan, result: Result<(), Error>, out: Out, rep: &Reporter) -> Result<(), Error> {
+    let Some(b) = plan.bitmap.as_ref().filter(|b| !b.update_only) else { return result };
+    match (&result, out) {
+        (Ok(()), Some((layout, leaves))) => {
+            save(&b.path, &layout, &plan.local, leaves).map_err(|e| {
+                let dir = plan.action.map_or(Direction::Push, |(d, _)| d);
+                Fault::Bitmap(e).transfer(&receiver_name(plan, dir))
+            })?;
+            rep.log(format_args!("bitmap {} updated", b.path.display()));
+        }
+        (Err(Error::Refused(_)), _) => {}
+        _ => {
+            if std::fs::remove_file(&b.path).is_ok() {
+                rep.log(format_args!("bitmap {} removed: it no longer describes the receiver", b.path.display()));
+            }
+        }
+    }
+    result
+}
+
+impl Session<'_> {
+    /// `--update-bitmap`: refreshes the bitmap from the source without transferring
+    /// anything (the user declares that the receiver already holds the source's data).
+    /// Returns the source's length.
+    pub(super) fn refresh_bitmap(&mut self, b: &BitmapPlan, dir: Direction) -> Result<u64, Error> {
+        let plan = self.plan;
+        let refused = |f: Fault| f.refused();
+        let local = Device::open_read(&plan.local, Side::Local).map_err(|e| refused(e.into()))?;
+        let len = match dir {
+            Direction::Push => local.size(),
+            Direction::Pull => {
+                let req = self.open_request(Access::Read, Codec::None, plan.remote_state.clone());
+                self.endpoint()?.open(req).map_err(|e| refused(e.into()))?.size
+            }
+        };
+        self.stats.device_size = len;
+        let state = if dir == Direction::Push { plan.state.clone() } else { StateOptions::off() };
+        let mut index = local_index(&local, &plan.params, len, &state, self.rep)?;
+        self.rep.start("BITMAP", len);
+        let result = match dir {
+            Direction::Push => {
+                complete_with_progress(&mut index, &local, Some(self.rep)).map(|l| (Comparison::default(), l))
+            }
+            Direction::Pull => {
+                let (ep, rep) = self.endpoint_and_reporter()?;
+                sync(Ctx { local: &local, index: &mut index, ep, params: &plan.params, rep }, dir, None)
+            }
+        };
+        self.rep.finish();
+        self.stats.local_read += local.bytes_read();
+        let (c, leaves) = result.map_err(refused)?;
+        absorb(self.stats, &Comparison { blocks: len.div_ceil(plan.params.buffer as u64), ..c });
+        save(&b.path, index.layout(), &plan.local, leaves).map_err(|e| refused(e.into()))?;
+        if dir == Direction::Push && !index.finish(&local, Role::Read).map_err(|e| refused(e.into()))? {
+            return Err(Error::SourceMoved {
+                device: name(Side::Local, &plan.local),
+                receiver: b.path.display().to_string(),
+            });
+        }
+        self.rep.log(format_args!("bitmap {} refreshed from the source; nothing was transferred", b.path.display()));
+        Ok(len)
     }
 }

@@ -1,24 +1,42 @@
 //! The engine: turns a validated [`Plan`] into COPY, SYNC and RECHECK runs between the
-//! local device and the far endpoint.
+//! local device and the far endpoint, and `basyn index`.
+//!
+//! - `run`: one run: connect, open both ends (every refusal before any write), COPY or
+//!   SYNC, recheck, close; `session`: what every part of a run shares;
+//! - `compare`: SYNC and RECHECK by reading both sides, or by walking fresh trees;
+//! - `window`: the request window that keeps digests, reads and writes in flight;
+//! - `refine`: a differing block narrowed to the pieces that differ;
+//! - `copy`: COPY; `bitmap`: the original's `-b/--bitmap` workflow;
+//! - `recheck`, `index`; `reader`: sequential reading of the local device.
 
 mod bitmap;
 mod compare;
 mod copy;
-mod phases;
-mod pipeline;
+mod index;
+mod reader;
+mod recheck;
+mod refine;
+mod run;
+mod session;
+mod window;
 
 use std::path::PathBuf;
 
+use crate::block::BlockError;
 use crate::compress::Codec;
 use crate::device::DeviceError;
+use crate::digest_index::SaveError;
 use crate::endpoint::EndpointError;
 use crate::hash::HashAlgo;
-use crate::ledger::StateOptions;
-use crate::protocol::{AbortCode, ProtocolError};
-use crate::report::{Output, Reporter, Stats};
+use crate::protocol::{ProtocolError, StateOptions};
+use crate::report::{Interrupts, Output, Reporter, Stats};
+use crate::state::StateError;
 
+pub use crate::endpoint::Transport;
+pub use bitmap::BitmapError;
 pub use compare::Purpose;
-pub use phases::index;
+pub use index::index;
+pub use window::CHECKPOINT_ENV;
 
 /// Which way data flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,15 +54,6 @@ pub enum Mode {
     Copy,
     /// Only differing blocks, found by comparing digests.
     Sync,
-}
-
-/// Where the far endpoint runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// `basyn serve` as a child process on this machine.
-    Local,
-    /// `basyn serve` on another host, over SSH.
-    Ssh(crate::ssh::Target),
 }
 
 /// Parameters shared by every phase of a run.
@@ -121,26 +130,62 @@ pub struct IndexPlan {
     pub output: Output,
 }
 
+/// How two devices were found to differ.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Differences {
+    /// They have different sizes.
+    #[error("the devices differ in size: {local} is {local_size} bytes, {remote} is {remote_size} bytes")]
+    Size {
+        /// The local device, with its side.
+        local: String,
+        /// Its size.
+        local_size: u64,
+        /// The remote device, with its side.
+        remote: String,
+        /// Its size.
+        remote_size: u64,
+    },
+    /// Some blocks differ.
+    #[error("{local} and {remote} differ in {differing} of {blocks} blocks of {buffer} bytes")]
+    Blocks {
+        /// The local device, with its side.
+        local: String,
+        /// The remote device, with its side.
+        remote: String,
+        /// Blocks that differ.
+        differing: u64,
+        /// Blocks compared.
+        blocks: u64,
+        /// Block size.
+        buffer: usize,
+    },
+}
+
 /// Why a run did not end with identical devices.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A precondition failed; nothing was changed (exit 1).
     #[error("{0}")]
-    Refused(String),
+    Refused(#[source] Box<Fault>),
     /// The transfer failed part way (exit 2).
-    #[error("{message}; the receiving device {receiver} may be partly changed")]
+    #[error("{source}; the receiving device {receiver} may be partly changed")]
     Transfer {
         /// What failed.
-        message: String,
+        source: Box<Fault>,
         /// The receiving device, with its side.
         receiver: String,
     },
+    /// The recheck after an action could not be done (exit 2).
+    #[error("recheck failed: {0}")]
+    RecheckFailed(#[source] Box<Fault>),
     /// The recheck after an action found differences (exit 2).
     #[error("recheck failed: {0}")]
-    RecheckFailed(String),
+    RecheckDiffers(Differences),
     /// A check without action found the devices differ (exit 3).
     #[error("{0}")]
-    Differ(String),
+    Differ(Differences),
     /// The source was written while it was being synchronized (exit 2).
     #[error(
         "{device} was written to during the run: the changes after its blocks were read are not on {receiver}, which may not match it; its state was not saved. Sync from a snapshot or a quiesced device"
@@ -159,6 +204,12 @@ pub enum Error {
         /// The receiver, with its side.
         device: String,
     },
+    /// The device was written while `basyn index` read it (exit 2).
+    #[error("{device} was written to while it was indexed; its state was not saved. Run basyn index again")]
+    IndexMoved {
+        /// The device, with its side.
+        device: String,
+    },
 }
 
 impl Error {
@@ -168,15 +219,18 @@ impl Error {
             Error::Refused(_) => 1,
             Error::Transfer { .. }
             | Error::RecheckFailed(_)
+            | Error::RecheckDiffers(_)
             | Error::SourceMoved { .. }
-            | Error::ReceiverMoved { .. } => 2,
+            | Error::ReceiverMoved { .. }
+            | Error::IndexMoved { .. } => 2,
             Error::Differ(_) => 3,
         }
     }
 }
 
-/// A failure inside a phase, before it is classified by when it happened.
+/// A failure inside a run, before it is classified by when it happened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Fault {
     /// The far endpoint failed or refused.
     #[error(transparent)]
@@ -187,34 +241,52 @@ pub enum Fault {
     /// The endpoint sent something invalid.
     #[error("remote endpoint: {0}")]
     Protocol(#[from] ProtocolError),
-    /// A state file could not be saved.
-    #[error("{0}")]
-    State(String),
+    /// Data from the endpoint may not be written to the local device.
+    #[error("{device}: {source}")]
+    Verify {
+        /// The local receiver, with its side.
+        device: String,
+        /// Why.
+        source: BlockError,
+    },
+    /// The local state file could not be used or saved.
+    #[error("local {0}")]
+    State(#[from] StateError),
+    /// The bitmap could not be used.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
     /// A bug in basyn.
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
 
+impl From<SaveError> for Fault {
+    fn from(e: SaveError) -> Fault {
+        match e {
+            SaveError::Device(e) => Fault::Device(e),
+            SaveError::State(e) => Fault::State(e),
+        }
+    }
+}
+
 impl Fault {
     /// Classifies a fault during setup: nothing has been written yet.
     fn refused(self) -> Error {
-        match self {
-            Fault::Endpoint(EndpointError::Abort { code: AbortCode::Precondition, message }) => Error::Refused(message),
-            other => Error::Refused(other.to_string()),
-        }
+        Error::Refused(Box::new(self))
     }
 
     /// Classifies a fault while the receiver is being written.
     fn transfer(self, receiver: &str) -> Error {
-        Error::Transfer { message: self.to_string(), receiver: receiver.to_string() }
+        Error::Transfer { source: Box::new(self), receiver: receiver.to_string() }
     }
 }
 
-/// Runs the plan, filling `stats` as it goes. `Err` carries the message and exit code;
-/// `Ok` means success (exit 0).
-pub fn run(plan: &Plan, stats: &mut Stats) -> Result<(), Error> {
+/// Runs the plan, filling `stats` as it goes; `interrupts` learns when the receiver
+/// may start to change. `Err` carries the message and exit code; `Ok` means success
+/// (exit 0).
+pub fn run(plan: &Plan, stats: &mut Stats, interrupts: &Interrupts) -> Result<(), Error> {
     let mut rep = Reporter::new(plan.output);
-    let result = phases::run(plan, &mut rep, stats);
+    let result = run::run(plan, &mut rep, stats, interrupts);
     rep.finish();
     stats.elapsed = rep.elapsed();
     result

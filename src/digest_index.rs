@@ -1,87 +1,29 @@
-//! What one side knows about its device's block digests during a run: loaded from a
-//! fresh `.basyn-state`, learned by reading, or computed from what it wrote. It answers
-//! digest requests without reading whatever it already knows, and saves the state
-//! (checkpoints and at the end) only with digests that are provably on disk.
+//! The device's digest index during a run: what one side knows about its device's leaf
+//! and piece digests, loaded from a fresh `.basyn-state`, learned by reading, or
+//! computed from what it wrote. It answers without reading whatever it already knows,
+//! and saves the state (checkpoints and at the end) only with digests that are provably
+//! on disk.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use serde::{Deserialize, Serialize};
-
+use crate::block::VerifiedBlock;
 use crate::device::{Device, DeviceError};
 use crate::hash::Digest;
-use crate::stamp::{self, Freshness, Stamp};
-use crate::state::{self, Layout, State, StateError, StateFile};
-use crate::tree::{self, Tree};
+use crate::protocol::{StateMode, StateOptions};
+use crate::stamp::{self, Freshness, Role, Stamp};
+use crate::state::{self, State, StateError, StateFile};
+use crate::tree::{Layout, Tree, leaf_digest, pieces_root};
 
-/// Which state file a side uses.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StateMode {
-    /// The default location for the device.
-    Default,
-    /// An explicit file (`--state`, `--remote-state`).
-    Path(PathBuf),
-    /// No state at all (`--no-state`).
-    Off,
-}
-
-/// The state options of one side.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateOptions {
-    /// Which file.
-    pub mode: StateMode,
-    /// `--trust-state`: use a state whose freshness cannot be verified.
-    pub trust: bool,
-}
-
-impl StateOptions {
-    /// No state.
-    pub fn off() -> StateOptions {
-        StateOptions { mode: StateMode::Off, trust: false }
-    }
-}
-
-/// The role a device plays, which decides how its state is re-stamped at the end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Only read: its stamp must not have moved during the run.
-    Read,
-    /// Written by basyn: re-stamped after fdatasync.
-    Receiver,
-}
-
-/// Digest of one leaf's data and the digests of its pieces (`Layout::piece`): the leaf
-/// digest is the node digest over the piece digests, so that the pieces under a leaf
-/// prove it, a differing leaf can be refined without hashing it again, and a leaf
-/// patched piece by piece gets its new digest from its pieces.
-pub fn leaf_digest(layout: &Layout, data: &[u8]) -> (Digest, Vec<Digest>) {
-    let pieces = layout.hash.digest_pieces(data, layout.piece() as usize);
-    (pieces_root(layout, &pieces), pieces)
-}
-
-/// The leaf digest over its piece digests.
-pub fn pieces_root(layout: &Layout, chunks: &[Digest]) -> Digest {
-    let mut bytes = Vec::with_capacity(chunks.len() * layout.hash.digest_len());
-    for c in chunks {
-        bytes.extend_from_slice(c.as_bytes());
-    }
-    tree::node_digest(layout.hash, &bytes)
-}
-
-/// True if a receiving block device's counters moved by more than `own` sectors, or by
-/// discards basyn never issues.
-fn foreign_writes(start: &Stamp, now: &Stamp, own: u64) -> bool {
-    match (start, now) {
-        (Stamp::Block { counters: a, boot_id: ba, .. }, Stamp::Block { counters: b, boot_id: bb, .. }) => {
-            if ba != bb || a.len() != b.len() || a.is_empty() {
-                return true;
-            }
-            // Only the device's own counters: a sibling partition's writes move the disk's.
-            let delta = b[0].sectors.saturating_sub(a[0].sectors);
-            delta > own || a[0].discard_sectors != b[0].discard_sectors
-        }
-        _ => false,
-    }
+/// Why a checkpoint or the end of a run could not be recorded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SaveError {
+    /// Making the writes durable, or reading back what was written, failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The state file could not be saved or removed.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// A leaf written this run, not yet durable.
@@ -91,7 +33,7 @@ struct Pending {
     /// leaf's pieces were not known before a partial write.
     pieces: Option<Vec<Digest>>,
     /// Pieces written only in part: their digests are read back once durable.
-    dirty: std::collections::BTreeSet<usize>,
+    dirty: BTreeSet<usize>,
 }
 
 /// Most memory the digest tables of one device may take (leaves, and chunks with
@@ -103,7 +45,7 @@ const RECENT_PIECES: usize = 1 << 16;
 
 /// The digests one side knows about its device.
 #[derive(Debug)]
-pub struct Ledger {
+pub struct DigestIndex {
     file: Option<StateFile>,
     layout: Layout,
     device_path: String,
@@ -113,7 +55,7 @@ pub struct Ledger {
     chunks_known: Vec<bool>,
     pending: BTreeMap<u64, Pending>,
     /// Piece digests of leaves read recently, for refining them without reading again.
-    recent: std::collections::VecDeque<(u64, Vec<Digest>)>,
+    recent: VecDeque<(u64, Vec<Digest>)>,
     recent_count: usize,
     start: Option<Stamp>,
     /// Upper bound of the sectors basyn's own writes can add to a block device's
@@ -124,26 +66,24 @@ pub struct Ledger {
     tree: Option<Tree>,
 }
 
-impl Ledger {
+impl DigestIndex {
     /// Opens (and locks) the state of `device` for a run with `layout`, and decides
     /// what of it can be trusted. A lock held by another basyn is an error; a missing,
     /// corrupt, foreign, mismatched or stale state is only noted and rebuilt.
-    pub fn open(device: &Device, layout: Layout, opts: &StateOptions) -> Result<Ledger, StateError> {
+    pub fn open(device: &Device, layout: Layout, opts: &StateOptions) -> Result<DigestIndex, StateError> {
         let n = layout.leaf_count() as usize;
         let dl = layout.hash.digest_len();
         let table = (n as u64).saturating_mul(dl as u64)
             + if layout.chunk.is_some() { layout.chunk_count().saturating_mul(dl as u64) } else { 0 };
         if table > MAX_TABLE {
-            return Err(StateError::Invalid {
-                path: device.path().display().to_string(),
-                reason: format!(
-                    "{n} blocks of {} bytes would need {} MiB of digests in memory; use a larger --buffer (or --chunk)",
-                    layout.buffer,
-                    table >> 20
-                ),
+            return Err(StateError::TooManyLeaves {
+                device: device.path().display().to_string(),
+                leaves: n as u64,
+                buffer: layout.buffer,
+                mib: table >> 20,
             });
         }
-        let mut ledger = Ledger {
+        let mut ledger = DigestIndex {
             file: None,
             layout,
             device_path: device.path().display().to_string(),
@@ -301,19 +241,19 @@ impl Ledger {
         }
         for (k, piece) in data.chunks(b as usize).enumerate() {
             let leaf = offset / b + k as u64;
-            let leaf_len = (self.layout.device_size.saturating_sub(leaf * b)).min(b);
-            if piece.len() as u64 == leaf_len && self.leaf(leaf).is_none() {
+            if piece.len() as u64 == self.layout.leaf_len(leaf) && self.leaf(leaf).is_none() {
                 let (d, chunks) = leaf_digest(&self.layout, piece);
                 self.learn(leaf, &d, &chunks);
             }
         }
     }
 
-    /// Records that `data` was written at `offset`: the touched leaves are unknown until
-    /// [`Ledger::durable`], then take the digests of what was written.
-    pub fn wrote(&mut self, offset: u64, data: &[u8]) {
+    /// Records that `block` was written: the touched leaves are unknown until
+    /// [`DigestIndex::durable`], then take the digests of what was written.
+    pub fn wrote(&mut self, block: &VerifiedBlock) {
+        let (offset, data) = (block.offset(), block.data());
         let b = self.layout.buffer;
-        let end = offset + data.len() as u64;
+        let end = block.end();
         const PAGE: u64 = 4096;
         self.own_sectors += (end.div_ceil(PAGE) * PAGE - offset / PAGE * PAGE) / 512;
         let first = offset / b;
@@ -327,8 +267,8 @@ impl Ledger {
             return;
         }
         for leaf in first..=last {
-            let leaf_start = leaf * b;
-            let leaf_end = (leaf_start + b).min(self.layout.device_size);
+            let (leaf_start, leaf_len) = self.layout.leaf_span(leaf);
+            let leaf_end = leaf_start + leaf_len;
             let (from, to) = (offset.max(leaf_start), end.min(leaf_end));
             let piece = &data[(from - offset) as usize..(to - offset) as usize];
             let update = if from == leaf_start && to == leaf_end {
@@ -352,7 +292,7 @@ impl Ledger {
     fn partial_write(&mut self, leaf: u64, at: u64, data: &[u8]) -> Pending {
         let p = self.layout.piece();
         let count = self.layout.pieces_of(leaf) as usize;
-        let leaf_len = (self.layout.device_size - leaf * self.layout.buffer).min(self.layout.buffer);
+        let leaf_len = self.layout.leaf_len(leaf);
         let mut update = match self.pending.remove(&leaf) {
             Some(before) => before,
             None => Pending { pieces: self.pieces(leaf), dirty: Default::default() },
@@ -385,7 +325,7 @@ impl Ledger {
         for (leaf, update) in std::mem::take(&mut self.pending) {
             match update.pieces {
                 Some(mut pieces) => {
-                    let leaf_len = (self.layout.device_size - leaf * self.layout.buffer).min(self.layout.buffer);
+                    let leaf_len = self.layout.leaf_len(leaf);
                     for k in update.dirty {
                         let (ps, pe) = (k as u64 * p, ((k as u64 + 1) * p).min(leaf_len));
                         buf.resize((pe - ps) as usize, 0);
@@ -441,38 +381,45 @@ impl Ledger {
         })
     }
 
-    /// Saves what is confirmed so far (call after the device's fdatasync and
-    /// [`Ledger::durable`]). For a device only read, nothing is saved if it was written
-    /// since the run began.
-    pub fn checkpoint(&mut self, device: &Device, role: Role) -> Result<(), StateError> {
-        if self.file.is_none() {
-            return Ok(());
+    /// A receiver's writes so far are made durable (fdatasync) and their digests known;
+    /// nothing to do for a device only read.
+    pub fn settle(&mut self, device: &Device, role: Role) -> Result<(), DeviceError> {
+        if role == Role::Receiver {
+            device.sync()?;
+            self.durable(device)?;
         }
-        let now = self.stamp_now(device)?;
-        let Some(start) = &self.start else { return Ok(()) };
-        let foreign = match role {
-            Role::Read => stamp::own_counters(start) != stamp::own_counters(&now),
-            Role::Receiver => foreign_writes(start, &now, self.own_sectors),
-        };
-        if foreign {
-            return Ok(());
-        }
-        self.save(now)
+        Ok(())
     }
 
-    /// Ends the run: saves the state stamped now. Returns `Ok(false)`, and removes the
-    /// state instead, if someone else wrote the device during the run: for a device only
-    /// read, any change of its stamp; for a receiving block device, counters that moved
-    /// more than basyn's own writes can explain. (A regular-file receiver's own writes
-    /// cannot be told apart from another writer's: it is stamped as it is.)
-    pub fn finish(&mut self, device: &Device, role: Role) -> Result<bool, StateError> {
-        let Some(start) = self.start.clone() else { return Ok(true) };
+    /// True if someone other than basyn wrote the device since the run began.
+    fn written_by_others(&self, now: &Stamp, role: Role) -> bool {
+        self.start.as_ref().is_some_and(|start| stamp::written_by_others(start, now, role, self.own_sectors))
+    }
+
+    /// Settles the writes so far and saves what is confirmed, so that an interrupted
+    /// run resumes from here. Nothing is saved if someone else wrote the device.
+    pub fn checkpoint(&mut self, device: &Device, role: Role) -> Result<(), SaveError> {
+        self.settle(device, role)?;
+        if self.file.is_none() || self.start.is_none() {
+            return Ok(());
+        }
         let now = self.stamp_now(device)?;
-        let foreign = match role {
-            Role::Read => stamp::own_counters(&start) != stamp::own_counters(&now),
-            Role::Receiver => foreign_writes(&start, &now, self.own_sectors),
-        };
-        if foreign {
+        if !self.written_by_others(&now, role) {
+            self.save(now)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the run: settles the writes and saves the state stamped now. Returns
+    /// `Ok(false)`, and removes the state instead, if someone else wrote the device
+    /// during the run (see [`stamp::written_by_others`]).
+    pub fn finish(&mut self, device: &Device, role: Role) -> Result<bool, SaveError> {
+        self.settle(device, role)?;
+        if self.start.is_none() {
+            return Ok(true);
+        }
+        let now = self.stamp_now(device)?;
+        if self.written_by_others(&now, role) {
             if let Some(file) = &self.file {
                 file.remove()?;
                 self.note =
@@ -488,71 +435,27 @@ impl Ledger {
         Ok(true)
     }
 
+    /// Reads every leaf not known yet; `progress` is told each leaf's length as it is
+    /// passed. Returns the number of leaves read.
+    pub fn fill(&mut self, device: &Device, mut progress: impl FnMut(u64)) -> Result<u64, DeviceError> {
+        let mut buf = Vec::new();
+        let mut read = 0;
+        for leaf in 0..self.layout.leaf_count() {
+            if self.leaf(leaf).is_none() {
+                self.read_leaf(device, leaf, &mut buf)?;
+                read += 1;
+            }
+            progress(self.layout.leaf_len(leaf));
+        }
+        Ok(read)
+    }
+
     fn stamp_now(&self, device: &Device) -> Result<Stamp, StateError> {
         let shown = match &self.file {
             Some(f) => f.path().display().to_string(),
             None => self.device_path.clone(),
         };
         stamp::take(device).map_err(|source| StateError::Io { path: shown, source })
-    }
-
-    /// Digests of every `block`-sized piece of `[offset, offset+len)`, read only where
-    /// not already known: leaf-aligned leaf requests and one-leaf chunk requests are
-    /// answered (and remembered) through the ledger.
-    pub fn digest_range(
-        &mut self,
-        device: &Device,
-        offset: u64,
-        len: u64,
-        block: u64,
-        buf: &mut Vec<u8>,
-    ) -> Result<Vec<u8>, DeviceError> {
-        let l = self.layout;
-        let b = l.buffer;
-        let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize * l.hash.digest_len());
-        let end = offset + len;
-        if block == b
-            && offset.is_multiple_of(b)
-            && (end.is_multiple_of(b) || end == l.device_size)
-            && end <= l.device_size
-        {
-            for leaf in offset / b..(offset + len).div_ceil(b) {
-                let d = match self.leaf(leaf) {
-                    Some(d) => d,
-                    None => self.read_leaf(device, leaf, buf)?.0,
-                };
-                out.extend_from_slice(d.as_bytes());
-            }
-            return Ok(out);
-        }
-        let leaf = offset / b;
-        let leaf_len = (l.device_size.saturating_sub(leaf * b)).min(b);
-        if l.piece() == block && offset.is_multiple_of(b) && len == leaf_len {
-            let chunks = match self.pieces(leaf) {
-                Some(c) => c,
-                None => self.read_leaf(device, leaf, buf)?.1,
-            };
-            for c in chunks {
-                out.extend_from_slice(c.as_bytes());
-            }
-            return Ok(out);
-        }
-        // Anything else is read and hashed as asked; block-sized pieces follow the leaf
-        // rule, so that a range cut short (a recheck over the synced length of a larger
-        // device) still compares with the other side's leaves.
-        let step = block * ((4u64 << 20) / block).max(1);
-        let mut at = offset;
-        while at < offset + len {
-            let n = step.min(offset + len - at) as usize;
-            buf.resize(n, 0);
-            device.read_at(at, buf)?;
-            for piece in buf.chunks(block as usize) {
-                let d = if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
-                out.extend_from_slice(d.as_bytes());
-            }
-            at += n as u64;
-        }
-        Ok(out)
     }
 
     /// Reads leaf `leaf`, learns and returns its digests.
@@ -562,10 +465,9 @@ impl Ledger {
         leaf: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(Digest, Vec<Digest>), DeviceError> {
-        let b = self.layout.buffer;
-        let len = (self.layout.device_size - leaf * b).min(b) as usize;
-        buf.resize(len, 0);
-        device.read_at(leaf * b, buf)?;
+        let (offset, len) = self.layout.leaf_span(leaf);
+        buf.resize(len as usize, 0);
+        device.read_at(offset, buf)?;
         let (d, chunks) = leaf_digest(&self.layout, buf);
         self.learn(leaf, &d, &chunks);
         Ok((d, chunks))
@@ -575,6 +477,8 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::{BlockFrame, Check};
+    use crate::compress::Codec;
     use crate::device::Side;
     use crate::hash::HashAlgo;
 
@@ -590,7 +494,8 @@ mod tests {
             std::fs::write(&p, vec![3u8; 30000]).unwrap();
             let dev = Device::open_read(&p, Side::Local).unwrap();
             let l = layout(30000, chunk);
-            let mut ledger = Ledger::open(&dev, l, &StateOptions { mode: StateMode::Default, trust: false }).unwrap();
+            let mut ledger =
+                DigestIndex::open(&dev, l, &StateOptions { mode: StateMode::Default, trust: false }).unwrap();
             let mut buf = Vec::new();
             for leaf in 0..l.leaf_count() {
                 ledger.read_leaf(&dev, leaf, &mut buf).unwrap();
@@ -600,7 +505,8 @@ mod tests {
                 [(8192, vec![9u8; 8192]), (16384 + 2048, vec![7u8; 1024]), (100, vec![1u8; 10])];
             let mut image = std::fs::read(&p).unwrap();
             for (off, data) in &writes {
-                ledger.wrote(*off, data);
+                let block = BlockFrame::encode(*off, data, Codec::None, Check::None).verify(30000, &l).unwrap();
+                ledger.wrote(&block);
                 image[*off as usize..*off as usize + data.len()].copy_from_slice(data);
             }
             std::fs::write(&p, &image).unwrap();

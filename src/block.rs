@@ -1,0 +1,239 @@
+//! Device data on the wire. A [`BlockFrame`] is what arrived: untrusted until
+//! [`BlockFrame::verify`] has checked its range against the device, decompressed it to
+//! exactly its declared length and, when the sender named the source digests the
+//! comparison used, checked the data against them. Only the resulting
+//! [`VerifiedBlock`] can be written to a device.
+
+use crate::compress::{self, Codec, PayloadCodec};
+use crate::hash::Digest;
+use crate::tree::{Layout, leaf_digest};
+
+/// Largest block (`--buffer`) the protocol carries: 64 MiB.
+pub const MAX_BLOCK: usize = 64 << 20;
+
+/// What the data of a block must hash to: the source's digests that the comparison
+/// used, so that the transfer is verified end to end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Nothing to check against (COPY streams everything, no digests were compared).
+    None,
+    /// Each whole leaf the block covers has this leaf digest (the leaf rule). The block
+    /// starts on a leaf boundary.
+    Leaves(Vec<Digest>),
+    /// Each `unit`-sized piece of the block, from its start, has this plain digest.
+    Pieces {
+        /// Piece size in bytes.
+        unit: u32,
+        /// One digest per piece.
+        digests: Vec<Digest>,
+    },
+}
+
+impl Check {
+    /// Number of digests carried.
+    pub fn len(&self) -> usize {
+        match self {
+            Check::None => 0,
+            Check::Leaves(d) | Check::Pieces { digests: d, .. } => d.len(),
+        }
+    }
+
+    /// True if nothing is checked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A block of device data (or a piece of one) as it crosses the wire, possibly
+/// compressed; not to be trusted until verified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockFrame {
+    /// Device offset of the data.
+    pub offset: u64,
+    /// Length of the data once decoded.
+    pub raw_len: u32,
+    /// How `payload` is encoded.
+    pub codec: PayloadCodec,
+    /// The source digests the data must match.
+    pub check: Check,
+    /// Encoded bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Why a block may not be written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlockError {
+    /// The block lies (partly) outside the device, or is larger than any block.
+    #[error("block at offset {offset} of {len} bytes lies outside the device of {size} bytes")]
+    OutOfBounds {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Bytes that may be written.
+        size: u64,
+    },
+    /// The payload does not decode to exactly the declared length.
+    #[error("block at offset {offset}: {reason}")]
+    Undecodable {
+        /// Offset.
+        offset: u64,
+        /// Why, from the codec.
+        reason: String,
+    },
+    /// The check does not fit the block (wrong number of digests, misaligned leaves).
+    #[error("block at offset {offset} of {len} bytes carries {digests} digests that do not fit it")]
+    BadCheck {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Digests carried.
+        digests: usize,
+    },
+    /// The data does not hash to the source digest the comparison used.
+    #[error(
+        "the data received for offset {offset} ({len} bytes) does not match the source's digest that the comparison used; nothing of it was written"
+    )]
+    Mismatch {
+        /// Offset of the first piece that does not match.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+}
+
+impl BlockFrame {
+    /// Encodes `data` found at `offset` with `codec`, to be checked against `check`.
+    pub fn encode(offset: u64, data: &[u8], codec: Codec, check: Check) -> BlockFrame {
+        let (pc, payload) = codec.encode(data);
+        BlockFrame { offset, raw_len: data.len() as u32, codec: pc, check, payload }
+    }
+
+    /// Checks the frame against a device of which `limit` bytes may be written, decodes
+    /// it and checks its data against the source digests it carries under `layout`'s
+    /// rules. This is the only way from wire bytes to data that may be written.
+    pub fn verify(self, limit: u64, layout: &Layout) -> Result<VerifiedBlock, BlockError> {
+        let (offset, len) = (self.offset, u64::from(self.raw_len));
+        if offset.checked_add(len).is_none_or(|e| e > limit) || self.raw_len as usize > MAX_BLOCK {
+            return Err(BlockError::OutOfBounds { offset, len, size: limit });
+        }
+        let data = compress::decode(self.codec, &self.payload, self.raw_len as usize)
+            .map_err(|e| BlockError::Undecodable { offset, reason: e.to_string() })?;
+        let bad_check = || BlockError::BadCheck { offset, len, digests: self.check.len() };
+        match &self.check {
+            Check::None => {}
+            Check::Leaves(digests) => {
+                if !offset.is_multiple_of(layout.buffer) {
+                    return Err(bad_check());
+                }
+                check_each(offset, &data, layout.buffer as usize, digests, |d| leaf_digest(layout, d).0)
+                    .ok_or_else(bad_check)??;
+            }
+            Check::Pieces { unit, digests } => {
+                let unit = (*unit as usize).max(1);
+                check_each(offset, &data, unit, digests, |d| layout.hash.digest(d)).ok_or_else(bad_check)??;
+            }
+        }
+        Ok(VerifiedBlock { offset, data })
+    }
+}
+
+/// Checks each `unit`-sized piece of `data` against its digest; `None` if the counts
+/// do not fit.
+fn check_each(
+    offset: u64,
+    data: &[u8],
+    unit: usize,
+    digests: &[Digest],
+    digest: impl Fn(&[u8]) -> Digest,
+) -> Option<Result<(), BlockError>> {
+    if data.len().div_ceil(unit) != digests.len() {
+        return None;
+    }
+    for (k, (piece, expected)) in data.chunks(unit).zip(digests).enumerate() {
+        if digest(piece) != *expected {
+            let at = offset + (k * unit) as u64;
+            return Some(Err(BlockError::Mismatch { offset: at, len: piece.len() as u64 }));
+        }
+    }
+    Some(Ok(()))
+}
+
+/// Device data that arrived, was bounds-checked, decoded and matched its source
+/// digests: the only kind of data a device accepts for writing.
+#[derive(Debug)]
+pub struct VerifiedBlock {
+    offset: u64,
+    data: Vec<u8>,
+}
+
+impl VerifiedBlock {
+    /// Device offset.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The data.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Offset just past the data.
+    pub fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::HashAlgo;
+
+    fn layout(size: u64) -> Layout {
+        Layout { hash: HashAlgo::Blake3, buffer: 8192, chunk: None, fanout: 4, device_size: size }
+    }
+
+    #[test]
+    fn blocks_outside_the_device_are_refused() {
+        let l = layout(1 << 20);
+        let b = BlockFrame::encode(u64::MAX - 2, &[0u8; 8], Codec::None, Check::None);
+        assert!(matches!(b.verify(u64::MAX, &l), Err(BlockError::OutOfBounds { .. })));
+        let b = BlockFrame::encode(100, &[0u8; 8], Codec::None, Check::None);
+        assert!(b.clone().verify(107, &l).is_err());
+        assert_eq!(b.verify(108, &l).unwrap().data(), &[0u8; 8]);
+    }
+
+    #[test]
+    fn data_that_does_not_match_the_source_digest_is_refused_naming_the_offset() {
+        let l = layout(1 << 20);
+        let data = vec![7u8; 10000];
+        let mut digests = l.hash.digest_pieces(&data, 4096);
+        let ok =
+            BlockFrame::encode(4096, &data, Codec::Zstd(1), Check::Pieces { unit: 4096, digests: digests.clone() });
+        assert_eq!(ok.verify(1 << 20, &l).unwrap().end(), 4096 + 10000);
+        digests[2] = l.hash.digest(b"something else");
+        let bad = BlockFrame::encode(4096, &data, Codec::Zstd(1), Check::Pieces { unit: 4096, digests });
+        let e = bad.verify(1 << 20, &l).unwrap_err();
+        assert!(matches!(e, BlockError::Mismatch { offset: 12288, len: 1808 }), "{e}");
+        assert!(e.to_string().contains("offset 12288"), "{e}");
+    }
+
+    #[test]
+    fn whole_leaves_are_checked_by_the_leaf_rule() {
+        let l = layout(20000);
+        let data: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8).collect();
+        let leaves: Vec<Digest> = data.chunks(8192).map(|d| leaf_digest(&l, d).0).collect();
+        let b = BlockFrame::encode(0, &data, Codec::None, Check::Leaves(leaves.clone()));
+        assert!(b.verify(20000, &l).is_ok());
+        let misaligned = BlockFrame::encode(4096, &data[..8192], Codec::None, Check::Leaves(leaves[..1].to_vec()));
+        assert!(matches!(misaligned.verify(20000, &l), Err(BlockError::BadCheck { .. })));
+        let short = BlockFrame::encode(0, &data, Codec::None, Check::Leaves(leaves[..2].to_vec()));
+        assert!(matches!(short.verify(20000, &l), Err(BlockError::BadCheck { .. })));
+        let mut wrong = leaves;
+        wrong.swap(0, 1);
+        let b = BlockFrame::encode(0, &data, Codec::None, Check::Leaves(wrong));
+        assert!(matches!(b.verify(20000, &l), Err(BlockError::Mismatch { offset: 0, len: 8192 })));
+    }
+}

@@ -1,0 +1,297 @@
+//! One run: connect once (lazily, so that local refusals come first and cost no
+//! connection), open both ends with every refusal before any write, COPY or SYNC (by a
+//! full comparison or a tree walk), recheck, and close, saving both states.
+
+use std::path::Path;
+
+use super::compare::{self, Purpose};
+use super::session::{Session, absorb, both_fresh, layout, local_index, name, roots_equal};
+use super::window::{Comparison, Ctx};
+use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap, copy};
+use crate::compress::Codec;
+use crate::device::{Device, DeviceError, Problem, ReceiverSpec, Side};
+use crate::digest_index::DigestIndex;
+use crate::endpoint::Transport;
+use crate::protocol::{Access, Closed, StateOptions, StateSummary};
+use crate::report::{Interrupts, Reporter, Stats, human};
+use crate::stamp::Role;
+
+/// Both ends of a transfer, open, every refusal behind them.
+struct Ends {
+    /// The local device (source for PUSH, receiver for PULL).
+    local: Device,
+    /// Its digest index.
+    index: DigestIndex,
+    /// Bytes to synchronize: the source's size.
+    len: u64,
+    /// What the endpoint's state says.
+    remote_state: StateSummary,
+    /// The receiver's digests from the bitmap, when SYNC compares against it.
+    bitmap: Option<Vec<u8>>,
+}
+
+/// Runs every phase the plan asks for over one endpoint (one SSH connection).
+pub fn run(plan: &Plan, rep: &mut Reporter, stats: &mut Stats, interrupts: &Interrupts) -> Result<(), Error> {
+    let mut session = Session::new(plan, rep, stats, interrupts);
+    let mut bitmap_out = None;
+    let result = session.phases(&mut bitmap_out);
+    let result = session.close(result);
+    bitmap::after_run(plan, result, bitmap_out, session.rep)
+}
+
+impl Session<'_> {
+    fn phases(&mut self, bitmap_out: &mut bitmap::Out) -> Result<Option<Direction>, Error> {
+        let plan = self.plan;
+        match plan.action {
+            None if !plan.recheck => self.probe().map(|()| None),
+            None => self.recheck(None).map(|()| None),
+            Some((dir, mode)) => {
+                let len = match plan.bitmap.as_ref().filter(|b| b.update_only) {
+                    Some(b) => self.refresh_bitmap(b, dir)?,
+                    None => self.transfer(dir, mode, bitmap_out)?,
+                };
+                if plan.recheck {
+                    self.recheck(Some(len))?;
+                }
+                Ok(Some(dir))
+            }
+        }
+    }
+
+    /// No action: both devices exist.
+    fn probe(&mut self) -> Result<(), Error> {
+        Device::probe(&self.plan.local, Side::Local).map_err(|e| Fault::Device(e).refused())?;
+        let req = self.open_request(Access::Probe, Codec::None, StateOptions::off());
+        self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
+        self.rep.log(format_args!(
+            "both devices exist: {} and {}",
+            name(Side::Local, &self.plan.local),
+            name(Side::Remote, &self.plan.remote)
+        ));
+        Ok(())
+    }
+
+    /// Ends the session: a clean close makes the endpoint save its state and exit; after
+    /// a failure it is stopped. Someone writing the endpoint's device meanwhile is an error.
+    fn close(&mut self, result: Result<Option<Direction>, Error>) -> Result<(), Error> {
+        let Some(ep) = self.ep.take() else { return result.map(|_| ()) };
+        (self.stats.rx, self.stats.tx) = ep.traffic();
+        let action = match result {
+            Ok(action) => action,
+            Err(err) => {
+                ep.abandon();
+                return Err(err);
+            }
+        };
+        let closed: Closed = match (ep.close(), action) {
+            (Ok(c), _) => c,
+            (Err(err), None) => return Err(Fault::from(err).refused()),
+            (Err(err), Some(dir)) => return Err(Fault::from(err).transfer(&self.receiver_name(dir))),
+        };
+        self.stats.remote_read = closed.bytes_read;
+        if !closed.note.is_empty() {
+            self.rep.log(format_args!("remote {}", closed.note));
+        }
+        let plan = self.plan;
+        match action {
+            Some(Direction::Pull) if closed.moved => Err(Error::SourceMoved {
+                device: name(Side::Remote, &plan.remote),
+                receiver: name(Side::Local, &plan.local),
+            }),
+            Some(Direction::Push) if closed.moved => {
+                Err(Error::ReceiverMoved { device: name(Side::Remote, &plan.remote) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The receiver's digests from the bitmap, loaded before the receiver is opened
+    /// (which may create it); `None` without a bitmap or with `--reset-bitmap`.
+    fn load_bitmap(&self, len: u64) -> Result<Option<Vec<u8>>, Error> {
+        match &self.plan.bitmap {
+            Some(b) if !b.reset => {
+                bitmap::load(&b.path, &layout(&self.plan.params, len)).map_err(|e| Fault::from(e).refused())
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// PUSH: the local source, its index and the bitmap first (a refusal here must not
+    /// leave a created receiver), then the remote receiver.
+    fn open_push(&mut self) -> Result<Ends, Error> {
+        let plan = self.plan;
+        let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Fault::Device(e).refused())?;
+        let len = local.size();
+        if len == 0 {
+            return Err(empty(Side::Local, &plan.local));
+        }
+        let index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
+        let bitmap = self.load_bitmap(len)?;
+        let access = Access::Write {
+            source_size: len,
+            source: Some(local.identity().clone()),
+            source_name: self.source_name(Direction::Push),
+            force: plan.force,
+        };
+        let req = self.open_request(access, plan.params.codec, plan.remote_state.clone());
+        self.endpoint()?;
+        self.interrupts.receiver_may_change();
+        let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
+        if opened.created {
+            self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Push)));
+        }
+        let bitmap = bitmap.filter(|_| !self.renewed(opened.created || opened.resized, Direction::Push));
+        Ok(Ends { local, index, len, remote_state: opened.state, bitmap })
+    }
+
+    /// PULL: the remote source and the bitmap first, then the local receiver.
+    fn open_pull(&mut self) -> Result<Ends, Error> {
+        let plan = self.plan;
+        let req = self.open_request(Access::Read, plan.params.codec, plan.remote_state.clone());
+        let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
+        let len = opened.size;
+        if len == 0 {
+            return Err(empty(Side::Remote, &plan.remote));
+        }
+        let bitmap = self.load_bitmap(len)?;
+        let spec = ReceiverSpec {
+            source_size: len,
+            source: Some(opened.identity.clone()),
+            source_name: self.source_name(Direction::Pull),
+            force: plan.force,
+        };
+        self.interrupts.receiver_may_change();
+        let local = Device::open_receiver(&plan.local, Side::Local, &spec).map_err(|e| Fault::Device(e).refused())?;
+        if local.created() {
+            self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Pull)));
+        }
+        let bitmap = bitmap.filter(|_| !self.renewed(local.created() || local.resized(), Direction::Pull));
+        let index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
+        Ok(Ends { local, index, len, remote_state: opened.state, bitmap })
+    }
+
+    /// A receiver just created or resized does not hold what a bitmap says: true (and
+    /// said) if so and a bitmap is in use.
+    fn renewed(&self, renewed: bool, dir: Direction) -> bool {
+        if renewed && self.plan.bitmap.as_ref().is_some_and(|b| !b.reset) {
+            let receiver = self.receiver_name(dir);
+            self.rep.log(format_args!("{receiver} was created or resized: the bitmap is not used, it is rebuilt"));
+        }
+        renewed
+    }
+
+    /// The run's parameters with the refinement decided. Refining a differing block needs
+    /// the receiver's digests of its pieces. Over SSH the link is what costs, so the
+    /// receiver's differing blocks are read to refine them. Locally a pipe costs nothing:
+    /// refine only when the receiver is read anyway, so that a fresh receiver state means
+    /// the receiver is not read at all. (With --chunk the states hold the chunk digests
+    /// and nothing extra is read either way.)
+    fn run_params(&self, dir: Direction, ends: &Ends) -> Params {
+        let receiver_fresh = match dir {
+            Direction::Push => ends.remote_state.fresh,
+            Direction::Pull => ends.index.fresh(),
+        };
+        let over_link = matches!(self.plan.transport, Transport::Ssh(_));
+        let mut params = self.plan.params.clone();
+        if params.refine.is_none() && (over_link || !receiver_fresh) && params.buffer > super::DEFAULT_REFINE {
+            params.refine = Some(super::DEFAULT_REFINE);
+        }
+        params
+    }
+
+    /// COPY or SYNC in `dir`; returns the length synchronized.
+    fn transfer(&mut self, dir: Direction, mode: Mode, bitmap_out: &mut bitmap::Out) -> Result<u64, Error> {
+        let (source, receiver) = (self.source_name(dir), self.receiver_name(dir));
+        let p = &self.plan.params;
+        self.rep.log(format_args!(
+            "{dir:?} {mode:?}: {source} -> {receiver}; hash {}, buffer {} KiB{}, compression {}",
+            p.hash,
+            p.buffer / 1024,
+            p.chunk.map(|c| format!(", chunk {} KiB", c / 1024)).unwrap_or_default(),
+            p.codec.describe()
+        ));
+        let mut ends = match dir {
+            Direction::Push => self.open_push()?,
+            Direction::Pull => self.open_pull()?,
+        };
+        if !ends.remote_state.note.is_empty() {
+            self.rep.log(format_args!("remote {}", ends.remote_state.note));
+        }
+        let len = ends.len;
+        self.stats.device_size = len;
+        self.rep.log(format_args!("device size {len} bytes ({})", human(len as f64)));
+        self.rep.start(&format!("{mode:?}").to_uppercase(), len);
+        let params = self.run_params(dir, &ends);
+        let result = self.move_data(dir, mode, &mut ends, &params, bitmap_out);
+        self.rep.finish();
+        self.stats.local_read += ends.local.bytes_read();
+        match result.map_err(|f| f.transfer(&receiver))? {
+            true => {}
+            false if dir == Direction::Push => return Err(Error::SourceMoved { device: source, receiver }),
+            false => return Err(Error::ReceiverMoved { device: receiver }),
+        }
+        self.rep.log(format_args!("{mode:?} done: {receiver} is durable (fdatasync)"));
+        Ok(len)
+    }
+
+    /// Moves the data, makes it durable on the receiver and finishes the local state;
+    /// `Ok(false)` if someone else wrote the local device meanwhile.
+    fn move_data(
+        &mut self,
+        dir: Direction,
+        mode: Mode,
+        ends: &mut Ends,
+        params: &Params,
+        bitmap_out: &mut bitmap::Out,
+    ) -> Result<bool, Fault> {
+        let Ends { local, index, remote_state, bitmap, .. } = ends;
+        let Session { plan, rep, stats, ep, .. } = self;
+        let (rep, ep) = (&**rep, ep.as_mut().ok_or(Fault::Internal("no endpoint"))?);
+        let role = if dir == Direction::Pull { Role::Receiver } else { Role::Read };
+        let ctx = Ctx { local, index, ep, params, rep };
+        let mut source_leaves = None;
+        let c = match mode {
+            Mode::Copy => Comparison { written: copy::run(ctx, dir)?, ..Comparison::default() },
+            Mode::Sync if bitmap.is_some() => {
+                rep.log("comparing the source with the bitmap: the receiver is not read");
+                let (c, leaves) = bitmap::sync(ctx, dir, bitmap.as_deref())?;
+                source_leaves = Some(leaves);
+                sync_done(rep, c)
+            }
+            Mode::Sync if both_fresh(ctx.index, remote_state) && roots_equal(ctx.index, remote_state) => {
+                rep.log("both states are fresh and their roots are equal: nothing to read or send");
+                Comparison { nodes: 1, ..Comparison::default() }
+            }
+            Mode::Sync if both_fresh(ctx.index, remote_state) => {
+                rep.log("both states are fresh: walking the trees");
+                sync_done(rep, compare::walk(ctx, Purpose::Sync(dir))?)
+            }
+            Mode::Sync => sync_done(rep, compare::run(ctx, Purpose::Sync(dir))?),
+        };
+        absorb(stats, &c);
+        match dir {
+            Direction::Push => ep.flush_device()?,
+            Direction::Pull => index.settle(local, Role::Receiver)?,
+        }
+        if plan.bitmap.is_some() {
+            // The receiver now holds the source's leaves. The local index knows them all,
+            // except leaves of a local receiver patched piece by piece: read those back.
+            let leaves = match source_leaves {
+                Some(l) => l,
+                None => bitmap::complete(index, local)?,
+            };
+            *bitmap_out = Some((*index.layout(), leaves));
+        }
+        Ok(index.finish(local, role)?)
+    }
+}
+
+/// Logs what a SYNC comparison did.
+fn sync_done(rep: &Reporter, c: Comparison) -> Comparison {
+    rep.log(format_args!("{} of {} blocks differed; {} bytes written", c.differing, c.blocks, c.written));
+    c
+}
+
+fn empty(side: Side, path: &Path) -> Error {
+    Fault::Device(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty }).refused()
+}

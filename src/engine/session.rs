@@ -1,0 +1,131 @@
+//! What every part of a run shares: the session (plan, output, the endpoint once
+//! connected) and the small rules used by the transfer, the recheck, the bitmap
+//! workflow and `basyn index`.
+
+use std::path::Path;
+
+use super::window::Comparison;
+use super::{Direction, Error, Fault, Params, Plan};
+use crate::compress::Codec;
+use crate::device::{Device, Side};
+use crate::digest_index::DigestIndex;
+use crate::endpoint::Endpoint;
+use crate::protocol::{Access, OpenRequest, StateOptions, StateSummary};
+use crate::report::{Interrupts, Reporter, Stats};
+use crate::tree::{DEFAULT_FANOUT, Layout};
+
+/// `side path`, as messages name a device.
+pub(super) fn name(side: Side, path: &Path) -> String {
+    format!("{side} {}", path.display())
+}
+
+/// The receiver of a transfer in `dir`, as messages name it.
+pub(super) fn receiver_name(plan: &Plan, dir: Direction) -> String {
+    match dir {
+        Direction::Push => name(Side::Remote, &plan.remote),
+        Direction::Pull => name(Side::Local, &plan.local),
+    }
+}
+
+/// The tree layout of a run over `device_size` bytes.
+pub(super) fn layout(params: &Params, device_size: u64) -> Layout {
+    Layout {
+        hash: params.hash,
+        buffer: params.buffer as u64,
+        chunk: params.chunk.map(|c| c as u64),
+        fanout: DEFAULT_FANOUT as u32,
+        device_size,
+    }
+}
+
+/// Opens a local device's digest index (its state) for a run over `len` bytes.
+pub(super) fn local_index(
+    device: &Device,
+    params: &Params,
+    len: u64,
+    opts: &StateOptions,
+    rep: &Reporter,
+) -> Result<DigestIndex, Error> {
+    let index = DigestIndex::open(device, layout(params, len), opts).map_err(|e| Fault::State(e).refused())?;
+    rep.log(format_args!("local {}", index.note()));
+    Ok(index)
+}
+
+/// Both trees are fresh and built alike: they can be compared without reading.
+pub(super) fn both_fresh(index: &mut DigestIndex, remote: &StateSummary) -> bool {
+    remote.fresh
+        && index.fresh()
+        && index.tree().is_some_and(|t| t.height() as u32 == remote.height && t.root().is_some())
+}
+
+/// Both fresh trees have the same root.
+pub(super) fn roots_equal(index: &mut DigestIndex, remote: &StateSummary) -> bool {
+    let ours = index.tree().and_then(|t| t.root());
+    matches!((ours, &remote.root), (Some(a), Some(b)) if a.as_bytes() == b.as_slice())
+}
+
+/// A run in progress: the plan, where output goes, and the endpoint once connected.
+pub(super) struct Session<'a> {
+    /// What to do.
+    pub plan: &'a Plan,
+    /// Where output goes.
+    pub rep: &'a mut Reporter,
+    /// The figures `--stat` prints.
+    pub stats: &'a mut Stats,
+    /// The signal handler, told when the receiver may start to change.
+    pub interrupts: &'a Interrupts,
+    /// The endpoint, once connected.
+    pub ep: Option<Endpoint>,
+}
+
+impl<'a> Session<'a> {
+    /// A session with nothing connected yet.
+    pub fn new(plan: &'a Plan, rep: &'a mut Reporter, stats: &'a mut Stats, interrupts: &'a Interrupts) -> Self {
+        Session { plan, rep, stats, interrupts, ep: None }
+    }
+
+    /// The run's endpoint, connected on first use. A failure to connect changes nothing.
+    pub fn endpoint(&mut self) -> Result<&mut Endpoint, Error> {
+        if self.ep.is_none() {
+            let rep = &*self.rep;
+            let ep = Endpoint::connect(&self.plan.transport, &self.plan.remote, &|line| rep.log(line))
+                .map_err(|e| Fault::from(e).refused())?;
+            self.ep = Some(ep);
+        }
+        self.ep.as_mut().ok_or(Fault::Internal("no endpoint").refused())
+    }
+
+    /// The endpoint (connected on first use) and the reporter at once.
+    pub fn endpoint_and_reporter(&mut self) -> Result<(&mut Endpoint, &Reporter), Error> {
+        self.endpoint()?;
+        let Session { ep, rep, .. } = self;
+        Ok((ep.as_mut().ok_or(Fault::Internal("no endpoint").refused())?, &**rep))
+    }
+
+    /// An Open request with the run's parameters.
+    pub fn open_request(&self, access: Access, codec: Codec, state: StateOptions) -> OpenRequest {
+        let p = &self.plan.params;
+        OpenRequest { access, hash: p.hash, codec, buffer: p.buffer as u64, chunk: p.chunk.map(|c| c as u64), state }
+    }
+
+    /// The source and the receiver of a transfer in `dir`, as messages name them.
+    pub fn source_name(&self, dir: Direction) -> String {
+        match dir {
+            Direction::Push => name(Side::Local, &self.plan.local),
+            Direction::Pull => name(Side::Remote, &self.plan.remote),
+        }
+    }
+
+    /// The receiver of a transfer in `dir`, as messages name it.
+    pub fn receiver_name(&self, dir: Direction) -> String {
+        receiver_name(self.plan, dir)
+    }
+}
+
+/// Adds what a comparison did to the statistics.
+pub(super) fn absorb(stats: &mut Stats, c: &Comparison) {
+    stats.blocks_compared += c.blocks;
+    stats.blocks_differing += c.differing;
+    stats.bytes_written += c.written;
+    stats.nodes_compared += c.nodes;
+}
