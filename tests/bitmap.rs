@@ -13,7 +13,6 @@ mod util;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use util::*;
 
@@ -26,10 +25,6 @@ const LEAVES: u64 = (SIZE as u64) / LEAF;
 
 const BOTH: [Dir; 2] = [Dir::Push, Dir::Pull];
 
-fn sv(list: &[&str]) -> Vec<String> {
-    list.iter().map(|x| x.to_string()).collect()
-}
-
 /// `-l -r -a DIR -m SYNC -b BITMAP --buffer 64` from `source` to `receiver`, then `extra`.
 fn bitmap_sync(dir: Dir, source: &Path, receiver: &Path, bitmap: &Path, extra: &[&str]) -> Vec<String> {
     let (l, r) = match dir {
@@ -41,45 +36,10 @@ fn bitmap_sync(dir: Dir, source: &Path, receiver: &Path, bitmap: &Path, extra: &
     a
 }
 
-/// `--stat` figures: blocks (compared, differing, bytes written) and reads (local, remote).
-#[derive(Debug, Clone, Copy)]
-struct Figures {
-    compared: u64,
-    differing: u64,
-    written: u64,
-    local_read: u64,
-    remote_read: u64,
-}
-
-impl Figures {
-    /// Bytes read from the receiver.
-    fn receiver_read(&self, dir: Dir) -> u64 {
-        match dir {
-            Dir::Push => self.remote_read,
-            Dir::Pull => self.local_read,
-        }
-    }
-}
-
-#[track_caller]
-fn figures(run: &Run) -> Figures {
-    let blocks = numbers(run, "Blocks:");
-    let read = numbers(run, "Read:");
-    assert!(blocks.len() == 3 && read.len() == 2, "unexpected --stat lines{run:?}");
-    Figures { compared: blocks[0], differing: blocks[1], written: blocks[2], local_read: read[0], remote_read: read[1] }
-}
-
-/// Asserts the run did not read the receiver, in the `--stat` wording.
+/// Asserts the run did not read the receiver (`--stat`'s `Read:` line).
 #[track_caller]
 fn assert_receiver_not_read(run: &Run, dir: Dir) {
-    let needle = match dir {
-        Dir::Push => "remote 0 bytes",
-        Dir::Pull => "Read:        local 0 bytes",
-    };
-    assert!(
-        run.stdout.lines().any(|l| l.starts_with("Read:") && l.contains(needle)),
-        "the {dir:?} run read the receiver{run:?}"
-    );
+    assert_eq!(run.stat().reads(dir).1, 0, "the {dir:?} run read the receiver{run:?}");
 }
 
 /// Asserts `path` is a basyn state file (what a bitmap is stored as).
@@ -131,7 +91,7 @@ fn a_first_sync_creates_the_missing_bitmap() {
             r.ok();
             assert_same(&t.src, &t.rcv);
             assert_state_file(&t.bm);
-            let f = figures(&r);
+            let f = r.stat();
             assert_eq!(
                 (f.compared, f.differing),
                 (LEAVES, LEAVES),
@@ -143,7 +103,7 @@ fn a_first_sync_creates_the_missing_bitmap() {
             let again = basyn(&bitmap_sync(dir, &t.src, &t.rcv, &t.bm, &["--stat", "--no-state"]));
             again.ok();
             assert_receiver_not_read(&again, dir);
-            let f = figures(&again);
+            let f = again.stat();
             assert_eq!((f.differing, f.written), (0, 0), "{dir:?}: an unchanged source sent data{again:?}");
             assert_same(&t.src, &t.rcv);
         }
@@ -167,7 +127,7 @@ fn a_sync_with_a_bitmap_reads_nothing_from_the_receiver() {
         r.ok();
         assert_same(&t.src, &t.rcv);
         assert_receiver_not_read(&r, dir);
-        let f = figures(&r);
+        let f = r.stat();
         assert_eq!(f.compared, LEAVES, "{dir:?}{r:?}");
         assert_eq!(f.differing, changed.len() as u64, "{dir:?}: only the changed blocks differ{r:?}");
         assert_eq!(f.written, changed.len() as u64 * LEAF, "{dir:?}: differing blocks are sent whole{r:?}");
@@ -180,7 +140,7 @@ fn a_sync_with_a_bitmap_reads_nothing_from_the_receiver() {
         r.ok();
         assert_same(&t.src, &t.rcv);
         assert_receiver_not_read(&r, dir);
-        assert_eq!(figures(&r).differing, changed.len() as u64, "{dir:?}{r:?}");
+        assert_eq!(r.stat().differing, changed.len() as u64, "{dir:?}{r:?}");
     }
 }
 
@@ -270,7 +230,7 @@ fn a_corrupt_or_mismatched_bitmap_is_refused_and_reset_bitmap_rebuilds_it() {
         assert_same(&t.src, &t.rcv);
         assert_state_file(&t.bm);
         assert_ne!(fs::read(&t.bm).unwrap(), spoilt, "{how:?}/{dir:?}: the bitmap was not rewritten");
-        assert!(figures(&r).receiver_read(dir) > 0, "{how:?}/{dir:?}: --reset-bitmap did not read the receiver{r:?}");
+        assert!(r.stat().reads(dir).1 > 0, "{how:?}/{dir:?}: --reset-bitmap did not read the receiver{r:?}");
 
         // The rebuilt bitmap is good: a change is synced without reading the receiver.
         change_leaves(&t.src, &[77]);
@@ -278,7 +238,7 @@ fn a_corrupt_or_mismatched_bitmap_is_refused_and_reset_bitmap_rebuilds_it() {
         r.ok();
         assert_same(&t.src, &t.rcv);
         assert_receiver_not_read(&r, dir);
-        assert_eq!(figures(&r).differing, 1, "{how:?}/{dir:?}{r:?}");
+        assert_eq!(r.stat().differing, 1, "{how:?}/{dir:?}{r:?}");
     }
 }
 
@@ -309,7 +269,7 @@ fn update_bitmap_refreshes_it_from_the_source_and_transfers_nothing() {
         assert_content(&t.rcv, &receiver, &format!("{what}: receiver after --update-bitmap"));
         assert_state_file(&t.bm);
         assert_receiver_not_read(&r, dir);
-        assert_eq!(figures(&r).written, 0, "{what}: --update-bitmap wrote data{r:?}");
+        assert_eq!(r.stat().written, 0, "{what}: --update-bitmap wrote data{r:?}");
 
         // A PUSH refresh does not even create a missing receiver.
         if dir == Dir::Push {
@@ -333,7 +293,7 @@ fn update_bitmap_refreshes_it_from_the_source_and_transfers_nothing() {
         r.ok();
         assert_same(&t.src, &t.rcv);
         assert_receiver_not_read(&r, dir);
-        let f = figures(&r);
+        let f = r.stat();
         assert_eq!((f.differing, f.written), (2, 2 * LEAF), "{what}: the bitmap was not trusted{r:?}");
 
         // A refresh over an existing bitmap replaces it (source changed since).
@@ -345,7 +305,7 @@ fn update_bitmap_refreshes_it_from_the_source_and_transfers_nothing() {
         let r = basyn(&bitmap_sync(dir, &t.src, &t.rcv, &t.bm, &["--stat", "--no-state"]));
         r.ok();
         assert_receiver_not_read(&r, dir);
-        assert_eq!(figures(&r).differing, 0, "{what}: the refreshed bitmap was not used{r:?}");
+        assert_eq!(r.stat().differing, 0, "{what}: the refreshed bitmap was not used{r:?}");
     }
 }
 
@@ -365,7 +325,7 @@ fn a_deleted_receiver_is_not_trusted_to_hold_what_the_bitmap_says() {
         let r = basyn(&bitmap_sync(dir, &t.src, &t.rcv, &t.bm, &["--stat", "--no-state"]));
         r.ok();
         assert_same(&t.src, &t.rcv);
-        assert_eq!(figures(&r).written, SIZE as u64, "{dir:?}: the new receiver was not filled{r:?}");
+        assert_eq!(r.stat().written, SIZE as u64, "{dir:?}: the new receiver was not filled{r:?}");
 
         // Shrunk and grown back by --force: its tail is zeros now, not what the bitmap says.
         let f = fs::OpenOptions::new().write(true).open(&t.rcv).unwrap();
@@ -381,7 +341,7 @@ fn a_deleted_receiver_is_not_trusted_to_hold_what_the_bitmap_says() {
         r.ok();
         assert_same(&t.src, &t.rcv);
         assert_receiver_not_read(&r, dir);
-        assert_eq!(figures(&r).differing, 1, "{dir:?}{r:?}");
+        assert_eq!(r.stat().differing, 1, "{dir:?}{r:?}");
     }
 }
 
@@ -422,30 +382,13 @@ fn bitmap_options_in_the_wrong_combination_are_usage_errors() {
 // ---------------------------------------------------------------------------
 
 /// Runs a bitmap SYNC (receiver: the loop device) and writes 4 KiB into the start of the
-/// receiver while basyn is past it and still running. `None` if basyn had no more data to
-/// write when the write was done (too late to interfere).
+/// receiver (O_DIRECT) while basyn is past it and still running
+/// ([`run_with_a_foreign_write`]). `None` if basyn had no more data to write when the
+/// write was done (too late to interfere).
 fn sync_with_a_foreign_write(dir: Dir, src: &Path, dev: &Path, bm: &Path, len: u64, state: &[&str]) -> Option<Run> {
     let mut args = bitmap_sync(dir, src, dev, bm, &["--stat"]);
     args.extend(sv(state));
-    let mut running = start(&args, &[]);
-    // basyn's writes (PULL: to the device; PUSH: the data into the endpoint's pipe) go
-    // roughly in offset order: once half the device went through, its start is written.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while running.running() && running.written() < len / 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // O_DIRECT: the write reaches the device as an I/O of its own (a buffered write into
-    // a page basyn itself dirtied merges with basyn's write; see tests/regressions.rs).
-    let of = format!("of={}", s(dev));
-    tool(
-        "dd",
-        &["if=/dev/urandom", &of, "bs=4096", "seek=10", "count=1", "conv=notrunc", "oflag=direct", "status=none"],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    // Still data to go: the receiver's last stamp is yet to be taken.
-    let interfered = running.running() && running.written() < len;
-    let run = running.finish();
-    interfered.then_some(run)
+    run_with_a_foreign_write(&args, dev, len, Foreign::Direct)
 }
 
 #[test]

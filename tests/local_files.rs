@@ -77,10 +77,6 @@ fn check_all_actions(size: usize, seed: u64, extra: &[&str]) {
     }
 }
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|x| x.to_string()).collect()
-}
-
 // ===========================================================================
 // 1. Command line
 // ===========================================================================
@@ -264,9 +260,9 @@ fn option_values_are_case_insensitive() {
         write(&src, &source);
         write(&rcv, &mutated(&source));
         let mut list = ends(dir, &src, &rcv);
-        list.extend(args(&["-a", a, "-m", m]));
-        list.extend(args(&["--hash", ["sha256", "SHA256", "Sha256"][i % 3]]));
-        list.extend(args(&["--compress", ["zlib", "ZLIB", "Zlib"][i % 3]]));
+        list.extend(sv(&["-a", a, "-m", m]));
+        list.extend(sv(&["--hash", ["sha256", "SHA256", "Sha256"][i % 3]]));
+        list.extend(sv(&["--compress", ["zlib", "ZLIB", "Zlib"][i % 3]]));
         basyn(&list).ok().silent();
         assert_content(&rcv, &source, &format!("receiver after basyn {list:?}"));
     }
@@ -280,7 +276,7 @@ fn option_values_are_case_insensitive() {
             write(&src, &source);
             write(&rcv, &mutated(&source));
             let mut list = ends(dir, &src, &rcv);
-            list.extend(args(&["--action", &up, "--mode", m, "--hash", "blake2b"]));
+            list.extend(sv(&["--action", &up, "--mode", m, "--hash", "blake2b"]));
             basyn(&list).ok();
             assert_content(&rcv, &source, &format!("receiver after basyn {list:?}"));
         }
@@ -341,8 +337,8 @@ fn recheck_alone_compares_without_changing_anything() {
     };
     write(&b, &changed);
     for extra in [&[][..], &["--chunk", "4"][..], &["--hash", "sha1", "--buffer", "1"][..]] {
-        let mut list = args(&["-l", s(&a), "-r", s(&b), "--recheck"]);
-        list.extend(args(extra));
+        let mut list = sv(&["-l", s(&a), "-r", s(&b), "--recheck"]);
+        list.extend(sv(extra));
         basyn(&list).fails(3, &[s(&a), s(&b)]);
         assert_content(&a, &data, "local after a failed recheck");
         assert_content(&b, &changed, "remote after a failed recheck");

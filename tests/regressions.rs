@@ -16,23 +16,18 @@ use std::io::Read;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use util::*;
 
 /// Where root keeps the states of block devices.
 const STATE_DIR: &str = "/var/lib/basyn";
 
-fn sv(list: &[&str]) -> Vec<String> {
-    list.iter().map(|x| x.to_string()).collect()
-}
-
 /// Bytes read from (local, remote), from `--stat`.
 #[track_caller]
 fn reads(run: &Run) -> (u64, u64) {
-    let r = numbers(run, "Read:");
-    assert_eq!(r.len(), 2, "unexpected Read: line{run:?}");
-    (r[0], r[1])
+    let st = run.stat();
+    (st.local_read, st.remote_read)
 }
 
 // ---------------------------------------------------------------------------
@@ -131,49 +126,6 @@ fn head(path: &Path, len: usize) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------
-// A basyn running in the background
-// ---------------------------------------------------------------------------
-
-/// How another process writes 4 KiB into the receiver.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Foreign {
-    /// `dd oflag=direct`: an I/O of its own on the device.
-    Direct,
-    /// `pwrite` + `fsync` through the device's page cache (like `dd conv=fsync`).
-    Buffered,
-}
-
-fn foreign_write(dev: &Path, offset: u64, how: Foreign) {
-    match how {
-        Foreign::Direct => {
-            let of = format!("of={}", s(dev));
-            let seek = format!("seek={}", offset / 4096);
-            tool(
-                "dd",
-                &["if=/dev/urandom", &of, "bs=4096", &seek, "count=1", "conv=notrunc", "oflag=direct", "status=none"],
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-        Foreign::Buffered => poke(dev, offset, &random_data(offset ^ 0x5eed, 4096)),
-    }
-}
-
-/// Runs `args` (a SYNC of `len` bytes onto `dev`) and, once basyn has written half of
-/// the data (so the start of the device is behind it), writes 4 KiB at offset 40 KiB of
-/// `dev`. `None` if basyn had no data left to write by then (too late to interfere).
-fn run_with_a_foreign_write(args: &[String], dev: &Path, len: u64, how: Foreign) -> Option<Run> {
-    let mut running = start(args, &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while running.running() && running.written() < len / 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    foreign_write(dev, 10 * 4096, how);
-    let interfered = running.running() && running.written() < len;
-    let run = running.finish();
-    interfered.then_some(run)
-}
-
-// ---------------------------------------------------------------------------
 // 1. Tree walks are batched under the control-frame limit
 // ---------------------------------------------------------------------------
 
@@ -200,10 +152,9 @@ fn tree_walk_with_thousands_of_differing_leaves() {
     r.ok();
     assert_same(&a, &b);
     assert!(r.stdout.contains("walking the trees"), "both states were not fresh: no tree walk{r:?}");
-    let nodes = numbers(&r, "Tree:");
-    assert!(nodes.len() == 1 && nodes[0] > 10_000, "the tree walk compared too few nodes{r:?}");
+    assert!(r.stat().nodes > 10_000, "the tree walk compared too few nodes{r:?}");
     assert_eq!(reads(&r).1, 0, "the receiver's fresh state was not used{r:?}");
-    assert_eq!(numbers(&r, "Blocks:")[1], 12288, "every leaf differs{r:?}");
+    assert_eq!(r.stat().differing, 12288, "every leaf differs{r:?}");
 
     // 12288 leaf indices still fit one 64 KiB control frame (varints of at most two
     // bytes); 28672 do not (indices from 16384 on take three): a check without action
@@ -213,8 +164,7 @@ fn tree_walk_with_thousands_of_differing_leaves() {
     let r = basyn(&["-l", s(&a), "-r", s(&b), "--recheck", "--buffer", "1", "--stat"]);
     r.fails(3, &["differ in 28672 of 28672 blocks"]);
     assert_eq!(reads(&r), (0, 0), "the walk read device data{r:?}");
-    let nodes = numbers(&r, "Tree:");
-    assert!(nodes.len() == 1 && nodes[0] > 28_672, "the tree walk compared too few nodes{r:?}");
+    assert!(r.stat().nodes > 28_672, "the tree walk compared too few nodes{r:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -619,10 +569,9 @@ fn a_killed_run_resumes_from_its_source_checkpoint() {
     let args = sv(&["-l", s(&src), "-r", s(&dst), "-a", "push", "-m", "sync", "--buffer", "256"]);
     let mut bg = start(&args, &[("BASYN_TEST_CHECKPOINT_MS", "1")]);
     let state = t.path().join("src.img.basyn-state");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bg.running() && !state.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(Duration::from_secs(30), "a checkpoint of the source, or basyn's end", || {
+        !bg.running() || state.exists()
+    });
     bg.kill();
     assert!(state.exists(), "no checkpoint of the source was saved");
 
@@ -631,9 +580,7 @@ fn a_killed_run_resumes_from_its_source_checkpoint() {
     let r = basyn(&again);
     r.ok();
     assert_same(&src, &dst);
-    let line = r.stdout.lines().find(|l| l.starts_with("Read:")).unwrap_or_else(|| panic!("no Read line{r:?}"));
-    let local: u64 =
-        line.split("local ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok()).unwrap();
-    assert!(local < size as u64, "the rerun read the whole source again: {line}{r:?}");
+    let local = reads(&r).0;
+    assert!(local < size as u64, "the rerun read the whole source again: local {local} bytes{r:?}");
     assert!(r.stdout.contains("fresh checkpoint"), "the rerun did not resume from the source's checkpoint{r:?}");
 }

@@ -12,7 +12,6 @@ mod util;
 
 use std::fs;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sshd::*;
@@ -187,8 +186,9 @@ fn tampered_cached_upload_is_replaced() {
 
     // Same name, executable, answers the protocol like basyn does, but is not this binary.
     let exe = env!("CARGO_BIN_EXE_basyn");
-    let protocol = std::process::Command::new(exe).arg("protocol").output().expect("cannot run basyn protocol");
-    write_script(&cached, &format!("#!/bin/sh\necho '{}'\n", String::from_utf8_lossy(&protocol.stdout).trim()));
+    let protocol = basyn(&["protocol"]);
+    protocol.ok();
+    write_script(&cached, &format!("#!/bin/sh\necho '{}'\n", protocol.stdout.trim()));
     random_image(&local, 20, MIB);
     let run = sshd.basyn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "SYNC", "--verbose"]));
     run.ok();
@@ -478,53 +478,56 @@ fn full_remote_disk_is_a_transfer_error() {
 // Dying mid-run
 // ---------------------------------------------------------------------------
 
-/// Starts `basyn` in the background with stdout and stderr going to files.
-fn spawn_basyn(sshd: &Sshd, args: &[&str], tag: &str) -> Reaped {
-    let out = fs::File::create(sshd.path(&format!("{tag}.out"))).unwrap();
-    let err = fs::File::create(sshd.path(&format!("{tag}.err"))).unwrap();
-    let child = sshd
-        .command(&sshd.client_config(), args)
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .expect("cannot start basyn");
-    Reaped(child)
-}
-
 /// Waits until the remote `basyn serve` of `remote` runs; returns its pids.
 #[track_caller]
-fn wait_for_serve(sshd: &Sshd, child: &mut Reaped, remote: &Path, tag: &str) -> Vec<i32> {
+fn wait_for_serve(child: &mut Running, remote: &Path) -> Vec<i32> {
     let mut pids = Vec::new();
     let found = poll(Duration::from_secs(30), || {
         pids = serve_pids(remote);
-        !pids.is_empty() || child.0.try_wait().unwrap().is_some()
+        !pids.is_empty() || !child.running()
     });
-    let err = fs::read_to_string(sshd.path(&format!("{tag}.err"))).unwrap_or_default();
+    let err = child.stderr_so_far();
     assert!(found && !pids.is_empty(), "the remote basyn serve never appeared; basyn stderr: {err}");
     pids
 }
 
+/// Data that must reach the receiver before a test cuts into a transfer.
+const LANDED: u64 = 4 * MIB as u64;
+
+/// Waits until [`LANDED`] more bytes have been written to the receiver of a transfer in
+/// `dir` ("PUSH": by the remote `basyn serve`, whose pids are `serve`; "PULL": by basyn
+/// itself), or until basyn has ended: once this returns with basyn still running, the
+/// transfer is under way and the receiver really is partly written.
+fn wait_for_data(child: &mut Running, serve: &[i32], dir: &str, tag: &str) {
+    let writers: Vec<u32> = match dir {
+        "PUSH" => serve.iter().map(|&pid| pid as u32).collect(),
+        _ => vec![child.pid()],
+    };
+    let written = || writers.iter().map(|&pid| io_counter(pid, "wchar")).sum::<u64>();
+    let before = written();
+    let what = format!("{tag}: {} MiB written to the receiver, or basyn's end", LANDED / MIB as u64);
+    wait_until(Duration::from_secs(30), &what, || !child.running() || written() >= before + LANDED);
+}
+
 /// Waits up to `limit` for a background basyn to end; returns its exit code, the time
 /// since `since`, and its stderr.
-fn wait_end(
-    sshd: &Sshd,
-    child: &mut Reaped,
-    tag: &str,
-    since: Instant,
-    limit: Duration,
-) -> (Option<i32>, Duration, String) {
-    let ended = poll(limit, || child.0.try_wait().unwrap().is_some());
+fn wait_end(mut child: Running, tag: &str, since: Instant, limit: Duration) -> (i32, Duration, String) {
+    let ended = poll(limit, || !child.running());
     let took = since.elapsed();
-    let err = fs::read_to_string(sshd.path(&format!("{tag}.err"))).unwrap_or_default();
-    println!("{tag}: basyn ended {took:.2?} after the failure; stderr: {err:?}");
-    assert!(ended, "{tag}: basyn still runs {limit:?} after the failure; stderr: {err:?}");
-    (child.0.wait().unwrap().code(), took, err)
+    if !ended {
+        let err = child.stderr_so_far();
+        println!("{tag}: basyn still runs {took:.2?} after the failure; stderr: {err:?}");
+        panic!("{tag}: basyn still runs {limit:?} after the failure; stderr: {err:?}");
+    }
+    let run = child.finish();
+    println!("{tag}: basyn ended {took:.2?} after the failure; stderr: {:?}", run.stderr);
+    (run.code, took, run.stderr)
 }
 
 /// Asserts a transfer error: exit 2 and one line on stderr holding every fragment.
 #[track_caller]
-fn assert_transfer_error(tag: &str, code: Option<i32>, err: &str, fragments: &[&str]) {
-    assert_eq!(code, Some(2), "{tag}: exit code; stderr: {err:?}");
+fn assert_transfer_error(tag: &str, code: i32, err: &str, fragments: &[&str]) {
+    assert_eq!(code, 2, "{tag}: exit code; stderr: {err:?}");
     let line = err.strip_suffix('\n').unwrap_or(err);
     assert!(!line.is_empty() && !line.contains('\n'), "{tag}: expected one line on stderr: {err:?}");
     for f in fragments {
@@ -542,15 +545,14 @@ fn connection_dying_mid_run_is_exit_2_and_a_rerun_repairs() {
 
     // 1. The remote endpoint is killed during a PUSH.
     let tag = "remote-killed";
-    let mut child =
-        spawn_basyn(&sshd, &over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY", "--buffer", "1024"]), tag);
-    let pids = wait_for_serve(&sshd, &mut child, &remote, tag);
+    let mut child = sshd.spawn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY", "--buffer", "1024"]));
+    let pids = wait_for_serve(&mut child, &remote);
     // Let some data land first, so the receiver really is partly written.
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(child.0.try_wait().unwrap().is_none(), "{tag}: the copy ended before the kill; make the image bigger");
+    wait_for_data(&mut child, &pids, "PUSH", tag);
+    assert!(child.running(), "{tag}: the copy ended before the kill; make the image bigger");
     let failed = Instant::now();
     pids.iter().for_each(|&pid| kill9(pid));
-    let (code, took, err) = wait_end(&sshd, &mut child, tag, failed, Duration::from_secs(10));
+    let (code, took, err) = wait_end(child, tag, failed, Duration::from_secs(10));
     assert_transfer_error(tag, code, &err, &[partly, "remote", s(&remote), "connection"]);
     assert!(took < Duration::from_secs(5), "{tag}: {took:.2?} to notice the dead endpoint");
     sshd.basyn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "SYNC"])).ok();
@@ -560,15 +562,14 @@ fn connection_dying_mid_run_is_exit_2_and_a_rerun_repairs() {
     // remote changed at its end, which the interrupted copy never reached.
     flip(&remote, (size - 1000) as u64, 10);
     let tag = "connection-cut";
-    let mut child =
-        spawn_basyn(&sshd, &over_ssh(&local, &remote, &["-a", "PULL", "-m", "COPY", "--buffer", "1024"]), tag);
-    let pids = wait_for_serve(&sshd, &mut child, &remote, tag);
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(child.0.try_wait().unwrap().is_none(), "{tag}: the copy ended before the cut; make the image bigger");
+    let mut child = sshd.spawn(&over_ssh(&local, &remote, &["-a", "PULL", "-m", "COPY", "--buffer", "1024"]));
+    let pids = wait_for_serve(&mut child, &remote);
+    wait_for_data(&mut child, &pids, "PULL", tag);
+    assert!(child.running(), "{tag}: the copy ended before the cut; make the image bigger");
     let server = sshd_ancestor(pids[0]).expect("no sshd above the remote basyn serve");
     let failed = Instant::now();
     kill9(server);
-    let (code, took, err) = wait_end(&sshd, &mut child, tag, failed, Duration::from_secs(10));
+    let (code, took, err) = wait_end(child, tag, failed, Duration::from_secs(10));
     assert_transfer_error(tag, code, &err, &[partly, "local", s(&local), "connection"]);
     assert!(took < Duration::from_secs(5), "{tag}: {took:.2?} to notice the cut connection");
     assert!(
@@ -581,16 +582,15 @@ fn connection_dying_mid_run_is_exit_2_and_a_rerun_repairs() {
     // 3. The connection hangs (its server process stopped): keepalives must end the run.
     flip(&local, (size - 1000) as u64, 10);
     let tag = "connection-hung";
-    let mut child =
-        spawn_basyn(&sshd, &over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY", "--buffer", "1024"]), tag);
-    let pids = wait_for_serve(&sshd, &mut child, &remote, tag);
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(child.0.try_wait().unwrap().is_none(), "{tag}: the copy ended before the hang; make the image bigger");
+    let mut child = sshd.spawn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY", "--buffer", "1024"]));
+    let pids = wait_for_serve(&mut child, &remote);
+    wait_for_data(&mut child, &pids, "PUSH", tag);
+    assert!(child.running(), "{tag}: the copy ended before the hang; make the image bigger");
     let server = sshd_ancestor(pids[0]).expect("no sshd above the remote basyn serve");
     let stopped = KillOnDrop(server);
     let failed = Instant::now();
     send_signal(server, libc::SIGSTOP);
-    let (code, _, err) = wait_end(&sshd, &mut child, tag, failed, FAST);
+    let (code, _, err) = wait_end(child, tag, failed, FAST);
     assert_transfer_error(tag, code, &err, &[partly, "remote", s(&remote), "connection"]);
     // The stopped server cannot pass the end of the session on; once it dies, neither
     // may the endpoint behind it live on.
@@ -618,17 +618,17 @@ fn local_basyn_killed_or_interrupted_mid_run_leaves_no_serve_behind() {
     ];
     for (dir, signal, tag) in cases {
         let args = over_ssh(&local, &remote, &["-a", dir, "-m", "COPY", "--buffer", "1024"]);
-        let mut child = spawn_basyn(&sshd, &args, tag);
-        wait_for_serve(&sshd, &mut child, &remote, tag);
-        std::thread::sleep(Duration::from_millis(200));
-        let still_running = child.0.try_wait().unwrap().is_none();
+        let mut child = sshd.spawn(&args);
+        let pids = wait_for_serve(&mut child, &remote);
+        wait_for_data(&mut child, &pids, dir, tag);
+        let still_running = child.running();
         assert!(still_running, "{tag}: the {dir} finished before the signal; make the image bigger");
         let signalled = Instant::now();
-        send_signal(child.0.id() as i32, signal);
-        let exited = poll(Duration::from_secs(10), || child.0.try_wait().unwrap().is_some());
+        send_signal(child.pid() as i32, signal);
+        let exited = poll(Duration::from_secs(10), || !child.running());
         assert!(exited, "{tag}: basyn did not end on signal {signal}");
         let gone = poll(Duration::from_secs(6), || serve_pids(&remote).is_empty());
-        let err = fs::read_to_string(sshd.path(&format!("{tag}.err"))).unwrap_or_default();
+        let err = child.stderr_so_far();
         println!("{tag}: no serve left after {:.2?}; basyn stderr: {err:?}", signalled.elapsed());
         assert!(gone, "{tag}: basyn serve {} outlived basyn: {:?}", remote.display(), serve_pids(&remote));
     }
@@ -747,7 +747,7 @@ fn long_tmpdir_does_not_break_ssh() {
     let args = over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY"]);
     let mut cmd = sshd.command(&sshd.client_config(), &args);
     cmd.env("TMPDIR", &long);
-    run(cmd, &args).ok();
+    spawn(cmd, &args).finish().ok();
     assert_same(&local, &remote);
 }
 
@@ -770,20 +770,20 @@ fn states_over_ssh_spare_reads_and_basyn_index_runs_on_the_remote_host() {
     // Unchanged: both states fresh, nothing is read on either side.
     let run = sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "sync", "--stat"]));
     run.ok();
-    assert!(run.stdout.contains("Read:        local 0 bytes, remote 0 bytes"), "an unchanged sync read{run:?}");
+    assert!(run.stat().read_nothing(), "an unchanged sync read{run:?}");
 
     // Behind basyn's back the remote image changes; `basyn index -h` makes its state
     // fresh again on the remote host (reading it there), and the next check reads nothing.
     flip(&remote, (size / 2) as u64, 1);
     let idx = sshd.basyn(&["index", "-h", ALIAS, s(&remote), "--stat"]);
     idx.ok();
-    assert_eq!(numbers(&idx, "Read:")[1], size as u64, "index must read the changed remote image once{idx:?}");
+    assert_eq!(idx.stat().remote_read, size as u64, "index must read the changed remote image once{idx:?}");
     let idx = sshd.basyn(&["index", "-h", ALIAS, s(&remote), "--stat"]);
     idx.ok();
-    assert_eq!(numbers(&idx, "Read:")[1], 0, "a second index of an unchanged image reads nothing{idx:?}");
+    assert_eq!(idx.stat().remote_read, 0, "a second index of an unchanged image reads nothing{idx:?}");
     let check = sshd.basyn(&over_ssh(&local, &remote, &["--recheck", "--stat"]));
     check.fails(3, &["differ"]);
-    assert!(check.stdout.contains("Read:        local 0 bytes, remote 0 bytes"), "fresh states answer{check:?}");
+    assert!(check.stat().read_nothing(), "fresh states answer{check:?}");
 
     // A SYNC walks the trees and repairs the one differing block.
     let run = sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "sync", "--stat"]));

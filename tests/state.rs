@@ -18,7 +18,7 @@
 mod util;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -37,10 +37,6 @@ const STATE_DIR: &str = "/var/lib/basyn";
 // ---------------------------------------------------------------------------
 // Running basyn (with an environment, or in the background)
 // ---------------------------------------------------------------------------
-
-fn sv(list: &[&str]) -> Vec<String> {
-    list.iter().map(|x| x.to_string()).collect()
-}
 
 /// Runs basyn with extra environment variables (and without `CI` or a boot id override
 /// unless given).
@@ -89,47 +85,10 @@ fn index(device: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
-/// The figures of `--stat` that concern states.
-#[derive(Debug, Clone, Copy)]
-struct Figures {
-    compared: u64,
-    differing: u64,
-    written: u64,
-    local_read: u64,
-    remote_read: u64,
-    nodes: u64,
-}
-
-impl Figures {
-    /// Bytes read from (source, receiver).
-    fn reads(&self, dir: Dir) -> (u64, u64) {
-        match dir {
-            Dir::Push => (self.local_read, self.remote_read),
-            Dir::Pull => (self.remote_read, self.local_read),
-        }
-    }
-}
-
-#[track_caller]
-fn figures(run: &Run) -> Figures {
-    let blocks = numbers(run, "Blocks:");
-    let read = numbers(run, "Read:");
-    let tree = numbers(run, "Tree:");
-    assert!(blocks.len() == 3 && read.len() == 2 && tree.len() == 1, "unexpected --stat lines{run:?}");
-    Figures {
-        compared: blocks[0],
-        differing: blocks[1],
-        written: blocks[2],
-        local_read: read[0],
-        remote_read: read[1],
-        nodes: tree[0],
-    }
-}
-
-/// Asserts the run read nothing at all, in the `--stat` wording.
+/// Asserts the run read nothing at all (`--stat`'s `Read:` line).
 #[track_caller]
 fn assert_read_nothing(run: &Run) {
-    assert!(run.stdout.contains("Read:        local 0 bytes, remote 0 bytes"), "the run read device data{run:?}");
+    assert!(run.stat().read_nothing(), "the run read device data{run:?}");
 }
 
 /// Asserts that some `--verbose` line mentions the state file `name` being rebuilt.
@@ -168,28 +127,8 @@ fn dd(path: &Path, block: u64, count: u64, direct: bool) {
 /// Compares two large files or devices piecewise.
 #[track_caller]
 fn assert_same_stream(a: &Path, b: &Path) {
-    fn fill(f: &mut File, buf: &mut [u8]) -> usize {
-        let mut n = 0;
-        while n < buf.len() {
-            match f.read(&mut buf[n..]).unwrap() {
-                0 => break,
-                k => n += k,
-            }
-        }
-        n
-    }
-    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
-    let (mut ba, mut bb) = (vec![0u8; 4 * MIB], vec![0u8; 4 * MIB]);
-    let mut at = 0usize;
-    loop {
-        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
-        if let Some(i) = first_difference(&ba[..na], &bb[..nb]) {
-            panic!("{} and {} differ at offset {}", a.display(), b.display(), at + i);
-        }
-        if na == 0 {
-            return;
-        }
-        at += na;
+    if let Some(at) = stream_difference(a, b) {
+        panic!("{} and {} differ at offset {at}", a.display(), b.display());
     }
 }
 
@@ -228,29 +167,18 @@ fn process_tree(pid: u32) -> Vec<u32> {
     all
 }
 
-/// A field of `/proc/PID/io` (`rchar`, `wchar`), 0 if unreadable.
-fn io_field(pid: u32, field: &str) -> u64 {
-    let text = fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Waits until basyn's process tree has `field` ≥ `bytes`; false if it ended first.
+/// Waits until basyn's process tree has `field` (of `/proc/PID/io`) ≥ `bytes`; false if
+/// it ended first.
 fn wait_for_io(r: &mut Running, field: &str, bytes: u64) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    let mut reached = false;
+    wait_until(Duration::from_secs(60), &format!("basyn's {field} to reach {bytes} bytes, or basyn to end"), || {
         if !r.running() {
-            return false;
-        }
-        let total: u64 = process_tree(r.pid()).iter().map(|p| io_field(*p, field)).sum();
-        if total >= bytes {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    false
+        reached = process_tree(r.pid()).iter().map(|p| io_counter(*p, field)).sum::<u64>() >= bytes;
+        reached
+    });
+    reached
 }
 
 /// True once `pid` has exited (gone, or a zombie nobody reaped).
@@ -328,13 +256,9 @@ impl Loop {
         forget_state(&self.name);
     }
 
-    fn stat_field(&self, i: usize) -> u64 {
-        stat_field(&self.name, i)
-    }
-
-    /// Sectors read so far (field 3 of the kernel's stat).
+    /// Sectors read so far.
     fn sectors_read(&self) -> u64 {
-        self.stat_field(2)
+        sectors_read(&self.name)
     }
 
     /// No cached data of the device or its backing file can answer a read.
@@ -366,9 +290,11 @@ fn forget_state(kernel_name: &str) {
     }
 }
 
-fn stat_field(kernel_name: &str, i: usize) -> u64 {
+/// Sectors read so far from block device `kernel_name`: field 3 of the kernel's
+/// `/sys/class/block/NAME/stat` (not basyn's `--stat`).
+fn sectors_read(kernel_name: &str) -> u64 {
     let text = fs::read_to_string(format!("/sys/class/block/{kernel_name}/stat")).unwrap();
-    text.split_whitespace().nth(i).unwrap().parse().unwrap()
+    text.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
 /// Something whose reads are counted by the kernel.
@@ -443,7 +369,7 @@ fn loop_unchanged_resync_reads_nothing_and_a_changed_source_leaves_the_receiver_
     r.ok();
     assert_eq!(d, [0, 0], "an unchanged re-sync read sectors (source, receiver){r:?}");
     assert_read_nothing(&r);
-    let f = figures(&r);
+    let f = r.stat();
     assert_eq!(f.written, 0, "{r:?}");
     assert!(f.nodes >= 1, "no tree node compared{r:?}");
 
@@ -453,7 +379,7 @@ fn loop_unchanged_resync_reads_nothing_and_a_changed_source_leaves_the_receiver_
     }
     let (r, d) = measured(&devs, &args, &[]);
     r.ok();
-    let f = figures(&r);
+    let f = r.stat();
     assert_eq!(d[1], 0, "the receiver was read ({} sectors) after a change of the source{r:?}", d[1]);
     assert_eq!(f.remote_read, 0, "{r:?}");
     assert!(d[0] > 0, "the changed source was not read{r:?}");
@@ -472,7 +398,7 @@ fn loop_unchanged_resync_reads_nothing_and_a_changed_source_leaves_the_receiver_
     run(&index(src.path(), &[])).ok();
     let (r, d) = measured(&devs, &args, &[]);
     r.ok();
-    let f = figures(&r);
+    let f = r.stat();
     assert_eq!(d[1], 0, "tree walk read the receiver{r:?}");
     assert_eq!(f.remote_read, 0, "{r:?}");
     assert!(f.local_read <= LEAF, "tree walk read {} bytes of the source for one leaf{r:?}", f.local_read);
@@ -531,7 +457,7 @@ fn loop_simulated_reboot_makes_states_unverifiable_unless_trusted() {
     // Another boot, no writes: the stamps cannot be verified, both devices are read.
     let (r, d) = measured(&devs, &args, &[(BOOT_ID_ENV, "simulated-boot-1")]);
     r.ok();
-    let f = figures(&r);
+    let f = r.stat();
     assert!(d[0] > 0 && d[1] > 0, "after a reboot a state was used without --trust-state: sectors {d:?}{r:?}");
     assert!(f.local_read >= size as u64 && f.remote_read >= size as u64, "{r:?}");
     assert_loops_same(&src, &rcv);
@@ -573,7 +499,7 @@ fn loop_recheck_answers_from_fresh_states_and_catches_changes() {
     then_check.push("--recheck".into());
     let (r, d) = measured(&devs, &then_check, &[]);
     r.ok();
-    let f = figures(&r);
+    let f = r.stat();
     let sectors = size as u64 / 512;
     assert!(d[0] >= sectors && d[1] >= sectors, "--recheck after SYNC did not read the devices: {d:?}{r:?}");
     assert!(f.local_read >= size as u64 && f.remote_read >= size as u64, "{r:?}");
@@ -657,10 +583,8 @@ impl Partition {
         prerequisite(tool("partx", &["-a", disk.dev.s()]).map(|_| ()))?;
         let name = format!("{}p1", disk.name);
         let path = PathBuf::from(format!("/dev/{name}"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !path.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // udev may take a moment; a node that never comes is a missing prerequisite.
+        poll(Duration::from_secs(5), || path.exists());
         let p = Partition { path, name, disk };
         if !require(p.path.exists(), "partx -a created no partition device node") {
             return None;
@@ -684,7 +608,7 @@ impl Counted for Partition {
         self.disk.quiesce();
     }
     fn sectors_read(&self) -> u64 {
-        stat_field(&self.name, 2)
+        sectors_read(&self.name)
     }
 }
 
@@ -794,7 +718,7 @@ fn state_files_sit_next_to_images_and_unchanged_resyncs_read_nothing() {
             let r = run(&args);
             r.ok();
             assert_read_nothing(&r);
-            let f = figures(&r);
+            let f = r.stat();
             assert_eq!((f.written, f.nodes), (0, 1), "{what}: an unchanged re-sync compares the roots{r:?}");
 
             // The source changes: only the source is read.
@@ -802,7 +726,7 @@ fn state_files_sit_next_to_images_and_unchanged_resyncs_read_nothing() {
             poke(&a, 1500 * LEAF, b"changed too");
             let r = run(&args);
             r.ok();
-            let f = figures(&r);
+            let f = r.stat();
             let (source_read, receiver_read) = f.reads(dir);
             assert_eq!(receiver_read, 0, "{what}: the receiver was read after a change of the source{r:?}");
             assert_eq!((f.compared, f.differing), (size as u64 / LEAF, 2), "{what}: {r:?}");
@@ -825,7 +749,7 @@ fn no_state_creates_no_state_file_and_reads_everything() {
     for _ in 0..2 {
         let r = run(&args);
         r.ok();
-        let f = figures(&r);
+        let f = r.stat();
         assert!(f.local_read >= size as u64 && f.remote_read >= size as u64, "--no-state did not read both{r:?}");
         assert_same(&a, &b);
     }
@@ -871,7 +795,7 @@ fn state_and_remote_state_put_the_files_where_asked() {
         // Without the options, the default places hold nothing yet: everything is read.
         let r = run(&sync(dir, &a, &b, &[]));
         r.ok();
-        let f = figures(&r);
+        let f = r.stat();
         assert!(f.local_read >= size as u64 && f.remote_read >= size as u64, "{r:?}");
         assert!(state_of(&a).is_file() && state_of(&b).is_file());
     }
@@ -888,7 +812,7 @@ fn index_builds_a_state_that_sync_uses() {
 
     let r = run(&index(&a, &[]));
     r.ok();
-    assert!(figures(&r).local_read >= size as u64, "the first index did not read the device{r:?}");
+    assert!(r.stat().local_read >= size as u64, "the first index did not read the device{r:?}");
     assert!(state_of(&a).is_file(), "basyn index made no state next to the image");
     let r = run(&index(&a, &[]));
     r.ok();
@@ -909,7 +833,7 @@ fn index_builds_a_state_that_sync_uses() {
     run(&index(&a, &[])).ok();
     let r = run(&args);
     r.ok();
-    let f = figures(&r);
+    let f = r.stat();
     assert_eq!(f.remote_read, 0, "{r:?}");
     assert!(f.local_read <= 3 * LEAF, "the walk read {} bytes of the source{r:?}", f.local_read);
     assert_eq!((f.differing, f.written), (3, 3 * LEAF), "{r:?}");
@@ -937,6 +861,9 @@ fn a_file_written_with_its_mtime_put_back_is_caught() {
         assert_read_nothing(run(&args).ok());
         let path = if victim == "receiver" { &b } else { &a };
         let old = mtime(path);
+        // On purpose, not a wait: a clock tick passes between the sync and the write, so
+        // that the write itself changes the file's times and only the mtime put back
+        // below can hide it.
         std::thread::sleep(Duration::from_millis(20));
         flip(path, offset, 100);
         tool("touch", &["-d", &format!("@{}.{:09}", old.0, old.1), s(path)]).unwrap();
@@ -1050,7 +977,7 @@ fn corrupt_foreign_truncated_and_mismatched_states_are_rebuilt() {
             assert_eq!(r.code, 0, "{what}: the run failed{r:?}");
             let name = st.file_name().unwrap().to_string_lossy().into_owned();
             assert_rebuilt(&r, &name);
-            let f = figures(&r);
+            let f = r.stat();
             let victim_read = if victim == "source" { f.local_read } else { f.remote_read };
             assert!(victim_read >= size as u64, "{what}: the {victim} was not read to rebuild its state{r:?}");
             let (x, y) = (read(&a), read(&b));
@@ -1059,10 +986,7 @@ fn corrupt_foreign_truncated_and_mismatched_states_are_rebuilt() {
             }
             let r = run(&args);
             r.ok();
-            assert!(
-                r.stdout.contains("Read:        local 0 bytes, remote 0 bytes"),
-                "{what}: the rebuilt state is not valid{r:?}"
-            );
+            assert!(r.stat().read_nothing(), "{what}: the rebuilt state is not valid{r:?}");
         }
     }
     assert_eq!(temp_leftovers(t.path()), Vec::<String>::new());
@@ -1137,7 +1061,7 @@ fn a_source_written_during_the_run_is_reported_and_a_following_sync_converges() 
             r.ok();
             assert_same_stream(&source, &receiver);
             if !no_state {
-                let (source_read, _) = figures(&r).reads(dir);
+                let (source_read, _) = r.stat().reads(dir);
                 assert!(source_read >= size as u64, "{what}: the moved source's state was used{r:?}");
             }
         }
@@ -1164,10 +1088,8 @@ fn kill_9_mid_run_then_a_rerun_converges() {
         // the same stderr).
         let deadline = Instant::now() + Duration::from_secs(20);
         for pid in &helpers[1..] {
-            while !exited(*pid) {
-                assert!(Instant::now() < deadline, "{dir:?}: process {pid} still runs after its client was killed");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let what = format!("{dir:?}: process {pid} to exit after its client was killed");
+            wait_until(deadline.saturating_duration_since(Instant::now()), &what, || exited(*pid));
         }
         let killed = bg.finish();
         assert!(mid_run && killed.code == -1, "{dir:?}: basyn was not killed mid-run{killed:?}");
@@ -1177,7 +1099,7 @@ fn kill_9_mid_run_then_a_rerun_converges() {
         assert_same_stream(&source, &receiver);
         let r = run(&args);
         r.ok();
-        assert_eq!(figures(&r).written, 0, "{dir:?}: the rerun did not converge{r:?}");
+        assert_eq!(r.stat().written, 0, "{dir:?}: the rerun did not converge{r:?}");
     }
 }
 
@@ -1198,7 +1120,7 @@ fn an_unchanged_resync_after_a_refined_sync_reads_nothing() {
             let r = run(&args);
             r.ok();
             assert!(
-                r.stdout.contains("Read:        local 0 bytes, remote 0 bytes"),
+                r.stat().read_nothing(),
                 "{dir:?} {extra:?}: the re-sync after a refined sync read device data{r:?}"
             );
         }

@@ -21,9 +21,9 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::util::{Run, prerequisite, require, require_root, s, tool, which};
+use crate::util::{Run, Running, poll, prerequisite, require, require_root, s, spawn, tool, which};
 
 /// The sshd binary the tests start.
 pub const SSHD: &str = "/usr/sbin/sshd";
@@ -31,8 +31,6 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 pub const ALIAS: &str = "testhost";
 /// The variable basyn reads to pass `ssh -F FILE`.
 pub const CONFIG_ENV: &str = "BASYN_SSH_CONFIG";
-/// How long one run of the binary may take before the test fails.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A port on 127.0.0.1 that was free a moment ago (bound, then released).
 pub fn free_port() -> u16 {
@@ -239,7 +237,12 @@ impl Sshd {
 
     /// Runs basyn with another client config.
     pub fn basyn_with<S: AsRef<OsStr>>(&self, config: &Path, args: &[S]) -> Run {
-        run(self.command(config, args), args)
+        spawn(self.command(config, args), args).finish()
+    }
+
+    /// Starts basyn in the background with this sshd's client config.
+    pub fn spawn<S: AsRef<OsStr>>(&self, args: &[S]) -> Running {
+        spawn(self.command(&self.client_config(), args), args)
     }
 
     /// basyn's `TMPDIR`.
@@ -273,57 +276,32 @@ pub fn ssh_config_for(host: &str, port: Option<u16>, user: Option<&str>, key: &s
 
 /// Waits until sshd says it listens on `port` and the port accepts connections.
 fn wait_listening(child: &mut Child, log: &Path, port: u16) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let limit = Duration::from_secs(5);
     let wanted = format!("Server listening on 127.0.0.1 port {port}");
-    loop {
+    let mut outcome = Err(String::new());
+    let decided = poll(limit, || {
         let text = fs::read_to_string(log).unwrap_or_default();
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("sshd exited ({st}): {}", text.trim()));
+            outcome = Err(format!("sshd exited ({st}): {}", text.trim()));
+            return true;
         }
         // The log line proves that this sshd, not another one, holds the port.
         if text.contains(&wanted) && TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
+            outcome = Ok(());
+            return true;
         }
-        if Instant::now() > deadline {
-            return Err(format!("sshd did not listen on port {port} within 5 s: {}", text.trim()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        false
+    });
+    if !decided {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        return Err(format!("sshd did not listen on port {port} within {limit:?}: {}", text.trim()));
     }
+    outcome
 }
 
 // ---------------------------------------------------------------------------
-// Running basyn
+// Images and scripts
 // ---------------------------------------------------------------------------
-
-/// Runs a basyn command (from [`Sshd::command`]), capturing stdout and stderr, with a
-/// timeout. `args` are only for showing the command in failures.
-pub fn run<S: AsRef<OsStr>>(mut cmd: Command, args: &[S]) -> Run {
-    let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
-    let started = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("cannot start the basyn binary");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = pipe.read_to_end(&mut v);
-            String::from_utf8_lossy(&v).into_owned()
-        })
-    };
-    let out_t = drain(Box::new(child.stdout.take().unwrap()));
-    let err_t = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        match child.try_wait().expect("cannot wait for basyn") {
-            Some(st) => break st,
-            None if started.elapsed() > RUN_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("basyn {} did not finish within {RUN_TIMEOUT:?}", shown.join(" "));
-            }
-            None => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
-    let (stdout, stderr) = (out_t.join().unwrap(), err_t.join().unwrap());
-    Run { args: shown, code: status.code().unwrap_or(-1), stdout, stderr }
-}
 
 /// Writes a big random image quickly: `len` bytes from /dev/urandom.
 pub fn urandom_image(path: &Path, len: usize) {
@@ -399,20 +377,6 @@ pub fn processes_mentioning(text: &Path) -> Vec<i32> {
     processes(|cmdline| cmdline.windows(wanted.len()).any(|w| w == wanted))
 }
 
-/// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
-pub fn poll(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Sends SIGKILL to a process.
 pub fn kill9(pid: i32) {
     send_signal(pid, libc::SIGKILL);
@@ -432,16 +396,6 @@ pub struct KillOnDrop(pub i32);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         kill9(self.0);
-    }
-}
-
-/// A child process killed and reaped on drop (so a failing test leaves nothing behind).
-pub struct Reaped(pub Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: running the real `basyn` binary, making
-//! images, comparing devices byte for byte, parsing `--stat`, and guards for loop
+//! Helpers shared by the integration tests: running the real `basyn` binary (one spawn
+//! helper, one time limit), waiting on conditions (one polling loop), making images,
+//! comparing devices byte for byte, parsing `--stat` (one parser), and guards for loop
 //! devices, mounts and immutable files that clean up in `Drop`.
 //!
 //! Prerequisites (losetup, mkfs.ext4, mount, chattr, a free loop device) go through
@@ -14,11 +15,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// How long one run of the binary may take before it is killed and the test fails.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub const KIB: usize = 1024;
 pub const MIB: usize = 1024 * 1024;
@@ -97,8 +97,54 @@ pub fn tool(name: &str, args: &[&str]) -> Result<String, String> {
 }
 
 // ---------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------
+
+/// The longest pause between two checks of [`poll`].
+const POLL_PAUSE: Duration = Duration::from_millis(5);
+
+/// Checks `cond` until it holds or `limit` has passed; returns whether it held. This is
+/// the tests' one polling loop: it checks at once, then after pauses of 1, 2 and 4 ms and
+/// every 5 ms from then on, so that short waits end soon and long ones cost little.
+pub fn poll(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(POLL_PAUSE);
+    }
+}
+
+/// Waits (with [`poll`]) until `cond` holds; fails the test, naming `what` it waited
+/// for, if it does not within `limit`.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(poll(limit, cond), "gave up after {limit:?} waiting for {what}");
+}
+
+/// A counter of `/proc/PID/io` (`rchar`, `wchar`, ...); 0 if unreadable (the process is
+/// gone).
+pub fn io_counter(pid: u32, field: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
 // Running basyn
 // ---------------------------------------------------------------------------
+
+/// How long one run of the binary may take, from its start until it has exited and its
+/// output is closed, before it is killed and the test fails.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The outcome of one run of the binary.
 pub struct Run {
@@ -128,45 +174,139 @@ impl fmt::Debug for Run {
     }
 }
 
-/// Runs `basyn ARGS` with stdin closed, stdout and stderr captured (so stderr is not a
-/// terminal), and a timeout.
+/// The basyn binary with `args`, stdin from /dev/null and without `CI` (the binary must
+/// not depend on it).
+pub fn command<S: AsRef<OsStr>>(args: &[S]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_basyn"));
+    cmd.args(args).env_remove("CI").stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `basyn ARGS` ([`command`]) with stdout and stderr captured (so stderr is not a
+/// terminal), within [`RUN_TIMEOUT`].
 pub fn basyn<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_basyn"))
-        .args(args)
-        .env_remove("CI") // the binary must not depend on it
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the basyn binary");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        match child.try_wait().expect("cannot wait for basyn") {
-            Some(st) => break st,
-            None if Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("basyn {} did not finish within {RUN_TIMEOUT:?}", shown.join(" "));
+    spawn(command(args), args).finish()
+}
+
+/// Starts basyn with `args` in the background ([`spawn`]), with extra environment
+/// variables and without a boot id override unless given.
+pub fn start(args: &[String], env: &[(&str, &str)]) -> Running {
+    let mut cmd = command(args);
+    cmd.env_remove("BASYN_TEST_BOOT_ID").envs(env.iter().copied());
+    spawn(cmd, args)
+}
+
+/// Starts `cmd` (a basyn command: [`command`], `Sshd::command`) with stdout and stderr
+/// piped and drained by threads. `args` are only for showing the command in failures.
+/// Every run of the binary goes through here.
+pub fn spawn<S: AsRef<OsStr>>(mut cmd: Command, args: &[S]) -> Running {
+    let args = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+    let started = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("cannot start the basyn binary");
+    let (stdout, stderr) = (Arc::default(), Arc::default());
+    let drains = vec![
+        drain(child.stdout.take().expect("stdout is piped"), Arc::clone(&stdout)),
+        drain(child.stderr.take().expect("stderr is piped"), Arc::clone(&stderr)),
+    ];
+    Running { child, stdout, stderr, drains, args, started }
+}
+
+/// A thread appending what comes out of `pipe` to `into` until the pipe is closed.
+fn drain(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * KIB];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => into.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
             }
-            None => std::thread::sleep(Duration::from_millis(5)),
         }
-    };
-    let stdout = String::from_utf8_lossy(&out_t.join().unwrap()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
-    Run { args: shown, code: status.code().unwrap_or(-1), stdout, stderr }
+    })
+}
+
+/// What a drain thread has collected so far.
+fn collected(buf: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}
+
+/// A basyn process started by [`spawn`], its output collected as it comes. Killed and
+/// reaped on drop if it still runs, so that a failing test leaves nothing behind.
+pub struct Running {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    drains: Vec<JoinHandle<()>>,
+    args: Vec<String>,
+    started: Instant,
+}
+
+impl Running {
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("cannot wait for basyn").is_none()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Bytes the process has written with write(2) so far (`wchar` of /proc/PID/io):
+    /// for a PULL the data written to the local receiver, for a PUSH the data sent to
+    /// the endpoint.
+    pub fn written(&self) -> u64 {
+        io_counter(self.child.id(), "wchar")
+    }
+
+    /// Its stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        collected(&self.stderr)
+    }
+
+    /// Waits until the process has ended and its output is closed (within
+    /// [`RUN_TIMEOUT`] of its start) and returns the run.
+    pub fn finish(mut self) -> Run {
+        let limit = RUN_TIMEOUT.saturating_sub(self.started.elapsed());
+        let mut status = None;
+        let done = poll(limit, || {
+            if status.is_none() {
+                status = self.child.try_wait().expect("cannot wait for basyn");
+            }
+            status.is_some() && self.drains.iter().all(|d| d.is_finished())
+        });
+        if !done {
+            self.kill();
+            panic!(
+                "basyn {} did not finish within {RUN_TIMEOUT:?} ({}); stderr so far: {:?}",
+                self.args.join(" "),
+                if status.is_some() { "it exited, but its output stayed open" } else { "it still ran" },
+                self.stderr_so_far()
+            );
+        }
+        let code = status.and_then(|st| st.code()).unwrap_or(-1);
+        Run {
+            args: std::mem::take(&mut self.args),
+            code,
+            stdout: collected(&self.stdout),
+            stderr: collected(&self.stderr),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
 }
 
 impl Run {
@@ -251,6 +391,18 @@ pub struct Stat {
     pub real: String,
     /// The text after "Effective".
     pub effective: String,
+    /// Blocks compared ("Blocks: N compared, ...").
+    pub compared: u64,
+    /// Blocks found different.
+    pub differing: u64,
+    /// Bytes of device data written to the receiver.
+    pub written: u64,
+    /// Bytes read from the local device ("Read: local N bytes, ...").
+    pub local_read: u64,
+    /// Bytes read from the remote device.
+    pub remote_read: u64,
+    /// Tree nodes compared ("Tree: N nodes compared").
+    pub nodes: u64,
 }
 
 fn line_with<'a>(text: &'a str, prefix: &str) -> Result<&'a str, String> {
@@ -275,14 +427,19 @@ fn float_after(line: &str, key: &str) -> Result<f64, String> {
 
 impl Stat {
     /// Parses the lines "Device size: N bytes", "Traffic: Rx N bytes, Tx N bytes, Both N
-    /// bytes", "Ratio: X %", "Time: X s", "Bandwidth: Real ..., Effective ...".
+    /// bytes", "Ratio: X %", "Time: X s", "Bandwidth: Real ..., Effective ...", "Blocks:
+    /// N compared, N differing, N bytes written", "Read: local N bytes, remote N bytes"
+    /// and "Tree: N nodes compared". The tests' one parser of `--stat`.
     pub fn parse(text: &str) -> Result<Stat, String> {
         let size = line_with(text, "Device size:")?;
         let traffic = line_with(text, "Traffic:")?;
         let ratio = line_with(text, "Ratio:")?;
         let time = line_with(text, "Time:")?;
         let bw = line_with(text, "Bandwidth:")?;
-        for (line, unit) in [(size, " bytes"), (time, " s")] {
+        let blocks = line_with(text, "Blocks:")?;
+        let read = line_with(text, "Read:")?;
+        let tree = line_with(text, "Tree:")?;
+        for (line, unit) in [(size, " bytes"), (time, " s"), (blocks, " bytes written"), (tree, " nodes compared")] {
             if !line.contains(unit) {
                 return Err(format!("{line:?} lacks {unit:?}"));
             }
@@ -306,7 +463,26 @@ impl Stat {
             time: float_after(time, "Time:")?,
             real,
             effective,
+            compared: int_after(blocks, "Blocks:")?,
+            differing: int_after(blocks, "compared,")?,
+            written: int_after(blocks, "differing,")?,
+            local_read: int_after(read, "local")?,
+            remote_read: int_after(read, "remote")?,
+            nodes: int_after(tree, "Tree:")?,
         })
+    }
+
+    /// Bytes read from (source, receiver) in `dir`.
+    pub fn reads(&self, dir: Dir) -> (u64, u64) {
+        match dir {
+            Dir::Push => (self.local_read, self.remote_read),
+            Dir::Pull => (self.remote_read, self.local_read),
+        }
+    }
+
+    /// True if nothing was read from either device.
+    pub fn read_nothing(&self) -> bool {
+        self.local_read == 0 && self.remote_read == 0
     }
 
     /// Bytes that carried the data for this direction: Tx for PUSH, Rx for PULL.
@@ -583,88 +759,8 @@ pub fn append(path: &Path, data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------
-// A basyn running in the background, and large-file helpers
+// Large files
 // ---------------------------------------------------------------------------
-
-/// A basyn process in the background, its output collected by threads.
-pub struct Running {
-    child: std::process::Child,
-    out: Option<std::thread::JoinHandle<Vec<u8>>>,
-    err: Option<std::thread::JoinHandle<Vec<u8>>>,
-    args: Vec<String>,
-}
-
-/// Starts basyn with `args` and extra environment variables (without `CI` or a boot id
-/// override unless given).
-pub fn start(args: &[String], env: &[(&str, &str)]) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_basyn"))
-        .args(args)
-        .env_remove("CI")
-        .env_remove("BASYN_TEST_BOOT_ID")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the basyn binary");
-    let collect = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    };
-    let out = collect(Box::new(child.stdout.take().expect("stdout is piped")));
-    let err = collect(Box::new(child.stderr.take().expect("stderr is piped")));
-    Running { child, out: Some(out), err: Some(err), args: args.to_vec() }
-}
-
-impl Running {
-    /// True while the process runs.
-    pub fn running(&mut self) -> bool {
-        self.child.try_wait().expect("cannot wait for basyn").is_none()
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Kills the process (SIGKILL) and reaps it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Bytes the process has written with write(2) so far (`wchar` of /proc/PID/io):
-    /// for a PULL the data written to the local receiver, for a PUSH the data sent to
-    /// the endpoint.
-    pub fn written(&self) -> u64 {
-        let text = fs::read_to_string(format!("/proc/{}/io", self.child.id())).unwrap_or_default();
-        text.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-    }
-
-    /// Waits (at most two minutes) and returns the run.
-    pub fn finish(mut self) -> Run {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            match self.child.try_wait().expect("cannot wait for basyn") {
-                Some(st) => break st,
-                None if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    panic!("basyn {} did not finish within two minutes", self.args.join(" "));
-                }
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        let take = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
-            String::from_utf8_lossy(&h.expect("collected once").join().expect("collector")).into_owned()
-        };
-        let (stdout, stderr) = (take(self.out.take()), take(self.err.take()));
-        Run { args: self.args.clone(), code: status.code().unwrap_or(-1), stdout, stderr }
-    }
-}
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.
 fn fill(f: &mut File, buf: &mut [u8]) -> usize {
@@ -725,12 +821,50 @@ pub fn big_image(path: &Path, seed: u64, len: usize) {
     write(path, &big_data(seed, len));
 }
 
-/// The numbers on the `--stat` line starting with `prefix`.
-#[track_caller]
-pub fn numbers(run: &Run, prefix: &str) -> Vec<u64> {
-    let line =
-        run.stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line{run:?}"));
-    line.split(|c: char| !c.is_ascii_digit()).filter(|x| !x.is_empty()).map(|x| x.parse().expect("digits")).collect()
+// ---------------------------------------------------------------------------
+// Another process writing a receiver during a run
+// ---------------------------------------------------------------------------
+
+/// How another process writes 4 KiB into the receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Foreign {
+    /// `dd oflag=direct`: an I/O of its own on the device (a buffered write into a page
+    /// basyn itself dirtied merges with basyn's write).
+    Direct,
+    /// `pwrite` + `fsync` through the device's page cache (like `dd conv=fsync`).
+    Buffered,
+}
+
+/// Writes 4 KiB of random data at `offset` of `dev`, as another process would.
+pub fn foreign_write(dev: &Path, offset: u64, how: Foreign) {
+    match how {
+        Foreign::Direct => {
+            let of = format!("of={}", s(dev));
+            let seek = format!("seek={}", offset / 4096);
+            tool(
+                "dd",
+                &["if=/dev/urandom", &of, "bs=4096", &seek, "count=1", "conv=notrunc", "oflag=direct", "status=none"],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        Foreign::Buffered => poke(dev, offset, &random_data(offset ^ 0x5eed, 4096)),
+    }
+}
+
+/// Runs `args` (a SYNC of `len` bytes onto `dev`) and, once basyn has written half of
+/// the data (basyn's writes — PULL: to the device; PUSH: the data into the endpoint's
+/// pipe — go roughly in offset order, so the start of the device is behind it), writes
+/// 4 KiB at offset 40 KiB of `dev`. `None` if basyn had no data left to write by then
+/// (too late to interfere: the receiver's last stamp was already taken).
+pub fn run_with_a_foreign_write(args: &[String], dev: &Path, len: u64, how: Foreign) -> Option<Run> {
+    let mut running = start(args, &[]);
+    wait_until(Duration::from_secs(60), &format!("basyn to write {} of {len} bytes, or to end", len / 2), || {
+        !running.running() || running.written() >= len / 2
+    });
+    foreign_write(dev, 10 * 4096, how);
+    let interfered = running.running() && running.written() < len;
+    let run = running.finish();
+    interfered.then_some(run)
 }
 
 // ---------------------------------------------------------------------------
@@ -763,6 +897,11 @@ pub fn ends(dir: Dir, source: &Path, receiver: &Path) -> Vec<String> {
         Dir::Pull => (receiver, source),
     };
     vec!["-l".into(), s(l).into(), "-r".into(), s(r).into()]
+}
+
+/// The strings as owned arguments.
+pub fn sv(list: &[&str]) -> Vec<String> {
+    list.iter().map(|x| x.to_string()).collect()
 }
 
 /// Full argument list for an action.
