@@ -75,6 +75,7 @@ impl Identity {
 
 /// Why a device cannot be used.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Problem {
     /// The path does not exist.
     Missing,

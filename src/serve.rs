@@ -28,12 +28,7 @@ struct Abort {
 
 impl From<ProtocolError> for Abort {
     fn from(e: ProtocolError) -> Abort {
-        let code = match e {
-            // Data that does not match the source's digest is a failed transfer, loudly.
-            ProtocolError::Block(crate::block::BlockError::Mismatch { .. }) => AbortCode::Failed,
-            _ => AbortCode::Protocol,
-        };
-        Abort { code, message: format!("remote endpoint: {e}") }
+        Abort { code: AbortCode::Protocol, message: format!("remote endpoint: {e}") }
     }
 }
 
@@ -196,7 +191,7 @@ impl Served {
                 Ok(Some(Frame::Block(BlockFrame::encode(offset, buf, self.codec, Check::None))))
             }
             Frame::Block(block) if self.role == Role::Receiver => {
-                let block = block.verify(self.limit, self.index.layout()).map_err(ProtocolError::from)?;
+                let block = block.verify(self.limit, self.index.layout()).map_err(|e| self.refused_block(e))?;
                 self.device.write_at(&block)?;
                 self.index.wrote(&block);
                 Ok(None)
@@ -204,6 +199,16 @@ impl Served {
             Frame::Block(b) => Err(invalid(format!("data block at offset {}", b.offset), "serving a device read-only")),
             other => Err(ProtocolError::unexpected(&other, "serving a device").into()),
         }
+    }
+
+    /// A block that may not be written: data that does not match the source's digest is
+    /// a failed transfer, anything else a broken protocol. Names the device.
+    fn refused_block(&self, e: crate::block::BlockError) -> Abort {
+        let code = match e {
+            crate::block::BlockError::Mismatch { .. } => AbortCode::Failed,
+            _ => AbortCode::Protocol,
+        };
+        Abort { code, message: format!("remote {}: {e}", self.device.path().display()) }
     }
 
     fn hash_range(&mut self, offset: u64, len: u64, block: u32, buf: &mut Vec<u8>) -> Result<Vec<u8>, Abort> {
@@ -523,6 +528,7 @@ mod tests {
         assert_eq!(code, 2);
         let (kind, message) = abort(&replies);
         assert_eq!(kind, AbortCode::Failed);
+        assert!(message.starts_with(&format!("remote {}: ", p.display())), "{message}");
         assert!(message.contains("offset 8192") && message.contains("does not match"), "{message}");
         assert_eq!(std::fs::read(&p).unwrap(), vec![0u8; 16384], "mismatching data reached the device");
     }

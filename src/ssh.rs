@@ -555,11 +555,14 @@ enum Marker {
 fn read_marker(stderr: &mut BufReader<io::PipeReader>, host: &str) -> Marker {
     let mut seen: Vec<String> = Vec::new();
     loop {
-        let mut line = String::new();
-        match stderr.read_line(&mut line) {
+        // Bytes, not text: a shell profile printing Latin-1 must not end the search
+        // before the marker (and leave the remote command waiting on our open stdin).
+        let mut bytes = Vec::new();
+        match stderr.read_until(b'\n', &mut bytes) {
             Ok(0) | Err(_) => return Marker::Silent(seen.last().cloned().unwrap_or_default()),
             Ok(_) => {}
         }
+        let line = String::from_utf8_lossy(&bytes);
         let line = line.trim_end();
         let Some(rest) = line.strip_prefix("basyn-") else {
             seen.push(line.to_string());
@@ -1139,9 +1142,14 @@ mod tests {
         assert_eq!(rest, b"basyn-start path\n");
         assert_eq!(marker_of(b"say basyn-start path\n").0, Marker::Silent("say basyn-start path".into()));
         assert_eq!(marker_of(b"basyn-\n").0, Marker::Silent("basyn-".into()));
-        // A line that is not UTF-8 ends the search like the end of the stream (see the report
-        // on non-UTF-8 shell profiles): the last readable line is kept.
-        assert_eq!(marker_of(b"readable\n\xff\xfe\nbasyn-start path\n").0, Marker::Silent("readable".into()));
+    }
+
+    /// Regression: a shell profile printing a line that is not UTF-8 (Latin-1) ended the
+    /// search for the marker, so a basyn that did start was taken for a silent failure.
+    #[test]
+    fn a_profile_line_that_is_not_utf8_does_not_hide_the_marker() {
+        assert_eq!(marker_of(b"readable\n\xe9t\xe9\nbasyn-start path\n").0, Marker::Started("path".into()));
+        assert_eq!(marker_of(b"readable\n\xff\xfe\n").0, Marker::Silent("\u{fffd}\u{fffd}".into()));
     }
 
     /// The `--verbose` line says where basyn came from, and only for the PATH and the cache.

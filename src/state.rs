@@ -471,6 +471,24 @@ mod tests {
         assert!(leftovers.is_empty());
     }
 
+    #[test]
+    fn a_file_not_as_long_as_its_header_implies_is_refused_before_the_rest_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.basyn-state");
+        let f = StateFile::at(&p, false).unwrap();
+        f.save(&sample()).unwrap();
+        let good = fs::read(&p).unwrap().len() as u64;
+        fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(&vec![0u8; 1 << 20]).unwrap();
+        match f.load() {
+            Err(StateError::Invalid { source: DecodeError::Length { len, expected }, .. }) => {
+                assert_eq!((len, expected), (good + (1 << 20), good));
+            }
+            other => panic!("expected a length error, got {other:?}"),
+        }
+        let text = f.load().unwrap_err().to_string();
+        assert!(text.contains(&format!("its header implies {good}")), "{text}");
+    }
+
     proptest! {
         #[test]
         fn corrupted_states_are_refused_never_a_panic(pos in any::<proptest::sample::Index>(), val in 1u8..=255) {

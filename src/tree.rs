@@ -136,22 +136,13 @@ impl Tree {
     }
 
     /// Builds the tree over a list of leaf digests.
+    #[cfg(test)]
     pub fn from_leaves(algo: HashAlgo, fanout: usize, leaves: &[Digest]) -> Tree {
         let mut bytes = Vec::with_capacity(leaves.len() * algo.digest_len());
         for d in leaves {
             bytes.extend_from_slice(d.as_bytes());
         }
         Tree::from_leaf_bytes(algo, fanout, bytes)
-    }
-
-    /// Digest algorithm.
-    pub fn algo(&self) -> HashAlgo {
-        self.algo
-    }
-
-    /// Children per internal node.
-    pub fn fanout(&self) -> usize {
-        self.fanout
     }
 
     /// Number of levels, leaves included (0 for an empty tree).
@@ -182,13 +173,9 @@ impl Tree {
     }
 
     /// Leaf `index`.
+    #[cfg(test)]
     pub fn leaf(&self, index: usize) -> Digest {
         self.node(0, index)
-    }
-
-    /// All leaf digests, concatenated.
-    pub fn leaf_bytes(&self) -> &[u8] {
-        self.levels.first().map(|l| l.as_slice()).unwrap_or_default()
     }
 
     /// Indices on `level - 1` of the children of node `index` on `level`.

@@ -574,6 +574,12 @@ fn a_killed_run_resumes_from_its_source_checkpoint() {
     });
     bg.kill();
     assert!(state.exists(), "no checkpoint of the source was saved");
+    // The killed run's endpoint notices its input closing only once its current request
+    // (an fdatasync of the freshly copied receiver, say) is done; until then it holds the
+    // receiver's lock, and a rerun would rightly be refused.
+    wait_until(Duration::from_secs(60), "the killed run's endpoint to release the receiver", || {
+        fs::File::open(&dst).is_ok_and(|f| f.try_lock().is_ok())
+    });
 
     let mut again = args.clone();
     again.extend(sv(&["--stat", "--verbose"]));

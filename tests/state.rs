@@ -1126,3 +1126,32 @@ fn an_unchanged_resync_after_a_refined_sync_reads_nothing() {
         }
     }
 }
+
+/// A source state trusted with `--trust-state` after a reboot that no longer describes
+/// the source (it was written behind basyn's back) must not make basyn write data the
+/// comparison never saw: the receiver checks each block against the source digest that
+/// the comparison used, refuses it, and the run fails loudly naming the offset.
+#[test]
+fn a_wrong_trusted_source_state_is_caught_by_the_end_to_end_check() {
+    let size = 16 * MIB;
+    let t = tmp();
+    let Some((src, rcv, _)) = loop_pair(t.path(), size, 31) else { return };
+    run(&sync(Dir::Push, src.path(), rcv.path(), &[])).ok();
+    // Both devices change at leaf 3000, differently; then the machine "reboots", so the
+    // source's stamp cannot tell, and --trust-state uses its now wrong state. The
+    // receiver's state is put elsewhere, so the receiver is read and leaf 3000 differs.
+    dd(src.path(), 3000, 1, true);
+    dd(rcv.path(), 3000, 1, true);
+    flushbufs(rcv.path());
+    let receiver_before = read(rcv.path());
+    let other_state = t.path().join("receiver-elsewhere.basyn-state");
+    let args = sync(Dir::Push, src.path(), rcv.path(), &["--trust-state", "--remote-state", s(&other_state)]);
+    let r = basyn_env(&args, &[(BOOT_ID_ENV, "simulated-boot-e2e")]);
+    let line = r.fails(2, &["does not match the source's digest", "offset 12288000", "may be partly changed"]);
+    assert!(line.contains(s(rcv.path())), "the receiver is not named: {line}");
+    flushbufs(rcv.path());
+    assert!(read(rcv.path()) == receiver_before, "the receiver was written with data the comparison never saw{r:?}");
+    // Without trusting the state, the next sync reads the source and converges.
+    run(&sync(Dir::Push, src.path(), rcv.path(), &[])).ok();
+    assert_loops_same(&src, &rcv);
+}

@@ -252,3 +252,43 @@ impl Session<'_> {
         Ok(len)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::HashAlgo;
+
+    fn layout(size: u64) -> Layout {
+        Layout { hash: HashAlgo::Blake3, buffer: 4096, chunk: None, fanout: 64, device_size: size }
+    }
+
+    #[test]
+    fn a_bitmap_round_trips_and_a_missing_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.bitmap");
+        assert!(load(&p, &layout(10000)).unwrap().is_none());
+        let leaves: Vec<u8> = (0..3u8).flat_map(|i| HashAlgo::Blake3.digest(&[i]).as_bytes().to_vec()).collect();
+        save(&p, &layout(10000), Path::new("/dev/src"), leaves.clone()).unwrap();
+        assert_eq!(load(&p, &layout(10000)).unwrap(), Some(leaves));
+    }
+
+    #[test]
+    fn a_bitmap_for_another_device_or_of_garbage_is_an_error_naming_what_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.bitmap");
+        let leaves = vec![0u8; 3 * 32];
+        save(&p, &layout(10000), Path::new("/dev/src"), leaves).unwrap();
+        let e = load(&p, &layout(20000)).unwrap_err();
+        assert!(matches!(e, BitmapError::Mismatch { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("10000 bytes") && text.contains("20000 bytes") && text.contains("--reset-bitmap"),
+            "{text}"
+        );
+        std::fs::write(&p, b"not a bitmap at all, but long enough to have a header and a checksum").unwrap();
+        let e = load(&p, &layout(10000)).unwrap_err();
+        assert!(matches!(e, BitmapError::Unusable { source: DecodeError::BadMagic, .. }), "{e}");
+        std::fs::write(&p, b"").unwrap();
+        assert!(matches!(load(&p, &layout(10000)), Err(BitmapError::Unusable { .. })));
+    }
+}

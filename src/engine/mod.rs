@@ -28,7 +28,7 @@ use crate::device::DeviceError;
 use crate::digest_index::SaveError;
 use crate::endpoint::EndpointError;
 use crate::hash::HashAlgo;
-use crate::protocol::{ProtocolError, StateOptions};
+use crate::protocol::StateOptions;
 use crate::report::{Interrupts, Output, Reporter, Stats};
 use crate::state::StateError;
 
@@ -238,9 +238,6 @@ pub enum Fault {
     /// The local device failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
-    /// The endpoint sent something invalid.
-    #[error("remote endpoint: {0}")]
-    Protocol(#[from] ProtocolError),
     /// Data from the endpoint may not be written to the local device.
     #[error("{device}: {source}")]
     Verify {
