@@ -4,9 +4,11 @@
 //! comparison used, checked the data against them. Only the resulting
 //! [`VerifiedBlock`] can be written to a device.
 
+use std::borrow::Cow;
+
 use crate::compress::{self, Codec, PayloadCodec};
 use crate::hash::Digest;
-use crate::tree::{Layout, leaf_digest};
+use crate::tree::{Layout, leaf_digest, zero_leaf_digest};
 
 /// Largest block (`--buffer`) the protocol carries: 64 MiB.
 pub const MAX_BLOCK: usize = 64 << 20;
@@ -119,46 +121,42 @@ impl BlockFrame {
         if offset.checked_add(len).is_none_or(|e| e > limit) || self.raw_len as usize > MAX_BLOCK {
             return Err(BlockError::OutOfBounds { offset, len, size: limit });
         }
-        let data = compress::decode(self.codec, &self.payload, self.raw_len as usize)
-            .map_err(|e| BlockError::Undecodable { offset, reason: e.to_string() })?;
+        let data = match self.codec {
+            PayloadCodec::Zero if self.payload.is_empty() => Data::Zero(self.raw_len as usize),
+            _ => Data::Bytes(
+                compress::decode(self.codec, &self.payload, self.raw_len as usize)
+                    .map_err(|e| BlockError::Undecodable { offset, reason: e.to_string() })?,
+            ),
+        };
         let bad_check = || BlockError::BadCheck { offset, len, digests: self.check.len() };
+        let block = VerifiedBlock { offset, data };
         match &self.check {
             Check::None => {}
             Check::Leaves(digests) => {
                 if !offset.is_multiple_of(layout.buffer) {
                     return Err(bad_check());
                 }
-                check_each(offset, &data, layout.buffer as usize, digests, |d| leaf_digest(layout, d).0)
-                    .ok_or_else(bad_check)??;
+                let leaf = |piece: &[u8]| leaf_digest(layout, piece).0;
+                let zero = |n: usize| zero_leaf_digest(layout, n as u64).0;
+                block.check_each(layout.buffer as usize, digests, leaf, zero).ok_or_else(bad_check)??;
             }
             Check::Pieces { unit, digests } => {
                 let unit = (*unit as usize).max(1);
-                check_each(offset, &data, unit, digests, |d| layout.hash.digest(d)).ok_or_else(bad_check)??;
+                let piece = |piece: &[u8]| layout.hash.digest(piece);
+                let zero = |n: usize| layout.hash.zero_digest(n);
+                block.check_each(unit, digests, piece, zero).ok_or_else(bad_check)??;
             }
         }
-        Ok(VerifiedBlock { offset, data })
+        Ok(block)
     }
 }
 
-/// Checks each `unit`-sized piece of `data` against its digest; `None` if the counts
-/// do not fit.
-fn check_each(
-    offset: u64,
-    data: &[u8],
-    unit: usize,
-    digests: &[Digest],
-    digest: impl Fn(&[u8]) -> Digest,
-) -> Option<Result<(), BlockError>> {
-    if data.len().div_ceil(unit) != digests.len() {
-        return None;
-    }
-    for (k, (piece, expected)) in data.chunks(unit).zip(digests).enumerate() {
-        if digest(piece) != *expected {
-            let at = offset + (k * unit) as u64;
-            return Some(Err(BlockError::Mismatch { offset: at, len: piece.len() as u64 }));
-        }
-    }
-    Some(Ok(()))
+/// A verified block's data: bytes, or a run of zeros that is never materialised unless
+/// asked for.
+#[derive(Debug)]
+enum Data {
+    Bytes(Vec<u8>),
+    Zero(usize),
 }
 
 /// Device data that arrived, was bounds-checked, decoded and matched its source
@@ -166,7 +164,7 @@ fn check_each(
 #[derive(Debug)]
 pub struct VerifiedBlock {
     offset: u64,
-    data: Vec<u8>,
+    data: Data,
 }
 
 impl VerifiedBlock {
@@ -175,14 +173,65 @@ impl VerifiedBlock {
         self.offset
     }
 
-    /// The data.
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match &self.data {
+            Data::Bytes(b) => b.len(),
+            Data::Zero(n) => *n,
+        }
+    }
+
+    /// True if the block has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Offset just past the data.
     pub fn end(&self) -> u64 {
-        self.offset + self.data.len() as u64
+        self.offset + self.len() as u64
+    }
+
+    /// The bytes, unless the block is a run of zeros (`None`).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match &self.data {
+            Data::Bytes(b) => Some(b),
+            Data::Zero(_) => None,
+        }
+    }
+
+    /// The data, zeros materialised.
+    pub fn data(&self) -> Cow<'_, [u8]> {
+        match &self.data {
+            Data::Bytes(b) => Cow::Borrowed(b),
+            Data::Zero(n) => Cow::Owned(vec![0u8; *n]),
+        }
+    }
+
+    /// Checks each `unit`-sized piece against its digest, with `digest` for bytes and
+    /// `zero` for a run of zeros of a length; `None` if the counts do not fit.
+    fn check_each(
+        &self,
+        unit: usize,
+        digests: &[Digest],
+        digest: impl Fn(&[u8]) -> Digest,
+        zero: impl Fn(usize) -> Digest,
+    ) -> Option<Result<(), BlockError>> {
+        let len = self.len();
+        if len.div_ceil(unit) != digests.len() {
+            return None;
+        }
+        for (k, expected) in digests.iter().enumerate() {
+            let (start, end) = (k * unit, ((k + 1) * unit).min(len));
+            let got = match &self.data {
+                Data::Bytes(b) => digest(&b[start..end]),
+                Data::Zero(_) => zero(end - start),
+            };
+            if got != *expected {
+                let offset = self.offset + start as u64;
+                return Some(Err(BlockError::Mismatch { offset, len: (end - start) as u64 }));
+            }
+        }
+        Some(Ok(()))
     }
 }
 
@@ -202,7 +251,7 @@ mod tests {
         assert!(matches!(b.verify(u64::MAX, &l), Err(BlockError::OutOfBounds { .. })));
         let b = BlockFrame::encode(100, &[0u8; 8], Codec::None, Check::None);
         assert!(b.clone().verify(107, &l).is_err());
-        assert_eq!(b.verify(108, &l).unwrap().data(), &[0u8; 8]);
+        assert_eq!(&*b.verify(108, &l).unwrap().data(), &[0u8; 8]);
     }
 
     #[test]
@@ -218,6 +267,27 @@ mod tests {
         let e = bad.verify(1 << 20, &l).unwrap_err();
         assert!(matches!(e, BlockError::Mismatch { offset: 12288, len: 1808 }), "{e}");
         assert!(e.to_string().contains("offset 12288"), "{e}");
+    }
+
+    #[test]
+    fn zeros_cross_as_a_token_and_are_checked_without_being_made() {
+        let l = layout(1 << 20);
+        let zeros = vec![0u8; 20000];
+        let leaves: Vec<Digest> = zeros.chunks(8192).map(|d| leaf_digest(&l, d).0).collect();
+        let b = BlockFrame::encode(8192, &zeros, Codec::Zstd(3), Check::Leaves(leaves));
+        assert_eq!((b.codec, b.payload.len()), (PayloadCodec::Zero, 0));
+        let v = b.verify(1 << 20, &l).unwrap();
+        assert!(v.bytes().is_none());
+        assert_eq!((v.len(), v.end()), (20000, 28192));
+        // A zero token where the source had data is a mismatch, not zeros written.
+        let mut data = zeros.clone();
+        data[19999] = 1;
+        let pieces = l.hash.digest_pieces(&data, 4096);
+        let lie = BlockFrame {
+            check: Check::Pieces { unit: 4096, digests: pieces },
+            ..BlockFrame::encode(0, &zeros, Codec::None, Check::None)
+        };
+        assert!(matches!(lie.verify(1 << 20, &l), Err(BlockError::Mismatch { offset: 16384, len: 3616 })));
     }
 
     #[test]

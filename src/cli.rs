@@ -84,6 +84,11 @@ struct RawArgs {
     #[arg(long)]
     force: bool,
 
+    /// Declare the receiver all zero (a new thin LV): nothing is read from it for the
+    /// comparison and no zeros are written to it, so it stays thin.
+    #[arg(long = "destination-is-zero")]
+    destination_is_zero: bool,
+
     #[command(flatten)]
     state: StateArgs,
 
@@ -384,6 +389,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         recheck: raw.recheck,
         params,
         force: raw.force,
+        destination_is_zero: raw.destination_is_zero,
         bitmap,
         state: raw.state.local(),
         remote_state: raw.state.remote(),

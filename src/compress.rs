@@ -23,6 +23,8 @@ pub enum PayloadCodec {
     Zstd = 1,
     /// A zlib stream.
     Zlib = 2,
+    /// All-zero data: no payload, only the length (a token, never the bytes).
+    Zero = 3,
 }
 
 impl PayloadCodec {
@@ -32,6 +34,7 @@ impl PayloadCodec {
             0 => Some(PayloadCodec::Raw),
             1 => Some(PayloadCodec::Zstd),
             2 => Some(PayloadCodec::Zlib),
+            3 => Some(PayloadCodec::Zero),
             _ => None,
         }
     }
@@ -48,8 +51,12 @@ impl Codec {
     }
 
     /// Compresses `raw`; falls back to raw bytes when compression does not shrink them,
-    /// so a payload is never larger than its data.
+    /// so a payload is never larger than its data. All-zero data becomes a zero token
+    /// with any codec.
     pub fn encode(self, raw: &[u8]) -> (PayloadCodec, Vec<u8>) {
+        if crate::hash::is_zero(raw) {
+            return (PayloadCodec::Zero, Vec::new());
+        }
         let packed = match self {
             Codec::None => None,
             Codec::Zstd(level) => zstd::bulk::compress(raw, level).ok().map(|v| (PayloadCodec::Zstd, v)),
@@ -72,6 +79,8 @@ impl Codec {
 pub fn decode(codec: PayloadCodec, payload: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let out = match codec {
+        PayloadCodec::Zero if payload.is_empty() => vec![0u8; raw_len],
+        PayloadCodec::Zero => return Err(bad("a zero token with a payload")),
         PayloadCodec::Raw => payload.to_vec(),
         PayloadCodec::Zstd => {
             zstd::bulk::decompress(payload, raw_len).map_err(|e| bad(&format!("bad zstd block: {e}")))?
@@ -109,7 +118,7 @@ mod tests {
 
     #[test]
     fn compressible_data_shrinks() {
-        let data = vec![0u8; 1 << 20];
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i % 7) as u8).collect();
         let (pc, payload) = Codec::Zstd(3).encode(&data);
         assert_eq!(pc, PayloadCodec::Zstd);
         assert!(payload.len() < 1000);
@@ -117,12 +126,26 @@ mod tests {
 
     #[test]
     fn a_bomb_or_a_short_block_is_refused() {
-        let data = vec![0u8; 1 << 20];
+        let data = vec![1u8; 1 << 20];
         for codec in [Codec::Zstd(3), Codec::Zlib(6)] {
             let (pc, payload) = codec.encode(&data);
             assert!(decode(pc, &payload, 4096).is_err());
             assert!(decode(pc, &payload, (1 << 20) + 1).is_err());
         }
         assert!(decode(PayloadCodec::Raw, &[1, 2, 3], 4).is_err());
+    }
+
+    #[test]
+    fn zero_data_is_a_token_and_its_last_byte_counts() {
+        for codec in [Codec::None, Codec::Zstd(3), Codec::Zlib(6)] {
+            assert_eq!(codec.encode(&vec![0u8; 65536]), (PayloadCodec::Zero, Vec::new()));
+            let mut last = vec![0u8; 65536];
+            last[65535] = 1;
+            let (pc, payload) = codec.encode(&last);
+            assert_ne!(pc, PayloadCodec::Zero);
+            assert_eq!(decode(pc, &payload, 65536).unwrap(), last);
+        }
+        assert_eq!(decode(PayloadCodec::Zero, &[], 5).unwrap(), vec![0u8; 5]);
+        assert!(decode(PayloadCodec::Zero, &[0], 5).is_err());
     }
 }

@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::block::VerifiedBlock;
+use crate::sparse::{self, KnownZero};
 use crate::sysfs;
 
 /// Which end of the transfer a device is on, as the user named it (`--local`/`--remote`).
@@ -158,6 +159,8 @@ pub struct ReceiverSpec {
     pub source_name: String,
     /// `--force`: resize files, accept larger block devices, skip the in-use and same-device refusals.
     pub force: bool,
+    /// `--destination-is-zero`: the user declares the receiver all zero.
+    pub known_zero: bool,
 }
 
 /// An open device.
@@ -172,6 +175,8 @@ pub struct Device {
     created: bool,
     resized: bool,
     bytes_read: std::sync::atomic::AtomicU64,
+    /// What of a receiver is known to hold zeros (written data excepted).
+    known_zero: KnownZero,
 }
 
 impl Device {
@@ -216,6 +221,9 @@ impl Device {
             }
         })?;
         let mut dev = Device::finish_open(file, path, side, kind, false)?;
+        if spec.known_zero {
+            dev.known_zero = KnownZero::from(0);
+        }
         // The kernel lets O_RDWR open a read-only block device and fails only the writes.
         if kind == Kind::Block
             && block_read_only(&dev.file).map_err(|e| err(Problem::Io("query the read-only flag", e)))?
@@ -241,6 +249,8 @@ impl Device {
                 (false, _) => return Err(err(mismatch)),
                 (true, Kind::File) => {
                     dev.file.set_len(spec.source_size).map_err(|e| err(Problem::Io("resize", e)))?;
+                    // What a file grows by reads as zeros.
+                    dev.known_zero = KnownZero::from(dev.size.min(spec.source_size));
                     dev.size = spec.source_size;
                     dev.resized = true;
                 }
@@ -270,7 +280,9 @@ impl Device {
             return Err(err(Problem::Io("size the new file", e)));
         }
         let mut dev = Device::finish_open(file, path, side, Kind::File, false)?;
+        // A new file is one hole: it reads as zeros and stays sparse.
         dev.created = true;
+        dev.known_zero = KnownZero::from(0);
         Ok(dev)
     }
 
@@ -299,6 +311,7 @@ impl Device {
             created,
             resized: false,
             bytes_read: Default::default(),
+            known_zero: KnownZero::none(),
         })
     }
 
@@ -342,10 +355,24 @@ impl Device {
         self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Reads exactly `buf.len()` bytes at `offset`.
+    /// Where the part of the device known to hold zeros starts (`u64::MAX`: nowhere).
+    pub fn known_zero_from(&self) -> u64 {
+        self.known_zero.start()
+    }
+
+    /// True if `[offset, offset+len)` is known to hold zeros without reading it.
+    pub fn known_zero(&self, offset: u64, len: u64) -> bool {
+        self.known_zero.covers(offset, offset.saturating_add(len))
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`. The holes of a regular file are not
+    /// read (they read as zeros) and not counted in [`Device::bytes_read`].
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.bytes_read.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        let read = match self.kind {
+            Kind::File => sparse::read_skipping_holes(&self.file, offset, buf),
+            Kind::Block => self.file.read_exact_at(buf, offset).map(|()| buf.len() as u64),
+        };
+        let read = read.map_err(|e| {
             let e = if e.kind() == io::ErrorKind::UnexpectedEof {
                 io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -355,30 +382,56 @@ impl Device {
                 e
             };
             self.error("read", e)
-        })
+        })?;
+        self.bytes_read.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Writes a verified block: only data that arrived and matched its checks can be
-    /// written. On a block device the write-back of these pages starts at once: another
+    /// written. Zeros are not written where the device is known to hold zeros already (a
+    /// new or grown file, a device declared zero), so a sparse receiver stays sparse;
+    /// elsewhere a run of zeros becomes a hole in a file and `BLKZEROOUT` on a block
+    /// device. On a block device the write-back of these pages starts at once: another
     /// process's later write to them then goes out on its own and shows in the kernel's
-    /// counters, instead of hiding in basyn's own write-back.
-    pub fn write_at(&self, block: &VerifiedBlock) -> Result<(), DeviceError> {
-        let (offset, data) = (block.offset(), block.data());
-        self.file.write_all_at(data, offset).map_err(|e| self.error("write", e))?;
-        if self.kind == Kind::Block {
-            use std::os::fd::AsRawFd;
-            // SAFETY: sync_file_range on a valid descriptor; it only starts write-back.
-            let rc = unsafe {
-                libc::sync_file_range(
-                    self.file.as_raw_fd(),
-                    offset as libc::off64_t,
-                    data.len() as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
-            if rc != 0 {
-                return Err(self.error("start write-back", io::Error::last_os_error()));
+    /// counters, instead of hiding in basyn's own write-back. Returns the bytes written.
+    pub fn write_at(&self, block: &VerifiedBlock) -> Result<u64, DeviceError> {
+        let (offset, len) = (block.offset(), block.len() as u64);
+        let on_zeros = self.known_zero(offset, len);
+        let Some(data) = block.bytes() else {
+            if on_zeros {
+                return Ok(0);
             }
+            sparse::zero_range(&self.file, self.kind == Kind::Block, offset, len).map_err(|e| self.error("zero", e))?;
+            return Ok(len);
+        };
+        let runs = if on_zeros { sparse::nonzero_runs(data) } else { vec![(0, data.len())] };
+        let mut written = 0;
+        for (start, end) in runs {
+            let at = offset + start as u64;
+            self.file.write_all_at(&data[start..end], at).map_err(|e| self.error("write", e))?;
+            self.known_zero.wrote(at, offset + end as u64);
+            self.start_write_back(at, (end - start) as u64)?;
+            written += (end - start) as u64;
+        }
+        Ok(written)
+    }
+
+    fn start_write_back(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        if self.kind != Kind::Block {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range on a valid descriptor; it only starts write-back.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(self.error("start write-back", io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -499,7 +552,7 @@ mod tests {
     use super::*;
 
     fn spec(size: u64, force: bool) -> ReceiverSpec {
-        ReceiverSpec { source_size: size, source: None, source_name: "src".into(), force }
+        ReceiverSpec { source_size: size, source: None, source_name: "src".into(), force, known_zero: false }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::hash::Digest;
 use crate::protocol::{StateMode, StateOptions};
 use crate::stamp::{self, Freshness, Role, Stamp};
 use crate::state::{self, State, StateError, StateFile};
-use crate::tree::{Layout, Tree, leaf_digest, pieces_root};
+use crate::tree::{Layout, Tree, leaf_digest, pieces_root, zero_leaf_digest};
 
 /// Why a checkpoint or the end of a run could not be recorded.
 #[derive(Debug, thiserror::Error)]
@@ -64,25 +64,64 @@ pub struct DigestIndex {
     fresh: bool,
     note: String,
     tree: Option<Tree>,
+    /// Leaves known to hold zeros (empty when none are).
+    zero: Vec<bool>,
 }
 
 impl DigestIndex {
     /// Opens (and locks) the state of `device` for a run with `layout`, and decides
     /// what of it can be trusted. A lock held by another basyn is an error; a missing,
-    /// corrupt, foreign, mismatched or stale state is only noted and rebuilt.
+    /// corrupt, foreign, mismatched or stale state is only noted and rebuilt. Leaves the
+    /// device is known to hold zeros in (a file basyn just created or grew, a device
+    /// declared zero) are known without reading.
     pub fn open(device: &Device, layout: Layout, opts: &StateOptions) -> Result<DigestIndex, StateError> {
-        let n = layout.leaf_count() as usize;
-        let dl = layout.hash.digest_len();
-        let table = (n as u64).saturating_mul(dl as u64)
-            + if layout.chunk.is_some() { layout.chunk_count().saturating_mul(dl as u64) } else { 0 };
+        let mut index = DigestIndex::open_state(device, layout, opts)?;
+        index.learn_known_zeros(device);
+        Ok(index)
+    }
+
+    /// Refuses a layout whose digest tables would not fit in memory, before anything is
+    /// opened for writing.
+    pub fn check_size(layout: &Layout, device: &std::path::Path) -> Result<(), StateError> {
+        let n = layout.leaf_count();
+        let dl = layout.hash.digest_len() as u64;
+        let chunks = if layout.chunk.is_some() { layout.chunk_count() } else { 0 };
+        let table = n.saturating_add(chunks).saturating_mul(dl);
         if table > MAX_TABLE {
             return Err(StateError::TooManyLeaves {
-                device: device.path().display().to_string(),
-                leaves: n as u64,
+                device: device.display().to_string(),
+                leaves: n,
                 buffer: layout.buffer,
                 mib: table >> 20,
             });
         }
+        Ok(())
+    }
+
+    fn learn_known_zeros(&mut self, device: &Device) {
+        let from = device.known_zero_from();
+        if from >= self.layout.device_size {
+            return;
+        }
+        self.zero = vec![false; self.known.len()];
+        for leaf in from.div_ceil(self.layout.buffer)..self.layout.leaf_count() {
+            if self.leaf(leaf).is_none() {
+                let (d, pieces) = zero_leaf_digest(&self.layout, self.layout.leaf_len(leaf));
+                // Zero leaves answer for their pieces themselves; only a chunk table
+                // (a state that keeps them) needs them recorded.
+                let pieces = if self.chunks_known.is_empty() { Vec::new() } else { pieces };
+                self.learn(leaf, &d, &pieces);
+                self.zero[leaf as usize] = true;
+            }
+        }
+        // Every leaf known without reading: as good as a fresh state for this run.
+        self.fresh |= self.known.iter().all(|k| *k);
+    }
+
+    fn open_state(device: &Device, layout: Layout, opts: &StateOptions) -> Result<DigestIndex, StateError> {
+        DigestIndex::check_size(&layout, device.path())?;
+        let n = layout.leaf_count() as usize;
+        let dl = layout.hash.digest_len();
         let mut ledger = DigestIndex {
             file: None,
             layout,
@@ -99,6 +138,7 @@ impl DigestIndex {
             fresh: false,
             note: "no state (--no-state)".into(),
             tree: None,
+            zero: Vec::new(),
         };
         let (path, create_dir) = match &opts.mode {
             StateMode::Off => {
@@ -192,6 +232,9 @@ impl DigestIndex {
     /// or from the leaves read recently.
     pub fn pieces(&self, i: u64) -> Option<Vec<Digest>> {
         self.leaf(i)?;
+        if self.zero.get(i as usize).copied().unwrap_or(false) {
+            return Some(zero_leaf_digest(&self.layout, self.layout.leaf_len(i)).1);
+        }
         if self.chunks_known.get(i as usize).copied().unwrap_or(false) {
             let dl = self.layout.hash.digest_len();
             let (first, count) = self.layout.chunk_span(i);
@@ -248,19 +291,31 @@ impl DigestIndex {
         }
     }
 
-    /// Records that `block` was written: the touched leaves are unknown until
+    /// Records that `block` was written (`issued` bytes of it reached the device: zeros
+    /// onto zeros are not written): the touched leaves are unknown until
     /// [`DigestIndex::durable`], then take the digests of what was written.
-    pub fn wrote(&mut self, block: &VerifiedBlock) {
+    pub fn wrote(&mut self, block: &VerifiedBlock, issued: u64) {
         let (offset, data) = (block.offset(), block.data());
         let b = self.layout.buffer;
         let end = block.end();
         const PAGE: u64 = 4096;
-        self.own_sectors += (end.div_ceil(PAGE) * PAGE - offset / PAGE * PAGE) / 512;
+        if issued > 0 {
+            self.own_sectors += (end.div_ceil(PAGE) * PAGE - offset / PAGE * PAGE) / 512;
+        }
         let first = offset / b;
         let last = end.saturating_sub(1) / b;
+        if block.is_empty() || first >= self.known.len() as u64 {
+            return;
+        }
+        let last = last.min(self.known.len() as u64 - 1);
+        for leaf in first..=last {
+            if let Some(z) = self.zero.get_mut(leaf as usize) {
+                *z = false;
+            }
+        }
         if self.file.is_none() {
             // Nothing will be saved: only forget what the written leaves held.
-            for leaf in first..=last.min(self.known.len().saturating_sub(1) as u64) {
+            for leaf in first..=last {
                 self.known[leaf as usize] = false;
             }
             self.tree = None;
@@ -506,7 +561,7 @@ mod tests {
             let mut image = std::fs::read(&p).unwrap();
             for (off, data) in &writes {
                 let block = BlockFrame::encode(*off, data, Codec::None, Check::None).verify(30000, &l).unwrap();
-                ledger.wrote(&block);
+                ledger.wrote(&block, block.len() as u64);
                 image[*off as usize..*off as usize + data.len()].copy_from_slice(data);
             }
             std::fs::write(&p, &image).unwrap();

@@ -76,8 +76,31 @@ impl HashAlgo {
         HashAlgo::ALL.into_iter().find(|a| a.name().eq_ignore_ascii_case(name))
     }
 
-    /// Digest of one block of data.
+    /// Digest of one block of data. All-zero data is recognised before hashing and gets
+    /// the precomputed digest of zeros of its length (the same digest, only cheaper).
     pub fn digest(self, data: &[u8]) -> Digest {
+        if is_zero(data) {
+            return self.zero_digest(data.len());
+        }
+        self.hash(data)
+    }
+
+    /// The digest of `len` zero bytes, computed once per algorithm and length.
+    pub fn zero_digest(self, len: usize) -> Digest {
+        type Cache = std::sync::Mutex<std::collections::HashMap<(HashAlgo, usize), Digest>>;
+        static ZEROS: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+        let cache = ZEROS.get_or_init(Default::default);
+        // A poisoned cache only means another thread panicked while inserting: the
+        // entries are whole digests either way.
+        if let Some(d) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(self, len)) {
+            return *d;
+        }
+        let d = self.hash(&vec![0u8; len]);
+        cache.lock().unwrap_or_else(|p| p.into_inner()).insert((self, len), d);
+        d
+    }
+
+    fn hash(self, data: &[u8]) -> Digest {
         fn from(bytes: impl AsRef<[u8]>) -> Digest {
             Digest::from_slice(bytes.as_ref())
         }
@@ -98,6 +121,16 @@ impl HashAlgo {
     pub fn digest_pieces(self, data: &[u8], piece: usize) -> Vec<Digest> {
         data.chunks(piece.max(1)).map(|p| self.digest(p)).collect()
     }
+}
+
+/// True if every byte of `data` is zero (the empty slice included). Looks at every
+/// byte: data whose only non-zero byte is its last is not zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any bit pattern is a valid u64; align_to only reinterprets the middle.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 impl fmt::Display for HashAlgo {
@@ -175,6 +208,41 @@ mod tests {
             assert_eq!(HashAlgo::from_name(&algo.name().to_lowercase()), Some(algo));
         }
         assert_eq!(HashAlgo::from_name("crc32"), None);
+    }
+
+    #[test]
+    fn only_data_without_a_single_non_zero_byte_is_zero() {
+        assert!(is_zero(&[]));
+        for len in [1usize, 7, 8, 9, 4095, 4096, 16384, 2 << 20] {
+            let mut data = vec![0u8; len];
+            assert!(is_zero(&data), "{len} zeros");
+            // bdsync #39: a block whose only non-zero byte is its last one is not zero.
+            data[len - 1] = 1;
+            assert!(!is_zero(&data), "{len} bytes with the last one set");
+            data[len - 1] = 0;
+            data[0] = 0x80;
+            assert!(!is_zero(&data), "{len} bytes with the first one set");
+            // Unaligned views too.
+            if len > 2 {
+                data[0] = 0;
+                data[len / 2] = 3;
+                assert!(!is_zero(&data[1..]), "{len} bytes, unaligned");
+            }
+        }
+    }
+
+    #[test]
+    fn the_zero_digest_is_the_digest_of_zeros() {
+        for algo in HashAlgo::ALL {
+            for len in [0usize, 1, 4096, 16384, 4097] {
+                assert_eq!(algo.zero_digest(len), algo.hash(&vec![0u8; len]), "{algo} {len}");
+                assert_eq!(algo.digest(&vec![0u8; len]), algo.hash(&vec![0u8; len]), "{algo} {len}");
+            }
+            let mut last = vec![0u8; 4096];
+            last[4095] = 1;
+            assert_ne!(algo.digest(&last), algo.zero_digest(4096), "{algo}");
+            assert_eq!(algo.digest(&last), algo.hash(&last), "{algo}");
+        }
     }
 
     #[test]

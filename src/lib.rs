@@ -16,6 +16,7 @@ pub mod link;
 pub mod protocol;
 pub mod report;
 pub mod serve;
+pub mod sparse;
 pub mod ssh;
 pub mod stamp;
 pub mod state;

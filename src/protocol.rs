@@ -100,6 +100,8 @@ pub enum Access {
         source_name: String,
         /// `--force`.
         force: bool,
+        /// `--destination-is-zero`: the user declares the device all zero.
+        known_zero: bool,
     },
 }
 
@@ -519,14 +521,17 @@ fn decode_block(body: Vec<u8>) -> Result<BlockFrame, ProtocolError> {
     let raw_len = u32_at(8)?;
     let codec = PayloadCodec::from_byte(body[12]).ok_or(bad("unknown codec"))?;
     let (kind, unit, count, digest_len) = (body[13], u32_at(14)?, u32_at(18)? as usize, body[22] as usize);
-    if digest_len > MAX_DIGEST_LEN || (count > 0 && digest_len == 0) {
+    // Only the lengths of real digests, and no more of them than a digest list holds:
+    // the count is untrusted and each digest is allocated.
+    if count > 0 && !HashAlgo::ALL.iter().any(|a| a.digest_len() == digest_len) {
         return Err(bad("digest length"));
     }
     let digests_end = count
         .checked_mul(digest_len)
-        .and_then(|n| n.checked_add(BLOCK_HEADER))
+        .filter(|&n| n <= MAX_DIGESTS)
+        .map(|n| n + BLOCK_HEADER)
         .filter(|&end| end <= body.len())
-        .ok_or(bad("more digests than the frame holds"))?;
+        .ok_or(bad("more digests than a block may carry"))?;
     let digests: Vec<Digest> =
         body[BLOCK_HEADER..digests_end].chunks(digest_len.max(1)).map(Digest::from_slice).collect();
     let check = match kind {
@@ -635,6 +640,7 @@ mod tests {
                     source: Some(identity.clone()),
                     source_name: "local /dev/vg0/root".into(),
                     force: false,
+                    known_zero: true,
                 },
                 hash: HashAlgo::Blake3,
                 codec: Codec::Zstd(3),
@@ -670,6 +676,13 @@ mod tests {
                     digests: vec![Digest::from_slice(&[1; 32]), Digest::from_slice(&[2; 32])],
                 },
                 payload: b"pieces!\n".to_vec(),
+            }),
+            Frame::Block(BlockFrame {
+                offset: 4 << 20,
+                raw_len: 1 << 20,
+                codec: PayloadCodec::Zero,
+                check: Check::Leaves(vec![Digest::from_slice(&[3; 32])]),
+                payload: Vec::new(),
             }),
             Frame::Control(Message::Flush),
             Frame::Control(Message::Flushed),
@@ -738,6 +751,19 @@ mod tests {
     }
 
     #[test]
+    fn a_block_with_millions_of_tiny_digests_is_refused_before_allocating_them() {
+        let mut body = BlockFrame::encode(0, &[1u8; 10], Codec::None, Check::None);
+        body.check = Check::Leaves(vec![Digest::from_slice(&[9; 32])]);
+        let mut bytes = Vec::new();
+        FrameWriter::new(&mut bytes, Arc::default()).send(&Frame::Block(body)).unwrap();
+        // One-byte digests: a length no algorithm has.
+        bytes[5 + 22] = 1;
+        bytes[5 + 18..5 + 22].copy_from_slice(&32u32.to_le_bytes());
+        let mut r = FrameReader::new(&bytes[..], Arc::default());
+        assert!(matches!(r.recv(), Err(ProtocolError::BadBlockHeader("digest length"))));
+    }
+
+    #[test]
     fn a_block_claiming_more_digests_than_it_holds_is_refused() {
         let mut body = BlockFrame::encode(0, &[1u8; 10], Codec::None, Check::None);
         body.check = Check::Leaves(vec![Digest::from_slice(&[9; 32])]);
@@ -775,7 +801,13 @@ mod tests {
             let mut buf = Vec::new();
             let mut w = FrameWriter::new(&mut buf, Arc::default());
             w.send(&Frame::Control(Message::Open(OpenRequest {
-                access: Access::Write { source_size: 9, source: None, source_name: "a".into(), force: false },
+                access: Access::Write {
+                    source_size: 9,
+                    source: None,
+                    source_name: "a".into(),
+                    force: false,
+                    known_zero: false,
+                },
                 hash: HashAlgo::Sha1,
                 codec: Codec::Zlib(9),
                 buffer: 4096,

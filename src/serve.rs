@@ -192,8 +192,8 @@ impl Served {
             }
             Frame::Block(block) if self.role == Role::Receiver => {
                 let block = block.verify(self.limit, self.index.layout()).map_err(|e| self.refused_block(e))?;
-                self.device.write_at(&block)?;
-                self.index.wrote(&block);
+                let issued = self.device.write_at(&block)?;
+                self.index.wrote(&block, issued);
                 Ok(None)
             }
             Frame::Block(b) => Err(invalid(format!("data block at offset {}", b.offset), "serving a device read-only")),
@@ -355,12 +355,22 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
             let size = d.size();
             (d, size, Role::Read)
         }
-        Access::Write { source_size, source, source_name, force } => {
+        Access::Write { source_size, source, source_name, force, known_zero } => {
+            let layout = Layout {
+                hash: req.hash,
+                buffer: req.buffer,
+                chunk: req.chunk,
+                fanout: DEFAULT_FANOUT as u32,
+                device_size: *source_size,
+            };
+            DigestIndex::check_size(&layout, path)
+                .map_err(|e| Abort { code: AbortCode::Precondition, message: format!("remote {e}") })?;
             let spec = ReceiverSpec {
                 source_size: *source_size,
                 source: source.clone(),
                 source_name: source_name.clone(),
                 force: *force,
+                known_zero: *known_zero,
             };
             (Device::open_receiver(path, Side::Remote, &spec).map_err(refused)?, *source_size, Role::Receiver)
         }
@@ -376,7 +386,21 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
     // digests of this session.
     let bad = |e: StateError| Abort { code: AbortCode::Precondition, message: format!("remote {e}") };
     let state = if limit == 0 { StateOptions::off() } else { req.state.clone() };
-    let mut index = DigestIndex::open(&device, layout, &state).map_err(bad)?;
+    let mut index = match DigestIndex::open(&device, layout, &state) {
+        Ok(index) => index,
+        Err(e) => {
+            // Nothing may be left behind by a refusal: a receiver this open created is
+            // removed; one it resized is changed, so the failure is not a refusal.
+            if device.created() {
+                let _ = std::fs::remove_file(path);
+            }
+            let mut abort = bad(e);
+            if device.resized() {
+                abort.code = AbortCode::Failed;
+            }
+            return Err(abort);
+        }
+    };
     let mut summary = StateSummary { note: index.note().to_string(), ..StateSummary::default() };
     if index.fresh()
         && let Some(t) = index.tree()
@@ -472,7 +496,13 @@ mod tests {
     }
 
     fn write_access(size: u64) -> Access {
-        Access::Write { source_size: size, source: None, source_name: "local src".into(), force: false }
+        Access::Write {
+            source_size: size,
+            source: None,
+            source_name: "local src".into(),
+            force: false,
+            known_zero: false,
+        }
     }
 
     fn layout(size: u64) -> Layout {

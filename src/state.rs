@@ -362,19 +362,26 @@ impl StateFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(io_err(source)),
         };
-        let len = file.metadata().map_err(io_err)?.len();
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            let source = io::Error::other("is not a regular file");
+            return Err(io_err(source));
+        }
+        let len = meta.len();
         if len > MAX_STATE {
             return Err(invalid(DecodeError::TooLarge { len, max: MAX_STATE }));
         }
         let mut bytes = Vec::new();
         (&mut file).take((PREFIX_LEN + MAX_HEADER) as u64).read_to_end(&mut bytes).map_err(io_err)?;
-        // A header that does not decode is reported by `decode` (checksum first).
-        if let Ok(expected) = implied_len(&bytes)
-            && expected != len
-        {
-            return Err(invalid(DecodeError::Length { len, expected }));
+        if bytes.len() >= PREFIX_LEN + CHECKSUM_LEN {
+            // The version and the header first: nothing more is read for a file that
+            // cannot be a state of the length it has.
+            let expected = implied_len(&bytes).map_err(invalid)?;
+            if expected != len {
+                return Err(invalid(DecodeError::Length { len, expected }));
+            }
         }
-        file.read_to_end(&mut bytes).map_err(io_err)?;
+        file.take(len.saturating_sub(bytes.len() as u64)).read_to_end(&mut bytes).map_err(io_err)?;
         decode(&bytes).map(Some).map_err(invalid)
     }
 

@@ -98,6 +98,14 @@ pub fn leaf_digest(layout: &Layout, data: &[u8]) -> (Digest, Vec<Digest>) {
     (pieces_root(layout, &pieces), pieces)
 }
 
+/// The leaf rule for a leaf of `len` zero bytes, without any zeros to hash.
+pub fn zero_leaf_digest(layout: &Layout, len: u64) -> (Digest, Vec<Digest>) {
+    let piece = layout.piece();
+    let pieces: Vec<Digest> =
+        (0..len.div_ceil(piece)).map(|k| layout.hash.zero_digest((len - k * piece).min(piece) as usize)).collect();
+    (pieces_root(layout, &pieces), pieces)
+}
+
 /// The leaf digest over its piece digests.
 pub fn pieces_root(layout: &Layout, pieces: &[Digest]) -> Digest {
     let mut bytes = Vec::with_capacity(pieces.len() * layout.hash.digest_len());
@@ -243,6 +251,14 @@ mod tests {
 
     fn leaves(n: usize, seed: u8) -> Vec<Digest> {
         (0..n).map(|i| HashAlgo::Blake3.digest(&[(i % 251) as u8, (i / 251) as u8, seed])).collect()
+    }
+
+    #[test]
+    fn the_leaf_rule_of_zeros_needs_no_zeros() {
+        let l = Layout { hash: HashAlgo::Blake3, buffer: 40000, chunk: None, fanout: 4, device_size: 1 << 20 };
+        for len in [40000u64, 16384, 100, 0] {
+            assert_eq!(zero_leaf_digest(&l, len), leaf_digest(&l, &vec![0u8; len as usize]), "{len}");
+        }
     }
 
     #[test]

@@ -147,8 +147,13 @@ mod property_tests {
         std::fs::write(&rp, remote_bytes).unwrap();
         let params = Params { hash: HashAlgo::Blake3, buffer, chunk, refine, codec: Codec::Zstd(1) };
         let mut ep = Endpoint::over(crate::serve::in_process(&rp)).unwrap();
-        let spec =
-            ReceiverSpec { source_size: src.len() as u64, source: None, source_name: "src".into(), force: false };
+        let spec = ReceiverSpec {
+            source_size: src.len() as u64,
+            source: None,
+            source_name: "src".into(),
+            force: false,
+            known_zero: false,
+        };
         let request = |access| OpenRequest {
             access,
             hash: params.hash,
@@ -164,6 +169,7 @@ mod property_tests {
                     source: None,
                     source_name: "src".into(),
                     force: false,
+                    known_zero: false,
                 };
                 ep.open(request(access)).unwrap();
                 Device::open_read(&lp, Side::Local).unwrap()
@@ -254,7 +260,13 @@ mod property_tests {
         std::fs::write(&rp, &dst).unwrap();
         let params = Params { hash: HashAlgo::Blake3, buffer: 8192, chunk: None, refine: None, codec: Codec::None };
         let mut ep = Endpoint::over(crate::serve::in_process(&rp)).unwrap();
-        let access = Access::Write { source_size: 24576, source: None, source_name: "src".into(), force: false };
+        let access = Access::Write {
+            source_size: 24576,
+            source: None,
+            source_name: "src".into(),
+            force: false,
+            known_zero: false,
+        };
         let request = OpenRequest {
             access,
             hash: params.hash,
@@ -300,7 +312,13 @@ mod property_tests {
         let local = Device::open_receiver(
             &lp,
             Side::Local,
-            &ReceiverSpec { source_size: 16384, source: None, source_name: "src".into(), force: false },
+            &ReceiverSpec {
+                source_size: 16384,
+                source: None,
+                source_name: "src".into(),
+                force: false,
+                known_zero: false,
+            },
         )
         .unwrap();
         let l = layout(16384, 8192);

@@ -9,6 +9,8 @@ use super::reader;
 use super::window::{Checkpoints, Ctx};
 use super::{Direction, Fault};
 use crate::block::{BlockFrame, Check};
+use crate::compress::Codec;
+use crate::hash::is_zero;
 use crate::stamp::Role;
 use crate::tree::leaf_digest;
 
@@ -32,17 +34,19 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
         let rx = reader::spawn(scope, local, layout, Vec::new(), move |offset, data| {
             let data = data.unwrap_or_default();
             let digests = track.then(|| leaf_digest(&layout, &data));
-            (BlockFrame::encode(offset, &data, codec, Check::None), digests)
+            (frames(offset, &data, layout.piece() as usize, codec), digests)
         });
         let mut written = 0;
         let mut checkpoints = Checkpoints::new();
         for leaf in rx {
             let leaf = leaf?;
-            let (frame, digests) = leaf.value;
+            let (frames, digests) = leaf.value;
             if let Some((d, pieces)) = digests {
                 ctx.index.learn(leaf.index, &d, &pieces);
             }
-            ctx.ep.write(frame)?;
+            for frame in frames {
+                ctx.ep.write(frame)?;
+            }
             ctx.rep.advance(leaf.len as u64);
             written += leaf.len as u64;
             if checkpoints.due() {
@@ -54,6 +58,23 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
         }
         Ok(written)
     })
+}
+
+/// A leaf's data at `offset` as frames: runs of all-zero pieces become zero tokens, the
+/// rest data, so that zeros never cross the wire as bytes.
+fn frames(offset: u64, data: &[u8], piece: usize, codec: Codec) -> Vec<BlockFrame> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < data.len() {
+        let zero = is_zero(&data[start..(start + piece).min(data.len())]);
+        let mut end = (start + piece).min(data.len());
+        while end < data.len() && is_zero(&data[end..(end + piece).min(data.len())]) == zero {
+            end = (end + piece).min(data.len());
+        }
+        out.push(BlockFrame::encode(offset + start as u64, &data[start..end], codec, Check::None));
+        start = end;
+    }
+    out
 }
 
 fn pull(mut ctx: Ctx<'_>) -> Result<u64, Fault> {
@@ -81,4 +102,24 @@ fn pull(mut ctx: Ctx<'_>) -> Result<u64, Fault> {
         ctx.rep.advance(len as u64);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::PayloadCodec;
+
+    #[test]
+    fn zero_pieces_of_a_leaf_are_tokens_and_the_rest_is_data() {
+        let mut data = vec![0u8; 10 * 1024];
+        data[3 * 1024] = 1;
+        data[4 * 1024 + 5] = 2;
+        data[10 * 1024 - 1] = 3;
+        let f = frames(1 << 20, &data, 1024, Codec::None);
+        let shape: Vec<(u64, u32, bool)> =
+            f.iter().map(|b| (b.offset - (1 << 20), b.raw_len, b.codec == PayloadCodec::Zero)).collect();
+        assert_eq!(shape, vec![(0, 3072, true), (3072, 2048, false), (5120, 4096, true), (9216, 1024, false)]);
+        assert_eq!(frames(0, &[0u8; 5000], 1024, Codec::Zstd(3)).len(), 1);
+        assert!(frames(0, &[], 1024, Codec::None).is_empty());
+    }
 }

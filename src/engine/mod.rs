@@ -94,6 +94,9 @@ pub struct Plan {
     pub params: Params,
     /// `--force`.
     pub force: bool,
+    /// `--destination-is-zero`: the receiver is declared all zero, never read for it
+    /// and never written zeros.
+    pub destination_is_zero: bool,
     /// `-b/--bitmap`: the receiver's digests kept in a local file.
     pub bitmap: Option<BitmapPlan>,
     /// State file options for the local device.
@@ -245,6 +248,18 @@ pub enum Fault {
         device: String,
         /// Why.
         source: BlockError,
+    },
+    /// The source no longer holds what the comparison read: nothing of it was sent.
+    #[error(
+        "{device} changed at offset {offset} ({len} bytes) after it was compared: it no longer matches the digest the comparison used, and nothing of it was sent"
+    )]
+    SourceChanged {
+        /// The source, with its side.
+        device: String,
+        /// Where.
+        offset: u64,
+        /// How much.
+        len: u64,
     },
     /// The local state file could not be used or saved.
     #[error("local {0}")]

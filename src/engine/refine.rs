@@ -7,6 +7,7 @@ use super::window::{Pending, Request, Window};
 use super::{Direction, Fault};
 use crate::block::{Check, MAX_BLOCK};
 use crate::hash::Digest;
+use crate::tree::pieces_root;
 
 impl Window<'_> {
     /// Leaf `leaf` at `offset` (`len` bytes) differs; `source` is the source's digest of
@@ -35,13 +36,25 @@ impl Window<'_> {
             (_, None) => {
                 let mut buf = vec![0u8; len];
                 self.ctx.local.read_at(offset, &mut buf)?;
-                self.ctx.params.hash.digest_pieces(&buf, piece)
+                let pieces = self.ctx.params.hash.digest_pieces(&buf, piece);
+                // Read again: a PUSH source must still be what the comparison saw.
+                if dir == Direction::Push && piece as u64 == layout.piece() && pieces_root(&layout, &pieces) != source {
+                    return Err(self.changed(offset, len));
+                }
+                pieces
             }
         };
         let data = data.filter(|_| dir == Direction::Push);
         let request = Request::Digests { offset, len: len as u64, block: piece as u32 };
-        self.follow_up(request, Pending::Pieces { offset, len, unit: piece, ours, data });
+        let leaf = (piece as u64 == layout.piece()).then_some(source);
+        self.follow_up(request, Pending::Pieces { offset, len, unit: piece, ours, data, leaf });
         Ok(())
+    }
+
+    /// The local source no longer holds what the comparison read at `offset`.
+    fn changed(&self, offset: u64, len: usize) -> Fault {
+        let device = format!("local {}", self.ctx.local.path().display());
+        Fault::SourceChanged { device, offset, len: len as u64 }
     }
 
     /// The endpoint's digests of the `unit`-sized pieces of a differing range arrived:
@@ -51,11 +64,17 @@ impl Window<'_> {
         offset: u64,
         len: usize,
         unit: usize,
-        ours: &[Digest],
-        theirs: &[Digest],
+        (ours, theirs): (&[Digest], &[Digest]),
         data: Option<Vec<u8>>,
+        leaf: Option<Digest>,
     ) -> Result<(), Fault> {
         let target = self.ctx.params.refine.ok_or(Fault::Internal("refinement size missing"))?;
+        let layout = self.ctx.layout();
+        // A PULL source's pieces must make up the leaf digest the comparison used.
+        if self.direction() == Some(Direction::Pull) && leaf.is_some_and(|l| pieces_root(&layout, theirs) != l) {
+            let device = self.ctx.ep.label().to_string();
+            return Err(Fault::SourceChanged { device, offset, len: len as u64 });
+        }
         let differing: Vec<usize> = (0..ours.len()).filter(|&j| ours[j] != theirs[j]).collect();
         self.ctx.rep.debug(format_args!(
             "range @ {offset}: {} of {} pieces of {unit} bytes differ",
@@ -81,6 +100,10 @@ impl Window<'_> {
                 None => {
                     let mut buf = vec![0u8; end - start];
                     self.ctx.local.read_at(offset + start as u64, &mut buf)?;
+                    // Read again: a PUSH source must still be what was compared.
+                    if self.direction() == Some(Direction::Push) && self.ctx.params.hash.digest(&buf) != ours[j] {
+                        return Err(self.changed(offset + start as u64, end - start));
+                    }
                     buf
                 }
             };
@@ -88,10 +111,9 @@ impl Window<'_> {
             let at = offset + start as u64;
             let request = Request::Digests { offset: at, len: (end - start) as u64, block: target as u32 };
             let keep = (self.direction() == Some(Direction::Push)).then_some(piece_data);
-            self.follow_up(
-                request,
-                Pending::Pieces { offset: at, len: end - start, unit: target, ours: sub, data: keep },
-            );
+            let pending =
+                Pending::Pieces { offset: at, len: end - start, unit: target, ours: sub, data: keep, leaf: None };
+            self.follow_up(request, pending);
         }
         Ok(())
     }

@@ -132,6 +132,7 @@ impl Session<'_> {
             source: Some(local.identity().clone()),
             source_name: self.source_name(Direction::Push),
             force: plan.force,
+            known_zero: plan.destination_is_zero,
         };
         let req = self.open_request(access, plan.params.codec, plan.remote_state.clone());
         self.endpoint()?;
@@ -159,14 +160,26 @@ impl Session<'_> {
             source: Some(opened.identity.clone()),
             source_name: self.source_name(Direction::Pull),
             force: plan.force,
+            known_zero: plan.destination_is_zero,
         };
+        DigestIndex::check_size(&layout(&plan.params, len), &plan.local).map_err(|e| Fault::State(e).refused())?;
         self.interrupts.receiver_may_change();
         let local = Device::open_receiver(&plan.local, Side::Local, &spec).map_err(|e| Fault::Device(e).refused())?;
         if local.created() {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Pull)));
         }
         let bitmap = bitmap.filter(|_| !self.renewed(local.created() || local.resized(), Direction::Pull));
-        let index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
+        let index = match local_index(&local, &plan.params, len, &plan.state, self.rep) {
+            Ok(index) => index,
+            // Nothing may be left behind by a refusal: a receiver this run created is
+            // removed; one it resized is changed, so the failure is not a refusal.
+            Err(Error::Refused(f)) if local.created() => {
+                let _ = std::fs::remove_file(&plan.local);
+                return Err(Error::Refused(f));
+            }
+            Err(Error::Refused(f)) if local.resized() => return Err(f.transfer(&self.receiver_name(Direction::Pull))),
+            Err(e) => return Err(e),
+        };
         Ok(Ends { local, index, len, remote_state: opened.state, bitmap })
     }
 

@@ -11,10 +11,10 @@ use crate::block::{BlockFrame, Check};
 use crate::device::Device;
 use crate::digest_index::DigestIndex;
 use crate::endpoint::Endpoint;
-use crate::hash::Digest;
+use crate::hash::{Digest, is_zero};
 use crate::report::Reporter;
 use crate::stamp::Role;
-use crate::tree::Layout;
+use crate::tree::{Layout, pieces_root};
 
 /// What one comparison runs on: the local device and its digest index, the endpoint,
 /// the run's parameters and where progress goes.
@@ -44,9 +44,9 @@ impl Ctx<'_> {
         let block = frame
             .verify(layout.device_size, &layout)
             .map_err(|source| Fault::Verify { device: format!("local {}", self.local.path().display()), source })?;
-        self.local.write_at(&block)?;
-        self.index.wrote(&block);
-        Ok(block.data().len() as u64)
+        let issued = self.local.write_at(&block)?;
+        self.index.wrote(&block, issued);
+        Ok(block.len() as u64)
     }
 }
 
@@ -68,8 +68,9 @@ pub(super) enum Pending {
     /// Digests of `count` leaves starting at leaf `first`.
     Digests { first: u64, count: u64 },
     /// Digests of the `unit`-sized pieces of a differing range (a leaf, or a piece of it),
-    /// with ours to compare and, for PUSH, the range's data when it is at hand.
-    Pieces { offset: u64, len: usize, unit: usize, ours: Vec<Digest>, data: Option<Vec<u8>> },
+    /// with ours to compare, for PUSH the range's data when it is at hand, and for a
+    /// whole leaf the source's leaf digest that its pieces must make up.
+    Pieces { offset: u64, len: usize, unit: usize, ours: Vec<Digest>, data: Option<Vec<u8>>, leaf: Option<Digest> },
     /// Data the local receiver (PULL) must check against the source's digests and write.
     Data { offset: u64, len: usize, check: Check },
     /// A checkpoint on the endpoint.
@@ -259,9 +260,9 @@ impl<'a> Window<'a> {
         match p {
             Pending::Digests { .. } => Err(Fault::Internal("digest batch outside the main loop")),
             Pending::Flushed => Ok(self.ctx.ep.flushed()?),
-            Pending::Pieces { offset, len, unit, ours, data } => {
+            Pending::Pieces { offset, len, unit, ours, data, leaf } => {
                 let theirs = self.ctx.ep.digests(self.ctx.params.hash, ours.len())?;
-                self.refine(offset, len, unit, &ours, &theirs, data)
+                self.refine(offset, len, unit, (&ours, &theirs), data, leaf)
             }
             Pending::Data { offset, len, check } => {
                 let frame = self.ctx.ep.data(offset, len)?;
@@ -286,7 +287,9 @@ impl<'a> Window<'a> {
                         &owned[..]
                     }
                 };
-                self.ctx.ep.write(BlockFrame::encode(offset, bytes, self.ctx.params.codec, check))?;
+                for frame in self.frames(offset, bytes, check)? {
+                    self.ctx.ep.write(frame)?;
+                }
                 self.out.written += len as u64;
             }
             Purpose::Sync(Direction::Pull) => {
@@ -295,6 +298,43 @@ impl<'a> Window<'a> {
             Purpose::Check => {}
         }
         Ok(())
+    }
+
+    /// The frames that carry `bytes` (found at `offset`, whose source digests are
+    /// `check`): runs of all-zero pieces as zero tokens, the rest as data, so that zeros
+    /// never cross as bytes. A whole leaf with zero pieces is split into its pieces, whose
+    /// digests must make up the leaf digest the comparison used.
+    fn frames(&self, offset: u64, bytes: &[u8], check: Check) -> Result<Vec<BlockFrame>, Fault> {
+        let codec = self.ctx.params.codec;
+        let layout = self.ctx.layout();
+        let (unit, digests) = match check {
+            Check::Leaves(d) if d.len() == 1 => {
+                let piece = layout.piece() as usize;
+                if bytes.len() <= piece || !bytes.chunks(piece).any(is_zero) {
+                    return Ok(vec![BlockFrame::encode(offset, bytes, codec, Check::Leaves(d))]);
+                }
+                let pieces = layout.hash.digest_pieces(bytes, piece);
+                if pieces_root(&layout, &pieces) != d[0] {
+                    let device = format!("local {}", self.ctx.local.path().display());
+                    return Err(Fault::SourceChanged { device, offset, len: bytes.len() as u64 });
+                }
+                (piece, pieces)
+            }
+            Check::Pieces { unit, digests } => (unit as usize, digests),
+            other => return Ok(vec![BlockFrame::encode(offset, bytes, codec, other)]),
+        };
+        let unit = unit.max(1);
+        let zero: Vec<bool> = bytes.chunks(unit).map(is_zero).collect();
+        let mut frames = Vec::new();
+        let mut start = 0;
+        while start < zero.len() {
+            let end = (start..zero.len()).find(|&k| zero[k] != zero[start]).unwrap_or(zero.len());
+            let (from, to) = (start * unit, (end * unit).min(bytes.len()));
+            let check = Check::Pieces { unit: unit as u32, digests: digests[start..end].to_vec() };
+            frames.push(BlockFrame::encode(offset + from as u64, &bytes[from..to], codec, check));
+            start = end;
+        }
+        Ok(frames)
     }
 
     /// Every [`CHECKPOINT_EVERY`], makes progress durable on both sides and saves
