@@ -4,11 +4,12 @@
 //! and saves the state (checkpoints and at the end) only with digests that are provably
 //! on disk.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::block::VerifiedBlock;
 use crate::device::{Device, DeviceError};
 use crate::hash::Digest;
+use crate::piece_table::PieceTable;
 use crate::protocol::{StateMode, StateOptions};
 use crate::stamp::{self, Freshness, Role, Stamp};
 use crate::state::{self, State, StateError, StateFile};
@@ -40,9 +41,6 @@ struct Pending {
 /// `--chunk`): with the default 2 MiB blocks that is 32 TiB of device.
 const MAX_TABLE: u64 = 512 << 20;
 
-/// At most this many piece digests of recently read leaves are kept in memory.
-const RECENT_PIECES: usize = 1 << 16;
-
 /// The digests one side knows about its device.
 #[derive(Debug)]
 pub struct DigestIndex {
@@ -51,12 +49,9 @@ pub struct DigestIndex {
     device_path: String,
     leaves: Vec<u8>,
     known: Vec<bool>,
-    chunks: Vec<u8>,
-    chunks_known: Vec<bool>,
+    /// The leaves' piece digests, sparse: zero pieces cost a bit.
+    pieces: PieceTable,
     pending: BTreeMap<u64, Pending>,
-    /// Piece digests of leaves read recently, for refining them without reading again.
-    recent: VecDeque<(u64, Vec<Digest>)>,
-    recent_count: usize,
     start: Option<Stamp>,
     /// Upper bound of the sectors basyn's own writes can add to a block device's
     /// counters (each write rounded out to whole pages).
@@ -64,8 +59,6 @@ pub struct DigestIndex {
     fresh: bool,
     note: String,
     tree: Option<Tree>,
-    /// Leaves known to hold zeros (empty when none are).
-    zero: Vec<bool>,
 }
 
 impl DigestIndex {
@@ -83,10 +76,11 @@ impl DigestIndex {
     /// Refuses a layout whose digest tables would not fit in memory, before anything is
     /// opened for writing.
     pub fn check_size(layout: &Layout, device: &std::path::Path) -> Result<(), StateError> {
+        // The piece digests are not counted: they take room only for pieces holding data
+        // (0.2% of it with BLAKE3 and 16 KiB pieces).
         let n = layout.leaf_count();
         let dl = layout.hash.digest_len() as u64;
-        let chunks = if layout.chunk.is_some() { layout.chunk_count() } else { 0 };
-        let table = n.saturating_add(chunks).saturating_mul(dl);
+        let table = n.saturating_mul(dl);
         if table > MAX_TABLE {
             return Err(StateError::TooManyLeaves {
                 device: device.display().to_string(),
@@ -103,15 +97,11 @@ impl DigestIndex {
         if from >= self.layout.device_size {
             return;
         }
-        self.zero = vec![false; self.known.len()];
         for leaf in from.div_ceil(self.layout.buffer)..self.layout.leaf_count() {
             if self.leaf(leaf).is_none() {
-                let (d, pieces) = zero_leaf_digest(&self.layout, self.layout.leaf_len(leaf));
-                // Zero leaves answer for their pieces themselves; only a chunk table
-                // (a state that keeps them) needs them recorded.
-                let pieces = if self.chunks_known.is_empty() { Vec::new() } else { pieces };
-                self.learn(leaf, &d, &pieces);
-                self.zero[leaf as usize] = true;
+                let (d, _) = zero_leaf_digest(&self.layout, self.layout.leaf_len(leaf));
+                self.learn(leaf, &d, &[]);
+                self.pieces.set_zero(leaf);
             }
         }
         // Every leaf known without reading: as good as a fresh state for this run.
@@ -128,17 +118,13 @@ impl DigestIndex {
             device_path: device.path().display().to_string(),
             leaves: vec![0; n * dl],
             known: vec![false; n],
-            chunks: Vec::new(),
-            chunks_known: Vec::new(),
+            pieces: PieceTable::new(layout),
             pending: BTreeMap::new(),
-            recent: Default::default(),
-            recent_count: 0,
             start: None,
             own_sectors: 0,
             fresh: false,
             note: "no state (--no-state)".into(),
             tree: None,
-            zero: Vec::new(),
         };
         let (path, create_dir) = match &opts.mode {
             StateMode::Off => {
@@ -150,11 +136,6 @@ impl DigestIndex {
             StateMode::Default => (state::default_path(device.path(), device.kind()), true),
             StateMode::Path(p) => (p.clone(), false),
         };
-        // Chunk digests are kept (32 bytes or so per chunk) only when a state will hold them.
-        if layout.chunk.is_some() {
-            ledger.chunks = vec![0; layout.chunk_count() as usize * dl];
-            ledger.chunks_known = vec![false; n];
-        }
         device.try_lock().map_err(|e| match e {
             std::fs::TryLockError::WouldBlock => StateError::Locked(device.path().display().to_string()),
             std::fs::TryLockError::Error(source) => StateError::Io { path: path.display().to_string(), source },
@@ -187,12 +168,7 @@ impl DigestIndex {
         let dl = self.layout.hash.digest_len();
         self.leaves[..valid * dl].copy_from_slice(&saved.leaves[..valid * dl]);
         self.known[..valid].fill(true);
-        if !self.chunks_known.is_empty() && valid > 0 {
-            let (first, count) = self.layout.chunk_span(valid as u64 - 1);
-            let end = (first + count) as usize * dl;
-            self.chunks[..end].copy_from_slice(&saved.chunks[..end]);
-            self.chunks_known[..valid].fill(true);
-        }
+        self.pieces = saved.pieces;
         self.fresh = valid == self.known.len();
         if self.fresh {
             format!("state {shown}: {how}, {valid} leaves")
@@ -228,24 +204,15 @@ impl DigestIndex {
         (*self.known.get(i)?).then(|| Digest::from_slice(&self.leaves[i * dl..(i + 1) * dl]))
     }
 
-    /// Leaf `i`'s piece digests, if known without reading: from the state's chunk table,
-    /// or from the leaves read recently.
+    /// Leaf `i`'s piece digests, if known without reading.
     pub fn pieces(&self, i: u64) -> Option<Vec<Digest>> {
         self.leaf(i)?;
-        if self.zero.get(i as usize).copied().unwrap_or(false) {
-            return Some(zero_leaf_digest(&self.layout, self.layout.leaf_len(i)).1);
-        }
-        if self.chunks_known.get(i as usize).copied().unwrap_or(false) {
-            let dl = self.layout.hash.digest_len();
-            let (first, count) = self.layout.chunk_span(i);
-            let bytes = &self.chunks[first as usize * dl..(first + count) as usize * dl];
-            return Some(bytes.chunks(dl).map(Digest::from_slice).collect());
-        }
-        self.recent.iter().rev().find(|(leaf, _)| *leaf == i).map(|(_, p)| p.clone())
+        self.pieces.get(i)
     }
 
-    /// Records leaf `i`'s digest and its piece digests, as just read or made durable.
-    pub fn learn(&mut self, i: u64, digest: &Digest, chunks: &[Digest]) {
+    /// Records leaf `i`'s digest and, when given one per piece, its piece digests, as
+    /// just read or made durable.
+    pub fn learn(&mut self, i: u64, digest: &Digest, pieces: &[Digest]) {
         let idx = i as usize;
         if idx >= self.known.len() || self.pending.contains_key(&i) {
             return;
@@ -253,26 +220,7 @@ impl DigestIndex {
         let dl = self.layout.hash.digest_len();
         self.leaves[idx * dl..(idx + 1) * dl].copy_from_slice(digest.as_bytes());
         self.known[idx] = true;
-        if chunks.len() as u64 == self.layout.pieces_of(i) {
-            // An older entry for the same leaf may stay behind: lookups take the newest.
-            self.recent.push_back((i, chunks.to_vec()));
-            self.recent_count += chunks.len();
-            while self.recent_count > RECENT_PIECES && self.recent.len() > 1 {
-                if let Some((_, p)) = self.recent.pop_front() {
-                    self.recent_count -= p.len();
-                }
-            }
-        }
-        if !self.chunks_known.is_empty() && !chunks.is_empty() {
-            let (first, count) = self.layout.chunk_span(i);
-            if chunks.len() as u64 == count {
-                for (k, c) in chunks.iter().enumerate() {
-                    let at = (first as usize + k) * dl;
-                    self.chunks[at..at + dl].copy_from_slice(c.as_bytes());
-                }
-                self.chunks_known[idx] = true;
-            }
-        }
+        self.pieces.set(i, pieces);
         self.tree = None;
     }
 
@@ -308,15 +256,11 @@ impl DigestIndex {
             return;
         }
         let last = last.min(self.known.len() as u64 - 1);
-        for leaf in first..=last {
-            if let Some(z) = self.zero.get_mut(leaf as usize) {
-                *z = false;
-            }
-        }
         if self.file.is_none() {
             // Nothing will be saved: only forget what the written leaves held.
             for leaf in first..=last {
                 self.known[leaf as usize] = false;
+                self.pieces.forget(leaf);
             }
             self.tree = None;
             return;
@@ -333,9 +277,7 @@ impl DigestIndex {
                 self.partial_write(leaf, from - leaf_start, piece)
             };
             self.known[leaf as usize] = false;
-            if let Some(k) = self.chunks_known.get_mut(leaf as usize) {
-                *k = false;
-            }
+            self.pieces.forget(leaf);
             self.pending.insert(leaf, update);
         }
         self.tree = None;
@@ -419,8 +361,7 @@ impl DigestIndex {
     /// Leaves confirmed from the first on: known, and with a chunk table, their chunk
     /// digests known too (a state never claims chunk digests it does not have).
     fn valid_prefix(&self) -> u64 {
-        let with_chunks = |i: usize| self.chunks_known.is_empty() || self.chunks_known[i];
-        (0..self.known.len()).take_while(|&i| self.known[i] && with_chunks(i)).count() as u64
+        (0..self.known.len()).take_while(|&i| self.known[i] && self.pieces.known(i as u64)).count() as u64
     }
 
     fn save(&self, stamp: Stamp) -> Result<(), StateError> {
@@ -432,7 +373,7 @@ impl DigestIndex {
             stamp,
             valid_leaves: valid,
             leaves: self.leaves.clone(),
-            chunks: self.chunks.clone(),
+            pieces: self.pieces.clone(),
         })
     }
 

@@ -5,11 +5,12 @@
 //! ```text
 //! offset      size   field
 //! 0           8      magic "BASYNSTA"
-//! 8           4      format version, u32 little endian (2)
+//! 8           4      format version, u32 little endian (3)
 //! 12          4      header length H, u32 little endian (at most 64 KiB)
 //! 16          H      header: postcard(Header)
 //! 16+H        L*d    leaf digests (L = leaf count, d = digest length)
-//! ...         C*d    chunk digests, leaf by leaf (C = 0 without --chunk)
+//! ...         ⌈P/8⌉  zero map: a bit per piece (P = piece count), set for a zero piece
+//! ...         N*d    digests of the other pieces, in order (N = header's nonzero_pieces)
 //! end-32      32     BLAKE3 of every byte before it
 //! ```
 //!
@@ -26,18 +27,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::Kind;
 use crate::hash::HashAlgo;
+use crate::piece_table::PieceTable;
 use crate::stamp::Stamp;
 use crate::tree::Layout;
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"BASYNSTA";
 /// Format version written and accepted.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const MAX_HEADER: usize = 64 << 10;
 const PREFIX_LEN: usize = 16;
 const CHECKSUM_LEN: usize = 32;
-/// Largest state file read: the digest tables a run may hold in memory, and a header.
-pub const MAX_STATE: u64 = (1 << 30) + (MAX_HEADER + PREFIX_LEN + CHECKSUM_LEN) as u64;
+/// Largest state file read: the digests of 8 TiB of data at 16 KiB pieces, and a header.
+pub const MAX_STATE: u64 = (16 << 30) + (MAX_HEADER + PREFIX_LEN + CHECKSUM_LEN) as u64;
 
 /// The header, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +48,7 @@ struct Header {
     device_path: String,
     stamp: Stamp,
     valid_leaves: u64,
+    nonzero_pieces: u64,
     writer: String,
 }
 
@@ -62,8 +65,8 @@ pub struct State {
     pub valid_leaves: u64,
     /// Leaf digests, concatenated.
     pub leaves: Vec<u8>,
-    /// Chunk digests, concatenated leaf by leaf.
-    pub chunks: Vec<u8>,
+    /// The piece digests of the confirmed leaves.
+    pub pieces: PieceTable,
 }
 
 /// Why the bytes of a state file are not a valid state.
@@ -139,6 +142,9 @@ pub enum DecodeError {
         /// Bytes the header implies.
         expected: u64,
     },
+    /// The zero map does not count as many data pieces as the header says.
+    #[error("the zero map does not fit the piece digests")]
+    ZeroMap,
     /// More confirmed leaves than leaves.
     #[error("{valid} valid leaves of {leaves}")]
     ValidLeaves {
@@ -190,22 +196,26 @@ pub enum StateError {
 
 /// Encodes a state (checksum included).
 pub fn encode(state: &State) -> Vec<u8> {
+    let (map, pieces) = state.pieces.encode(state.valid_leaves);
+    let dl = state.layout.hash.digest_len();
     let header = Header {
         layout: state.layout,
         device_path: state.device_path.clone(),
         stamp: state.stamp.clone(),
         valid_leaves: state.valid_leaves,
+        nonzero_pieces: (pieces.len() / dl) as u64,
         writer: format!("basyn {}", env!("CARGO_PKG_VERSION")),
     };
     // A header is a few hundred bytes; postcard to a Vec cannot fail for these types.
     let head = postcard::to_stdvec(&header).unwrap_or_default();
-    let mut out = Vec::with_capacity(16 + head.len() + state.leaves.len() + state.chunks.len() + CHECKSUM_LEN);
+    let mut out = Vec::with_capacity(16 + head.len() + state.leaves.len() + map.len() + pieces.len() + CHECKSUM_LEN);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(head.len() as u32).to_le_bytes());
     out.extend_from_slice(&head);
     out.extend_from_slice(&state.leaves);
-    out.extend_from_slice(&state.chunks);
+    out.extend_from_slice(&map);
+    out.extend_from_slice(&pieces);
     let sum = HashAlgo::Blake3.digest(&out);
     out.extend_from_slice(sum.as_bytes());
     out
@@ -239,20 +249,23 @@ fn decode_header(bytes: &[u8]) -> Result<(Header, usize), DecodeError> {
     Ok((header, head_len))
 }
 
-/// Bytes of leaf and chunk digests a layout implies.
-fn digest_bytes(l: &Layout) -> Result<(u64, u64), DecodeError> {
+/// Bytes of leaf digests, of the zero map and of piece digests a header implies.
+fn section_bytes(h: &Header) -> Result<(u64, u64, u64), DecodeError> {
+    let l = &h.layout;
     let dl = l.hash.digest_len() as u64;
     let leaves = l.leaf_count().checked_mul(dl).ok_or(DecodeError::Overflow)?;
-    let chunks = l.chunk_count().checked_mul(dl).ok_or(DecodeError::Overflow)?;
-    Ok((leaves, chunks))
+    let map = l.piece_count().div_ceil(8);
+    let pieces = h.nonzero_pieces.checked_mul(dl).ok_or(DecodeError::Overflow)?;
+    Ok((leaves, map, pieces))
 }
 
 /// The file length the prefix and header in `head` imply.
 fn implied_len(head: &[u8]) -> Result<u64, DecodeError> {
     let (header, head_len) = decode_header(head)?;
-    let (leaves, chunks) = digest_bytes(&header.layout)?;
+    let (leaves, map, pieces) = section_bytes(&header)?;
     leaves
-        .checked_add(chunks)
+        .checked_add(map)
+        .and_then(|d| d.checked_add(pieces))
         .and_then(|d| d.checked_add((PREFIX_LEN + head_len + CHECKSUM_LEN) as u64))
         .ok_or(DecodeError::Overflow)
 }
@@ -275,23 +288,26 @@ pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
     }
     let (header, head_len) = decode_header(body)?;
     let l = header.layout;
-    let (leaves_len, chunks_len) = digest_bytes(&l)?;
+    let (leaves_len, map_len, pieces_len) = section_bytes(&header)?;
     let data = &body[PREFIX_LEN + head_len..];
-    let expected = leaves_len.checked_add(chunks_len).ok_or(DecodeError::Overflow)?;
+    let expected =
+        leaves_len.checked_add(map_len).and_then(|n| n.checked_add(pieces_len)).ok_or(DecodeError::Overflow)?;
     if expected != data.len() as u64 {
         return Err(DecodeError::DigestBytes { found: data.len() as u64, expected });
     }
     if header.valid_leaves > l.leaf_count() {
         return Err(DecodeError::ValidLeaves { valid: header.valid_leaves, leaves: l.leaf_count() });
     }
-    let (leaves, chunks) = data.split_at(leaves_len as usize);
+    let (leaves, rest) = data.split_at(leaves_len as usize);
+    let (map, pieces) = rest.split_at(map_len as usize);
+    let pieces = PieceTable::decode(l, header.valid_leaves, map, pieces).ok_or(DecodeError::ZeroMap)?;
     Ok(State {
         layout: l,
         device_path: header.device_path,
         stamp: header.stamp,
         valid_leaves: header.valid_leaves,
         leaves: leaves.to_vec(),
-        chunks: chunks.to_vec(),
+        pieces,
     })
 }
 
@@ -426,25 +442,47 @@ mod tests {
     pub(crate) fn sample() -> State {
         let layout = Layout { hash: HashAlgo::Blake3, buffer: 4096, chunk: Some(1024), fanout: 4, device_size: 10000 };
         let leaves: Vec<u8> = (0..3).flat_map(|i| HashAlgo::Blake3.digest(&[i]).as_bytes().to_vec()).collect();
-        let chunks: Vec<u8> = (0..layout.chunk_count() as u8)
-            .flat_map(|i| HashAlgo::Blake3.digest(&[i, 1]).as_bytes().to_vec())
-            .collect();
+        // Leaf 0 all zeros, leaf 1 with a zero piece among data, leaf 2 (short) data.
+        let mut pieces = PieceTable::new(layout);
+        pieces.set_zero(0);
+        let zero = HashAlgo::Blake3.zero_digest(1024);
+        let digest = |i: u8| HashAlgo::Blake3.digest(&[i, 1]);
+        pieces.set(1, &[digest(4), zero, digest(6), digest(7)]);
+        pieces.set(2, &[digest(8), digest(9)]);
         State {
             layout,
             device_path: "/tmp/disk.img".into(),
             stamp: Stamp::File(FileStamp { dev: 1, ino: 2, size: 10000, mtime: (3, 4), ctime: (5, 6) }),
             valid_leaves: 3,
             leaves,
-            chunks,
+            pieces,
         }
+    }
+
+    #[test]
+    fn zero_pieces_take_a_bit_and_zero_leaves_no_digest() {
+        let s = sample();
+        let bytes = encode(&s);
+        // Prefix, header, 3 leaf digests, 2 bytes of zero map, 5 piece digests, checksum.
+        let header = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+        assert_eq!(bytes.len(), 16 + header + 3 * 32 + 2 + 5 * 32 + 32);
+    }
+
+    #[test]
+    fn a_state_of_the_previous_format_is_named_as_such() {
+        let mut bytes = encode(&sample());
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let e = decode(&bytes).unwrap_err();
+        assert!(matches!(e, DecodeError::Version { found: 2, supported: 3 }), "{e}");
+        assert_eq!(e.to_string(), "format version 2, this basyn reads 3");
     }
 
     #[test]
     fn layout_arithmetic() {
         let l = sample().layout;
         assert_eq!(l.leaf_count(), 3);
-        assert_eq!(l.chunk_span(2), (8, 2)); // 10000 - 8192 = 1808 bytes: 2 chunks
-        assert_eq!(l.chunk_count(), 10);
+        assert_eq!(l.pieces_of(2), 2); // 10000 - 8192 = 1808 bytes: 2 pieces of 1 KiB
+        assert_eq!(l.piece_count(), 10);
     }
 
     #[test]
@@ -452,11 +490,11 @@ mod tests {
         let s = sample();
         let bytes = encode(&s);
         assert_eq!(decode(&bytes).unwrap(), s);
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/state/sample-v2.basyn-state");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/state/sample-v3.basyn-state");
         if std::env::var_os("BASYN_BLESS").is_some() {
             fs::write(path, &bytes).unwrap();
         }
-        let golden = fs::read(path).expect("fixtures/state/sample-v2.basyn-state (BASYN_BLESS=1 writes it)");
+        let golden = fs::read(path).expect("fixtures/state/sample-v3.basyn-state (BASYN_BLESS=1 writes it)");
         assert_eq!(decode(&golden).unwrap(), s, "the golden state no longer decodes to the sample");
         assert_eq!(bytes, golden, "the state encoding changed; bump FORMAT_VERSION instead");
     }

@@ -56,25 +56,11 @@ impl Layout {
         self.leaf_len(leaf).div_ceil(self.piece())
     }
 
-    /// Number of chunk digests under each full leaf.
-    pub fn chunks_per_leaf(&self) -> u64 {
-        self.chunk.map_or(0, |c| self.buffer.div_ceil(c))
-    }
-
-    /// Index of leaf `i`'s first chunk digest, and how many it has.
-    pub fn chunk_span(&self, leaf: u64) -> (u64, u64) {
-        let Some(c) = self.chunk else { return (0, 0) };
-        (leaf * self.chunks_per_leaf(), self.leaf_len(leaf).div_ceil(c))
-    }
-
-    /// Total number of chunk digests.
-    pub fn chunk_count(&self) -> u64 {
+    /// Total number of pieces of all leaves.
+    pub fn piece_count(&self) -> u64 {
         match self.leaf_count() {
             0 => 0,
-            n => {
-                let (first, count) = self.chunk_span(n - 1);
-                first + count
-            }
+            n => (n - 1) * self.pieces_of(0) + self.pieces_of(n - 1),
         }
     }
 }

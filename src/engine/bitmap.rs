@@ -95,7 +95,8 @@ pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>) -> Res
         stamp: Stamp::Declared,
         valid_leaves: layout.leaf_count(),
         leaves,
-        chunks: Vec::new(),
+        // A bitmap keeps leaf digests only, as the original's does.
+        pieces: crate::piece_table::PieceTable::new(*layout),
     })
     .map_err(BitmapError::Save)
 }

@@ -193,12 +193,12 @@ impl Session<'_> {
         renewed
     }
 
-    /// The run's parameters with the refinement decided. Refining a differing block needs
-    /// the receiver's digests of its pieces. Over SSH the link is what costs, so the
-    /// receiver's differing blocks are read to refine them. Locally a pipe costs nothing:
-    /// refine only when the receiver is read anyway, so that a fresh receiver state means
-    /// the receiver is not read at all. (With --chunk the states hold the chunk digests
-    /// and nothing extra is read either way.)
+    /// The run's parameters with the refinement decided. Every state keeps its leaves'
+    /// piece digests (16 KiB, or `--chunk`), so a differing leaf is always narrowed to
+    /// its differing pieces, and a receiver whose state is fresh answers for them without
+    /// being read. Going below the stored pieces (to 4 KiB) needs the receiver's
+    /// differing pieces read: done over SSH, where the link is what costs, and locally
+    /// only when the receiver is read anyway.
     fn run_params(&self, dir: Direction, ends: &Ends) -> Params {
         let receiver_fresh = match dir {
             Direction::Push => ends.remote_state.fresh,
@@ -206,8 +206,10 @@ impl Session<'_> {
         };
         let over_link = matches!(self.plan.transport, Transport::Ssh(_));
         let mut params = self.plan.params.clone();
-        if params.refine.is_none() && (over_link || !receiver_fresh) && params.buffer > super::DEFAULT_REFINE {
-            params.refine = Some(super::DEFAULT_REFINE);
+        let piece = ends.index.layout().piece() as usize;
+        if params.refine.is_none() && params.buffer > piece {
+            let below = (over_link || !receiver_fresh) && piece > super::DEFAULT_REFINE;
+            params.refine = Some(if below { super::DEFAULT_REFINE } else { piece });
         }
         params
     }
