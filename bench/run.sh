@@ -17,40 +17,9 @@ work=$(mktemp -d /var/tmp/basyn-bench.XXXXXX)
 cleanup() { [ -f "$work/sshd.pid" ] && kill "$(cat "$work/sshd.pid")" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-# --- a private sshd on a free loopback port
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-ssh-keygen -q -t ed25519 -N '' -f "$work/hostkey"
-ssh-keygen -q -t ed25519 -N '' -f "$work/userkey"
-cp "$work/userkey.pub" "$work/authorized_keys"
-cat > "$work/sshd_config" <<CFG
-Port $port
-ListenAddress 127.0.0.1
-HostKey $work/hostkey
-AuthorizedKeysFile $work/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-UsePAM no
-StrictModes no
-PidFile $work/sshd.pid
-SetEnv XDG_CACHE_HOME=$work/cache
-CFG
-echo "[127.0.0.1]:$port $(cat "$work/hostkey.pub")" > "$work/known_hosts"
-cat > "$work/ssh_config" <<CFG
-Host benchhost
-  HostName 127.0.0.1
-  Port $port
-  User root
-  IdentityFile $work/userkey
-  IdentitiesOnly yes
-  UserKnownHostsFile $work/known_hosts
-  StrictHostKeyChecking yes
-CFG
-mkdir -p /run/sshd
-/usr/sbin/sshd -f "$work/sshd_config" -E "$work/sshd.log"
-for _ in $(seq 50); do ssh -F "$work/ssh_config" benchhost true 2>/dev/null && break; sleep 0.1; done
-export BASYN_SSH_CONFIG="$work/ssh_config"
-ssh_cmd="ssh -F $work/ssh_config"
+# --- a private sshd on a free loopback port (host "benchhost"; sets ssh_cmd)
+. bench/lib.sh
+bench_sshd "$work"
 
 # --- data: a random image, and the same image with PCT% scattered 4 KiB blocks changed
 echo "preparing ${size_mib} MiB images in $work ..." >&2

@@ -16,6 +16,7 @@ command -v partx     >/dev/null || need+=(util-linux)
 [ -x /usr/sbin/sshd ]            || need+=(openssh-server)
 command -v ssh       >/dev/null || need+=(openssh-client)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
+[ -x /usr/bin/time ]             || need+=(time)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

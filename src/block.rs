@@ -113,6 +113,11 @@ impl BlockFrame {
         BlockFrame { offset, raw_len: data.len() as u32, codec: pc, check, payload }
     }
 
+    /// A run of `len` zeros at `offset`, to be checked against `check`: a token, no data.
+    pub fn zeros(offset: u64, len: u32, check: Check) -> BlockFrame {
+        BlockFrame { offset, raw_len: len, codec: PayloadCodec::Zero, check, payload: Vec::new() }
+    }
+
     /// Checks the frame against a device of which `limit` bytes may be written, decodes
     /// it and checks its data against the source digests it carries under `layout`'s
     /// rules. This is the only way from wire bytes to data that may be written.

@@ -365,6 +365,12 @@ impl Device {
         self.known_zero.covers(offset, offset.saturating_add(len))
     }
 
+    /// True if `[offset, offset+len)` is known to read as zeros without reading it: a
+    /// hole of a regular file.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.kind == Kind::File && sparse::is_hole(&self.file, offset, len)
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`. The holes of a regular file are not
     /// read (they read as zeros) and not counted in [`Device::bytes_read`].
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {

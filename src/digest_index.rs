@@ -462,6 +462,11 @@ impl DigestIndex {
         buf: &mut Vec<u8>,
     ) -> Result<(Digest, Vec<Digest>), DeviceError> {
         let (offset, len) = self.layout.leaf_span(leaf);
+        if device.is_hole(offset, len) {
+            let (d, pieces) = zero_leaf_digest(&self.layout, len);
+            self.learn(leaf, &d, &pieces);
+            return Ok((d, pieces));
+        }
         buf.resize(len as usize, 0);
         device.read_at(offset, buf)?;
         let (d, chunks) = leaf_digest(&self.layout, buf);

@@ -39,10 +39,11 @@ impl PieceTable {
     /// Leaf `i`'s piece digests, if known.
     pub fn get(&self, i: u64) -> Option<Vec<Digest>> {
         let count = self.layout.pieces_of(i) as usize;
-        let zero = |k: usize| self.layout.hash.zero_digest(self.piece_len(i, k));
+        let zeros = crate::tree::zero_leaf_digest(&self.layout, self.layout.leaf_len(i)).1;
+        let zero = |k: usize| zeros[k];
         match self.leaves.get(i as usize)? {
             Leaf::Unknown => None,
-            Leaf::Zero => Some((0..count).map(zero).collect()),
+            Leaf::Zero => Some(zeros),
             Leaf::Pieces { zero: bits, digests } => {
                 let dl = self.layout.hash.digest_len();
                 let mut next = digests.chunks(dl);
@@ -58,8 +59,8 @@ impl PieceTable {
         if pieces.len() as u64 != self.layout.pieces_of(i) || i >= self.leaves.len() as u64 {
             return;
         }
-        let zero: Vec<bool> =
-            pieces.iter().enumerate().map(|(k, d)| *d == self.layout.hash.zero_digest(self.piece_len(i, k))).collect();
+        let zeros = crate::tree::zero_leaf_digest(&self.layout, self.layout.leaf_len(i)).1;
+        let zero: Vec<bool> = pieces.iter().zip(&zeros).map(|(d, z)| d == z).collect();
         self.leaves[i as usize] = if zero.iter().all(|z| *z) {
             Leaf::Zero
         } else {
@@ -95,11 +96,6 @@ impl PieceTable {
         }
     }
 
-    fn piece_len(&self, leaf: u64, k: usize) -> usize {
-        let p = self.layout.piece();
-        (self.layout.leaf_len(leaf) - k as u64 * p).min(p) as usize
-    }
-
     /// The zero map of leaves `0..valid` (one bit per piece, set for a zero piece, least
     /// significant bit first, the pieces of leaf after leaf) and the digests of their
     /// other pieces: what a state file stores. Leaves from `valid` on are stored as zeros.
@@ -110,13 +106,12 @@ impl PieceTable {
         let mut at = 0usize;
         for (i, leaf) in self.leaves.iter().enumerate() {
             let count = self.layout.pieces_of(i as u64) as usize;
-            let set = |map: &mut Vec<u8>, k: usize| map[(at + k) / 8] |= 1 << ((at + k) % 8);
             match leaf {
                 Leaf::Pieces { zero, digests: d } if (i as u64) < valid => {
-                    (0..count).filter(|&k| bit(zero, k)).for_each(|k| set(&mut map, k));
+                    (0..count).filter(|&k| bit(zero, k)).for_each(|k| map[(at + k) / 8] |= 1 << ((at + k) % 8));
                     digests.extend_from_slice(d);
                 }
-                _ => (0..count).for_each(|k| set(&mut map, k)),
+                _ => set_bits(&mut map, at, count),
             }
             at += count;
         }
@@ -136,7 +131,7 @@ impl PieceTable {
         let (mut at, mut next) = (0usize, 0usize);
         for i in 0..layout.leaf_count() {
             let count = layout.pieces_of(i) as usize;
-            let nonzero = (0..count).filter(|&k| !zero_bit(at + k)).count();
+            let nonzero = count - ones(map, at, count);
             if i < valid {
                 table.leaves[i as usize] = if nonzero == 0 {
                     Leaf::Zero
@@ -152,6 +147,39 @@ impl PieceTable {
         }
         (next * dl == digests.len()).then_some(table)
     }
+}
+
+/// Sets bits `at..at+count` of a byte map, whole bytes at a time where it can.
+fn set_bits(map: &mut [u8], at: usize, count: usize) {
+    let (mut k, end) = (at, at + count);
+    while k < end && !k.is_multiple_of(8) {
+        map[k / 8] |= 1 << (k % 8);
+        k += 1;
+    }
+    let whole = (end - k) / 8;
+    map[k / 8..k / 8 + whole].fill(0xff);
+    k += whole * 8;
+    while k < end {
+        map[k / 8] |= 1 << (k % 8);
+        k += 1;
+    }
+}
+
+/// The number of set bits `at..at+count` of a byte map.
+fn ones(map: &[u8], at: usize, count: usize) -> usize {
+    let (mut k, end, mut n) = (at, at + count, 0);
+    while k < end && !k.is_multiple_of(8) {
+        n += usize::from(map[k / 8] & (1 << (k % 8)) != 0);
+        k += 1;
+    }
+    let whole = (end - k) / 8;
+    n += map[k / 8..k / 8 + whole].iter().map(|b| b.count_ones() as usize).sum::<usize>();
+    k += whole * 8;
+    while k < end {
+        n += usize::from(map[k / 8] & (1 << (k % 8)) != 0);
+        k += 1;
+    }
+    n
 }
 
 fn bit(bits: &[u64], k: usize) -> bool {
@@ -196,6 +224,19 @@ mod tests {
         assert!(partial.known(1) && !partial.known(2));
         assert!(PieceTable::decode(l, 3, &map[1..], &digests).is_none());
         assert!(PieceTable::decode(l, 3, &map, &digests[1..]).is_none());
+    }
+
+    #[test]
+    fn bit_ranges_are_set_and_counted_across_byte_boundaries() {
+        for (at, count) in [(0usize, 0usize), (0, 8), (3, 2), (3, 13), (5, 30), (16, 16)] {
+            let mut map = vec![0u8; 8];
+            set_bits(&mut map, at, count);
+            let expected: Vec<usize> = (at..at + count).collect();
+            let got: Vec<usize> = (0..64).filter(|&k| map[k / 8] & (1 << (k % 8)) != 0).collect();
+            assert_eq!(got, expected, "{at}+{count}");
+            assert_eq!(ones(&map, 0, 64), count);
+            assert_eq!(ones(&map, at, count), count);
+        }
     }
 
     #[test]

@@ -183,6 +183,9 @@ impl Served {
             }
             Frame::Control(Message::Read { offset, len }) => {
                 check_range(self.limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
+                if self.device.is_hole(offset, u64::from(len)) {
+                    return Ok(Some(Frame::Block(BlockFrame::zeros(offset, len, Check::None))));
+                }
                 buf.resize(len as usize, 0);
                 self.device.read_at(offset, buf)?;
                 if self.role == Role::Read {

@@ -47,6 +47,18 @@ pub fn read_skipping_holes(file: &File, offset: u64, buf: &mut [u8]) -> io::Resu
     Ok(read)
 }
 
+/// True if `[offset, offset+len)` of a regular file is all hole, so it reads as zeros
+/// without being read. False where the file system cannot tell, or past the end.
+pub fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    let end = offset.saturating_add(len);
+    match seek(file, offset, libc::SEEK_DATA) {
+        Ok(data) => data >= end && file.metadata().is_ok_and(|m| m.len() >= end),
+        // No data from `offset` to the end of the file.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => file.metadata().is_ok_and(|m| m.len() >= end),
+        Err(_) => false,
+    }
+}
+
 fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<u64> {
     // SAFETY: lseek on a valid descriptor; the position it sets is not used (all I/O is
     // positioned).
@@ -181,6 +193,8 @@ mod tests {
         assert!(buf == expected, "the holes did not read as zeros");
         // File systems allocate in blocks of up to 64 KiB: only about the data is read.
         assert!((8192..=128 << 10).contains(&read), "{read} bytes read for 8 KiB of data");
+        assert!(is_hole(&f, 0, 1 << 20) && is_hole(&f, 2 << 20, 2 << 20));
+        assert!(!is_hole(&f, 0, (1 << 20) + 1) && !is_hole(&f, 3 << 20, 2 << 20), "data or the end is no hole");
         let mut past = vec![0u8; 100];
         assert!(read_skipping_holes(&f, (4 << 20) - 50, &mut past).is_err(), "a read past the end must fail");
     }

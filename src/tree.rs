@@ -84,12 +84,23 @@ pub fn leaf_digest(layout: &Layout, data: &[u8]) -> (Digest, Vec<Digest>) {
     (pieces_root(layout, &pieces), pieces)
 }
 
-/// The leaf rule for a leaf of `len` zero bytes, without any zeros to hash.
+/// The leaf rule for a leaf of `len` zero bytes, without any zeros to hash (computed
+/// once per hash, piece size and length).
 pub fn zero_leaf_digest(layout: &Layout, len: u64) -> (Digest, Vec<Digest>) {
+    type Cache = std::sync::Mutex<std::collections::HashMap<(HashAlgo, u64, u64), (Digest, Vec<Digest>)>>;
+    static ZEROS: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let key = (layout.hash, layout.piece(), len);
+    let cache = ZEROS.get_or_init(Default::default);
+    // A poisoned cache only means another thread panicked while inserting whole entries.
+    if let Some(hit) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return hit.clone();
+    }
     let piece = layout.piece();
     let pieces: Vec<Digest> =
         (0..len.div_ceil(piece)).map(|k| layout.hash.zero_digest((len - k * piece).min(piece) as usize)).collect();
-    (pieces_root(layout, &pieces), pieces)
+    let value = (pieces_root(layout, &pieces), pieces);
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, value.clone());
+    value
 }
 
 /// The leaf digest over its piece digests.

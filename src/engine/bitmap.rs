@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::compare::Purpose;
+use super::reader::Data;
 use super::session::{Session, absorb, local_index, name, receiver_name};
 use super::window::{Comparison, Ctx, WINDOW, Window};
 use super::{BitmapPlan, Direction, Error, Fault, Plan};
@@ -18,7 +19,7 @@ use crate::protocol::{Access, StateOptions};
 use crate::report::Reporter;
 use crate::stamp::{Role, Stamp};
 use crate::state::{DecodeError, State, StateError, StateFile};
-use crate::tree::{Layout, leaf_digest};
+use crate::tree::{Layout, leaf_digest, zero_leaf_digest};
 
 const HINT: &str = "use --reset-bitmap to rebuild it (the receiver is then read once)";
 
@@ -138,16 +139,18 @@ fn push(ctx: Ctx<'_>, theirs: &dyn Fn(u64) -> Option<Digest>) -> Result<(Compari
     let mut source = Vec::with_capacity(layout.leaf_count() as usize * layout.hash.digest_len());
     let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| ctx.index.leaf(i).is_some()).collect();
     std::thread::scope(|scope| {
-        let rx = super::reader::spawn(scope, local, layout, skip, move |_, data| {
-            data.map(|d| (leaf_digest(&layout, &d).0, d))
+        let rx = super::reader::spawn(scope, local, layout, skip, move |offset, data| match data {
+            Data::Skipped => None,
+            Data::Zero => Some((zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer)), None)),
+            Data::Read(d) => Some((leaf_digest(&layout, &d), Some(d))),
         });
         let mut w = Window::new(ctx, Purpose::Sync(Direction::Push));
         for leaf in rx {
             let leaf = leaf?;
             let (ours, data) = match leaf.value {
-                Some((d, data)) => {
-                    w.ctx.index.learn(leaf.index, &d, &[]);
-                    (d, Some(data))
+                Some(((d, pieces), data)) => {
+                    w.ctx.index.learn(leaf.index, &d, &pieces);
+                    (d, data)
                 }
                 None => (w.ctx.index.leaf(leaf.index).ok_or(Fault::Internal("skipped leaf unknown"))?, None),
             };

@@ -4,11 +4,11 @@
 //! fresh, the trees are walked instead, one round trip per level, and nothing that is
 //! equal is ever read.
 
-use super::reader::{self, Leaf};
+use super::reader::{self, Data, Leaf};
 use super::window::{Comparison, Ctx, WINDOW, Window};
 use super::{Direction, Fault};
 use crate::hash::Digest;
-use crate::tree::leaf_digest;
+use crate::tree::{leaf_digest, zero_leaf_digest};
 
 /// What to do with differing blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,9 +38,14 @@ pub fn run(ctx: Ctx<'_>, purpose: Purpose) -> Result<Comparison, Fault> {
     let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| ctx.index.leaf(i).is_some()).collect();
     let local = ctx.local;
     std::thread::scope(|scope| {
-        let local_rx = reader::spawn(scope, local, layout, skip, move |_, data| match data {
-            None => Local { read: None, data: None },
-            Some(data) => {
+        let local_rx = reader::spawn(scope, local, layout, skip, move |offset, data| match data {
+            Data::Skipped => Local { read: None, data: None },
+            // A hole: its digests are those of zeros, and its data is read again (as the
+            // hole it is) only if it must be sent.
+            Data::Zero => {
+                Local { read: Some(zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer))), data: None }
+            }
+            Data::Read(data) => {
                 let (d, pieces) = leaf_digest(&layout, &data);
                 Local { read: Some((d, pieces)), data: keep_data.then_some(data) }
             }

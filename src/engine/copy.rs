@@ -5,14 +5,14 @@
 
 use std::collections::VecDeque;
 
-use super::reader;
+use super::reader::{self, Data};
 use super::window::{Checkpoints, Ctx};
 use super::{Direction, Fault};
 use crate::block::{BlockFrame, Check};
 use crate::compress::Codec;
 use crate::hash::is_zero;
 use crate::stamp::Role;
-use crate::tree::leaf_digest;
+use crate::tree::{leaf_digest, zero_leaf_digest};
 
 /// Bytes of reads kept in flight for PULL.
 const PULL_WINDOW: u64 = 32 << 20;
@@ -31,10 +31,16 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
     let track = ctx.index.enabled();
     let local = ctx.local;
     std::thread::scope(|scope| {
-        let rx = reader::spawn(scope, local, layout, Vec::new(), move |offset, data| {
-            let data = data.unwrap_or_default();
-            let digests = track.then(|| leaf_digest(&layout, &data));
-            (frames(offset, &data, layout.piece() as usize, codec), digests)
+        let rx = reader::spawn(scope, local, layout, Vec::new(), move |offset, data| match data {
+            Data::Read(data) => {
+                let digests = track.then(|| leaf_digest(&layout, &data));
+                (frames(offset, &data, layout.piece() as usize, codec), digests)
+            }
+            _ => {
+                let len = layout.leaf_len(offset / layout.buffer);
+                let digests = track.then(|| zero_leaf_digest(&layout, len));
+                (vec![BlockFrame::zeros(offset, len as u32, Check::None)], digests)
+            }
         });
         let mut written = 0;
         let mut checkpoints = Checkpoints::new();

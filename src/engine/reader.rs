@@ -12,6 +12,16 @@ use crate::tree::Layout;
 /// Leaves read ahead of the main thread.
 const DEPTH: usize = 8;
 
+/// What the reader has of one leaf for the per-leaf work.
+pub enum Data {
+    /// Not read: the caller knows it already.
+    Skipped,
+    /// A hole of a regular file: zeros, not read.
+    Zero,
+    /// The leaf's bytes.
+    Read(Vec<u8>),
+}
+
 /// One leaf: its index, offset, length and the result of the per-leaf work.
 pub struct Leaf<T> {
     /// Leaf index.
@@ -25,7 +35,7 @@ pub struct Leaf<T> {
 }
 
 /// Reads the leaves of `layout` from `device` on a scoped thread, except those marked in
-/// `skip`, applies `work(offset, data)` to each (with `None` for a skipped leaf) and
+/// `skip` and holes, applies `work(offset, data)` to each and
 /// delivers them in order through a channel holding at most [`DEPTH`] leaves. The
 /// thread stops at the first read error, which it delivers, or when the receiver goes.
 pub fn spawn<'scope, 'env, T, F>(
@@ -37,7 +47,7 @@ pub fn spawn<'scope, 'env, T, F>(
 ) -> Receiver<Result<Leaf<T>, DeviceError>>
 where
     T: Send + 'scope,
-    F: Fn(u64, Option<Vec<u8>>) -> T + Send + 'scope,
+    F: Fn(u64, Data) -> T + Send + 'scope,
 {
     let (tx, rx) = sync_channel(DEPTH);
     scope.spawn(move || {
@@ -45,10 +55,17 @@ where
             let (offset, len) = layout.leaf_span(index);
             let len = len as usize;
             let leaf = if skip.get(index as usize).copied().unwrap_or(false) {
-                Ok(Leaf { index, offset, len, value: work(offset, None) })
+                Ok(Leaf { index, offset, len, value: work(offset, Data::Skipped) })
+            } else if device.is_hole(offset, len as u64) {
+                Ok(Leaf { index, offset, len, value: work(offset, Data::Zero) })
             } else {
                 let mut buf = vec![0u8; len];
-                device.read_at(offset, &mut buf).map(|()| Leaf { index, offset, len, value: work(offset, Some(buf)) })
+                device.read_at(offset, &mut buf).map(|()| Leaf {
+                    index,
+                    offset,
+                    len,
+                    value: work(offset, Data::Read(buf)),
+                })
             };
             let failed = leaf.is_err();
             if tx.send(leaf).is_err() || failed {
