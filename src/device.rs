@@ -80,6 +80,9 @@ impl Identity {
 pub enum Problem {
     /// The path does not exist.
     Missing,
+    /// The receiver does not exist, and its directory is on a pseudo file system (a
+    /// mistyped `/dev/...` path), where no image may be created.
+    NoSuchDevice(String),
     /// The path exists but is neither a regular file nor a block device.
     WrongKind(&'static str),
     /// Opening or querying failed.
@@ -104,6 +107,10 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Missing => f.write_str("no such file or device"),
+            Problem::NoSuchDevice(fs) => write!(
+                f,
+                "no such device (a missing receiver is created only on a regular file system, and this directory is on {fs})"
+            ),
             Problem::WrongKind(what) => write!(f, "is {what}, not a regular file or block device"),
             Problem::Io(doing, e) => write!(f, "cannot {doing}: {}", describe_io(e)),
             Problem::Empty => f.write_str("nothing to sync: the source is empty (size 0)"),
@@ -265,6 +272,9 @@ impl Device {
 
     fn create(path: &Path, side: Side, spec: &ReceiverSpec) -> Result<Device, DeviceError> {
         let err = |problem| DeviceError { side, path: path.display().to_string(), problem };
+        if let Some(fs) = pseudo_file_system(path) {
+            return Err(err(Problem::NoSuchDevice(fs)));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -277,7 +287,7 @@ impl Device {
         }
         if let Err(e) = file.set_len(spec.source_size) {
             let _ = fs::remove_file(path);
-            return Err(err(Problem::Io("size the new file", e)));
+            return Err(err(Problem::Io("size the new file (it was removed: nothing was kept)", e)));
         }
         let mut dev = Device::finish_open(file, path, side, Kind::File, false)?;
         // A new file is one hole: it reads as zeros and stays sparse.
@@ -466,6 +476,39 @@ fn lock(file: &File) -> Result<(), Problem> {
         Err(fs::TryLockError::WouldBlock) => Err(Problem::Locked),
         Err(fs::TryLockError::Error(e)) => Err(Problem::Io("lock", e)),
     }
+}
+
+/// File systems where a missing receiver must not be created as an image: kernel
+/// interfaces, and `devtmpfs`, where a mistyped `/dev/...` would become a file in RAM.
+const PSEUDO: [&str; 16] = [
+    "devtmpfs",
+    "proc",
+    "sysfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "configfs",
+    "fusectl",
+    "pstore",
+    "bpf",
+    "mqueue",
+    "efivarfs",
+    "hugetlbfs",
+];
+
+/// The type of the pseudo file system `path`'s directory is on, if it is on one. `/dev`
+/// itself counts as one whatever it is mounted as.
+fn pseudo_file_system(path: &Path) -> Option<String> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = fs::canonicalize(parent).ok()?;
+    let fs = sysfs::fs_type(fs::metadata(&dir).ok()?.dev()).unwrap_or_default();
+    if PSEUDO.contains(&fs.as_str()) || dir.starts_with("/dev") {
+        return Some(if fs.is_empty() { "a pseudo file system".into() } else { fs });
+    }
+    None
 }
 
 fn stat_problem(e: io::Error) -> Problem {

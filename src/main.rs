@@ -9,6 +9,12 @@ use basyn::report::{Interrupts, Stats};
 use basyn::{engine, serve};
 
 fn main() -> ExitCode {
+    // A file size limit (`ulimit -f`) must be an error (EFBIG) that basyn reports and
+    // cleans up after, not a signal that kills it with a half-made receiver left behind.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let code = match cli::parse(std::env::args_os()) {
         Err(Stop::Info(text)) => {
             print!("{text}");

@@ -323,22 +323,7 @@ fn check_request(req: &OpenRequest) -> Result<(), Abort> {
 
 /// The client chooses this path: never let it replace a file that is not a state.
 fn check_state_path(p: &Path) -> Result<(), Abort> {
-    let refuse = |why: &str| {
-        Err(Abort { code: AbortCode::Precondition, message: format!("remote state file {}: {why}", p.display()) })
-    };
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.file_type().is_symlink() => refuse("is a symbolic link; refusing to replace it"),
-        Ok(m) if !m.is_file() => refuse("is not a regular file"),
-        Ok(_) => {
-            let mut head = [0u8; 8];
-            let magic = std::fs::File::open(p).and_then(|mut f| Read::read_exact(&mut f, &mut head));
-            if magic.is_err() || head != crate::state::MAGIC {
-                return refuse("exists and is not a basyn state file; refusing to replace it");
-            }
-            Ok(())
-        }
-        Err(_) => Ok(()),
-    }
+    crate::state::check_path(p).map_err(|e| Abort { code: AbortCode::Precondition, message: format!("remote {e}") })
 }
 
 /// Opens the served device as asked; a refusal is an `Abort` with the precondition code.

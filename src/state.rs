@@ -178,6 +178,14 @@ pub enum StateError {
         /// What is wrong.
         source: DecodeError,
     },
+    /// The path may not be used for a state: it would replace something that is not one.
+    #[error("state file {path}: {why}")]
+    Refused {
+        /// The path.
+        path: String,
+        /// Why.
+        why: &'static str,
+    },
     /// The device has too many leaves for the digest tables of one run.
     #[error(
         "{device}: {leaves} blocks of {buffer} bytes would need {mib} MiB of digests in memory; use a larger --buffer (or --chunk)"
@@ -342,6 +350,26 @@ fn state_dir() -> PathBuf {
     match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("basyn"),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/state/basyn"),
+    }
+}
+
+/// Refuses a path that a state (or bitmap) saved there would wrongly replace: a
+/// symbolic link, something that is not a regular file, or a file that exists and is
+/// not a basyn state. A missing path, or an existing state, is fine.
+pub fn check_path(path: &Path) -> Result<(), StateError> {
+    let refuse = |why| Err(StateError::Refused { path: path.display().to_string(), why });
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => refuse("is a symbolic link; refusing to replace it"),
+        Ok(m) if !m.is_file() => refuse("is not a regular file; refusing to replace it"),
+        Ok(_) => {
+            let mut head = [0u8; 8];
+            let magic = File::open(path).and_then(|mut f| f.read_exact(&mut head));
+            if magic.is_err() || head != MAGIC {
+                return refuse("exists and is not a basyn state file; refusing to replace it");
+            }
+            Ok(())
+        }
+        Err(_) => Ok(()),
     }
 }
 

@@ -119,6 +119,18 @@ pub fn mounted_at(numbers: &[(u32, u32)]) -> Option<String> {
     })
 }
 
+/// The file system type (`ext4`, `tmpfs`, `devtmpfs`, `proc`, ...) of the mount whose
+/// device number is `dev` (`st_dev` of a file on it).
+pub fn fs_type(dev: u64) -> Option<String> {
+    let numbers = major_minor(dev);
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let majmin = line.split(' ').nth(2)?;
+        let (_, after) = line.split_once(" - ")?;
+        (parse_major_minor(majmin)? == numbers).then(|| after.split(' ').next().unwrap_or("").to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +149,14 @@ mod tests {
         assert_eq!(parse_major_minor("7:3"), Some((7, 3)));
         assert_eq!(parse_major_minor("7-3"), None);
         assert_eq!(major_minor(libc::makedev(259, 12) as u64), (259, 12));
+    }
+
+    #[test]
+    fn dev_is_a_pseudo_file_system_and_proc_is_proc() {
+        let dev = |p: &str| std::os::unix::fs::MetadataExt::dev(&fs::metadata(p).unwrap());
+        assert_eq!(fs_type(dev("/proc")).as_deref(), Some("proc"));
+        let devfs = fs_type(dev("/dev")).unwrap_or_default();
+        assert!(devfs == "devtmpfs" || devfs == "tmpfs", "/dev is {devfs}");
     }
 
     #[test]

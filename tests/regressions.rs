@@ -590,3 +590,86 @@ fn a_killed_run_resumes_from_its_source_checkpoint() {
     assert!(local < size as u64, "the rerun read the whole source again: local {local} bytes{r:?}");
     assert!(r.stdout.contains("fresh checkpoint"), "the rerun did not resume from the source's checkpoint{r:?}");
 }
+
+// ---------------------------------------------------------------------------
+// A local --state, --remote-state, -b or index --state path replaced whatever was there
+// (the source itself, with `--state a.img`); a mistyped `/dev/...` receiver became a file
+// in RAM.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_local_state_path_never_replaces_a_device_or_a_foreign_file() {
+    let t = tmp();
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    let data_a = random_image(&a, 81, 2 * MIB);
+    let data_b = random_image(&b, 82, 2 * MIB);
+    let notes = t.path().join("notes.txt");
+    fs::write(&notes, b"precious\n").unwrap();
+    let link = t.path().join("link.basyn-state");
+    symlink(&notes, &link).unwrap();
+    let sync = |extra: &[&str]| {
+        let mut args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"]);
+        args.extend(sv(extra));
+        basyn(&args)
+    };
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("--state on the source", vec!["--state", s(&a)]),
+        ("--state on the receiver", vec!["--state", s(&b)]),
+        ("--state on a foreign file", vec!["--state", s(&notes)]),
+        ("--state on a symbolic link", vec!["--state", s(&link)]),
+        ("--remote-state on the source", vec!["--remote-state", s(&a)]),
+        ("--bitmap on a foreign file", vec!["-b", s(&notes)]),
+        ("--bitmap on the receiver", vec!["-b", s(&b)]),
+    ];
+    for (what, extra) in cases {
+        let r = sync(&extra);
+        let line = r.fails(1, &["refusing"]);
+        assert!(line.contains("state") || line.contains("bitmap"), "{what}: {line}");
+        assert_content(&a, &data_a, what);
+        assert_content(&b, &data_b, what);
+        assert_eq!(fs::read(&notes).unwrap(), b"precious\n", "{what}: the foreign file was replaced");
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "{what}: the link was replaced");
+    }
+    let r = basyn(&sv(&["index", "--state", s(&notes), s(&a)]));
+    r.fails(1, &["refusing"]);
+    let r = basyn(&sv(&["index", "--state", s(&a), s(&a)]));
+    r.fails(1, &["refusing"]);
+    assert_content(&a, &data_a, "index");
+    assert_eq!(fs::read(&notes).unwrap(), b"precious\n");
+}
+
+#[test]
+fn a_mistyped_receiver_under_dev_is_not_created() {
+    let t = tmp();
+    let a = t.path().join("a.img");
+    random_image(&a, 83, MIB);
+    for name in ["/dev/basyn-test-no-such-device", "/dev/loop999p2"] {
+        let dev = Path::new(name);
+        let r = basyn(&sv(&["-l", s(&a), "-r", name, "-a", "push", "-m", "copy", "--no-state"]));
+        r.fails(1, &["no such device", name]);
+        assert!(!dev.exists(), "{name} was created");
+        let r = basyn(&sv(&["-l", name, "-r", s(&a), "-a", "pull", "-m", "copy", "--no-state"]));
+        r.fails(1, &["no such device"]);
+        assert!(!dev.exists(), "{name} was created by a PULL");
+    }
+}
+
+/// Under a file size limit (`ulimit -f`), creating a receiver killed the endpoint with
+/// SIGXFSZ and left a 0-byte file that every later run refused ("size 0 differs").
+#[test]
+fn efbig_while_creating_a_receiver_leaves_nothing_behind() {
+    let t = tmp();
+    let a = t.path().join("a.img");
+    random_image(&a, 84, 4 * MIB);
+    for dir in ["push", "pull"] {
+        let new = t.path().join(format!("new-{dir}.img"));
+        let (l, r) = if dir == "push" { (&a, &new) } else { (&new, &a) };
+        let args = sv(&["-l", s(l), "-r", s(r), "-a", dir, "-m", "copy", "--no-state"]);
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c").arg("ulimit -f 1000; exec \"$0\" \"$@\"").arg(env!("CARGO_BIN_EXE_basyn")).args(&args);
+        cmd.env_remove("CI").stdin(std::process::Stdio::null());
+        let run = spawn(cmd, &args).finish();
+        run.fails(1, &["file too large", "nothing was kept", s(&new)]);
+        assert!(!new.exists(), "{dir}: the receiver that could not be sized was left behind{run:?}");
+    }
+}

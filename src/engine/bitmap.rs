@@ -70,6 +70,7 @@ pub(super) type Out = Option<(Layout, Vec<u8>)>;
 /// mismatched bitmap is an error: rebuilding it would need the receiver read that the
 /// user opted out of.
 pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, BitmapError> {
+    crate::state::check_path(path).map_err(BitmapError::Read)?;
     let file = StateFile::at(path, false).map_err(BitmapError::Read)?;
     match file.load() {
         Ok(None) => Ok(None),
@@ -89,6 +90,7 @@ pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, BitmapError
 
 /// Saves `leaves` (the source's digests, which the receiver now holds) as the bitmap.
 pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>) -> Result<(), BitmapError> {
+    crate::state::check_path(path).map_err(BitmapError::Save)?;
     let file = StateFile::at(path, false).map_err(BitmapError::Save)?;
     file.save(&State {
         layout: *layout,

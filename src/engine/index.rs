@@ -1,7 +1,7 @@
 //! `basyn index DEVICE`: builds or refreshes the state of one device, reading only the
 //! leaves its state does not already prove. Over SSH the remote host does the work.
 
-use super::session::{layout, local_index, name};
+use super::session::{check_side_files, layout, local_index, name};
 use super::{Error, Fault, IndexPlan};
 use crate::compress::Codec;
 use crate::device::{Device, Side};
@@ -17,6 +17,9 @@ const BATCH_BYTES: u64 = 16 << 20;
 /// changes a device (`interrupts` is never told otherwise).
 pub fn index(plan: &IndexPlan, stats: &mut Stats, interrupts: &Interrupts) -> Result<(), Error> {
     let _ = interrupts;
+    if let (crate::protocol::StateMode::Path(p), Transport::Local) = (&plan.state.mode, &plan.transport) {
+        check_side_files(&[p], &[&plan.device])?;
+    }
     let mut rep = Reporter::new(plan.output);
     let result = match &plan.transport {
         Transport::Local => index_local(plan, &mut rep, stats),

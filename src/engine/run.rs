@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::compare::{self, Purpose};
-use super::session::{Session, absorb, both_fresh, layout, local_index, name, roots_equal};
+use super::session::{Session, absorb, both_fresh, check_side_files, layout, local_index, name, roots_equal};
 use super::window::{Comparison, Ctx};
 use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap, copy};
 use crate::compress::Codec;
@@ -32,6 +32,17 @@ struct Ends {
 
 /// Runs every phase the plan asks for over one endpoint (one SSH connection).
 pub fn run(plan: &Plan, rep: &mut Reporter, stats: &mut Stats, interrupts: &Interrupts) -> Result<(), Error> {
+    let mut devices = vec![plan.local.as_path()];
+    if plan.transport == Transport::Local {
+        devices.push(&plan.remote);
+    }
+    let mut files: Vec<&Path> = plan.bitmap.iter().map(|b| b.path.as_path()).collect();
+    for (opts, local) in [(&plan.state, true), (&plan.remote_state, plan.transport == Transport::Local)] {
+        if let (crate::protocol::StateMode::Path(p), true) = (&opts.mode, local) {
+            files.push(p);
+        }
+    }
+    check_side_files(&files, &devices)?;
     let mut session = Session::new(plan, rep, stats, interrupts);
     let mut bitmap_out = None;
     let result = session.phases(&mut bitmap_out);

@@ -64,6 +64,32 @@ pub(super) fn roots_equal(index: &mut DigestIndex, remote: &StateSummary) -> boo
     matches!((ours, &remote.root), (Some(a), Some(b)) if a.as_bytes() == b.as_slice())
 }
 
+/// `path` as the file system resolves it (symbolic links and `..` followed), also
+/// when it does not exist yet.
+fn resolved(path: &Path) -> std::path::PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (std::fs::canonicalize(parent), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Refuses state and bitmap paths that name a device of the run: saving one there would
+/// destroy the device. (`state::check_path` refuses any other file that is not a state.)
+pub(super) fn check_side_files(files: &[&Path], devices: &[&Path]) -> Result<(), Error> {
+    for file in files {
+        if devices.iter().any(|d| !d.as_os_str().is_empty() && resolved(d) == resolved(file)) {
+            let path = file.display().to_string();
+            let why = "is a device of this run; refusing to use it as a state or bitmap file";
+            return Err(Fault::State(crate::state::StateError::Refused { path, why }).refused());
+        }
+    }
+    Ok(())
+}
+
 /// A run in progress: the plan, where output goes, and the endpoint once connected.
 pub(super) struct Session<'a> {
     /// What to do.
