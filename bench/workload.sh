@@ -42,6 +42,8 @@
 #   rsync's --stats "Total bytes sent" + "Total bytes received"; blocksync-fast: its
 #   delta stream counted by a `dd` relay between it and ssh (dd's "bytes copied"), plus,
 #   without a kept digest file, the digest it fetches over ssh first (the digest's size).
+#   Device reads include the kernel's readahead (the loop device's read_ahead_kb, given in
+#   the header line), so a tool reading scattered pieces shows more than it asked for.
 # - check: `cmp` of src.img against the receiver; any difference fails the benchmark.
 # - basyn's own --stat figures for the receiver ("Read ... remote", "Blocks ... bytes
 #   written") are shown beside the measured ones.
@@ -135,7 +137,7 @@ PY
 tar -C / --null --no-recursion -T "$work/files" -cf - | tar -C "$work/tree" -xf -
 tree_bytes=$(du -sb "$work/tree" | cut -f1)
 mke2fs -q -t ext4 -U 6f1c1a3e-0b5c-4b8e-9d39-0e3c5a1b2c4d -E hash_seed=0d5e3f1a-2b4c-4d6e-8f10-213243546576 \
-  -d "$work/tree" "$work/old.img" "$size"
+  -d "$work/tree" "$work/old.img" "$size" >&2
 rm -rf "$work/tree" "$work/files"
 cp --sparse=always "$work/old.img" "$work/src.img"
 python3 - "$work/src.img" "$nchanged" "$region_mib" <<'PY'
@@ -192,13 +194,14 @@ old_receiver() {
   detach_receiver
   cp --sparse=always "$work/old.img" "$work/dst.img"
   recv_dev=$(losetup --find --show "$work/dst.img")
+  read_ahead_kb=$(cat "/sys/class/block/${recv_dev#/dev/}/queue/read_ahead_kb")
   recv=$recv_dev
   recv_backing="$work/dst.img"
 }
 # No receiver yet: it will be created as mnt/new.img on a fresh ext4 file system.
 new_file_receiver() {
   detach_receiver
-  truncate -s $((size_bytes + size_bytes / 5 + (64 << 20))) "$work/fs.img"
+  truncate -s $(((size_bytes + size_bytes / 5 + (64 << 20)) >> 20 << 20)) "$work/fs.img"
   mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$work/fs.img"
   recv_dev=$(losetup --find --show "$work/fs.img")
   mount "$recv_dev" "$work/mnt"
@@ -316,7 +319,7 @@ fi
 detach_receiver
 
 echo
-echo "$(date -u +%Y-%m-%d), $size ext4 image of /usr files (${zero_pct}% zero 4 KiB blocks, $(mib "$src_nonzero") MiB non-zero), changed: $nchanged random 4 KiB blocks + one $region_mib MiB region of random data, $(nproc) cores, ssh on 127.0.0.1, page cache dropped before each run"
+echo "$(date -u +%Y-%m-%d), $size ext4 image of /usr files (${zero_pct}% zero 4 KiB blocks, $(mib "$src_nonzero") MiB non-zero), changed: $nchanged random 4 KiB blocks + one $region_mib MiB region of random data, $(nproc) cores, ssh on 127.0.0.1, page cache dropped before each run, receiver loop device read_ahead_kb $read_ahead_kb"
 echo
 echo "| run | time (s) | max RSS local / remote (MiB) | receiver read (MiB) | receiver written (MiB) | bytes on the wire | basyn --stat: receiver read / written (MiB) | note |"
 echo "|---|---:|---:|---:|---:|---:|---:|---|"

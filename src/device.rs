@@ -227,6 +227,7 @@ impl Device {
                 err(Problem::Io("open for writing", e))
             }
         })?;
+        advise_random(&file);
         let mut dev = Device::finish_open(file, path, side, kind, false)?;
         if spec.known_zero {
             dev.known_zero = KnownZero::from(0);
@@ -559,10 +560,20 @@ fn block_read_only(file: &File) -> io::Result<bool> {
 }
 
 fn advise_sequential(file: &File) {
+    advise(file, libc::POSIX_FADV_SEQUENTIAL);
+}
+
+/// A receiver is read, if at all, only where it differs (small pieces, to refine them):
+/// no read-ahead, which would read a window around each of them.
+fn advise_random(file: &File) {
+    advise(file, libc::POSIX_FADV_RANDOM);
+}
+
+fn advise(file: &File, how: libc::c_int) {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain advisory syscall on a valid descriptor; failure is harmless.
     unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, how);
     }
 }
 

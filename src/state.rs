@@ -229,9 +229,9 @@ pub fn encode(state: &State) -> Vec<u8> {
     out
 }
 
-/// The tree parameters and the header, from the prefix and header bytes alone.
-fn decode_header(bytes: &[u8]) -> Result<(Header, usize), DecodeError> {
-    if bytes.len() < PREFIX_LEN {
+/// At least `min` bytes, the magic, and this format version.
+fn check_prefix(bytes: &[u8], min: usize) -> Result<(), DecodeError> {
+    if bytes.len() < min {
         return Err(DecodeError::TooShort { len: bytes.len() as u64 });
     }
     if bytes[..8] != MAGIC {
@@ -241,6 +241,12 @@ fn decode_header(bytes: &[u8]) -> Result<(Header, usize), DecodeError> {
     if version != FORMAT_VERSION {
         return Err(DecodeError::Version { found: version, supported: FORMAT_VERSION });
     }
+    Ok(())
+}
+
+/// The tree parameters and the header, from the prefix and header bytes alone.
+fn decode_header(bytes: &[u8]) -> Result<(Header, usize), DecodeError> {
+    check_prefix(bytes, PREFIX_LEN)?;
     let head_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
     if head_len > MAX_HEADER || PREFIX_LEN + head_len > bytes.len() {
         return Err(DecodeError::HeaderLength { len: head_len });
@@ -280,16 +286,7 @@ fn implied_len(head: &[u8]) -> Result<u64, DecodeError> {
 
 /// Decodes and verifies a state; any inconsistency is an error, never a panic.
 pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
-    if bytes.len() < PREFIX_LEN + CHECKSUM_LEN {
-        return Err(DecodeError::TooShort { len: bytes.len() as u64 });
-    }
-    if bytes[..8] != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    if version != FORMAT_VERSION {
-        return Err(DecodeError::Version { found: version, supported: FORMAT_VERSION });
-    }
+    check_prefix(bytes, PREFIX_LEN + CHECKSUM_LEN)?;
     let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
     if HashAlgo::Blake3.digest(body).as_bytes() != sum {
         return Err(DecodeError::Checksum);
