@@ -355,9 +355,8 @@ fn state_dir() -> PathBuf {
 /// not a basyn state. A missing path, or an existing state, is fine.
 pub fn check_path(path: &Path) -> Result<(), StateError> {
     let refuse = |why| Err(StateError::Refused { path: path.display().to_string(), why });
+    check_kind(path)?;
     match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => refuse("is a symbolic link; refusing to replace it"),
-        Ok(m) if !m.is_file() => refuse("is not a regular file; refusing to replace it"),
         Ok(_) => {
             let mut head = [0u8; 8];
             let magic = File::open(path).and_then(|mut f| f.read_exact(&mut head));
@@ -367,6 +366,16 @@ pub fn check_path(path: &Path) -> Result<(), StateError> {
             Ok(())
         }
         Err(_) => Ok(()),
+    }
+}
+
+/// Refuses a path that is a symbolic link or exists and is not a regular file.
+pub fn check_kind(path: &Path) -> Result<(), StateError> {
+    let refuse = |why| Err(StateError::Refused { path: path.display().to_string(), why });
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => refuse("is a symbolic link; refusing to replace it"),
+        Ok(m) if !m.is_file() => refuse("is not a regular file; refusing to replace it"),
+        _ => Ok(()),
     }
 }
 

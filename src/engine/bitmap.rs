@@ -70,7 +70,7 @@ pub(super) type Out = Option<(Layout, Vec<u8>)>;
 /// mismatched bitmap is an error: rebuilding it would need the receiver read that the
 /// user opted out of.
 pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, BitmapError> {
-    crate::state::check_path(path).map_err(BitmapError::Read)?;
+    crate::state::check_kind(path).map_err(BitmapError::Read)?;
     let file = StateFile::at(path, false).map_err(BitmapError::Read)?;
     match file.load() {
         Ok(None) => Ok(None),
@@ -89,8 +89,11 @@ pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, BitmapError
 }
 
 /// Saves `leaves` (the source's digests, which the receiver now holds) as the bitmap.
-pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>) -> Result<(), BitmapError> {
-    crate::state::check_path(path).map_err(BitmapError::Save)?;
+/// A file there that is not a basyn state is replaced only when `rebuild` says the user
+/// asked for it (`--reset-bitmap`); a symbolic link or a non-regular file never is.
+pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>, rebuild: bool) -> Result<(), BitmapError> {
+    let check = if rebuild { crate::state::check_kind(path) } else { crate::state::check_path(path) };
+    check.map_err(BitmapError::Save)?;
     let file = StateFile::at(path, false).map_err(BitmapError::Save)?;
     file.save(&State {
         layout: *layout,
@@ -199,7 +202,7 @@ pub(super) fn after_run(plan: &Plan, result: Result<(), Error>, out: Out, rep: &
     let Some(b) = plan.bitmap.as_ref().filter(|b| !b.update_only) else { return result };
     match (&result, out) {
         (Ok(()), Some((layout, leaves))) => {
-            save(&b.path, &layout, &plan.local, leaves).map_err(|e| {
+            save(&b.path, &layout, &plan.local, leaves, b.reset).map_err(|e| {
                 let dir = plan.action.map_or(Direction::Push, |(d, _)| d);
                 Fault::Bitmap(e).transfer(&receiver_name(plan, dir))
             })?;
@@ -247,7 +250,7 @@ impl Session<'_> {
         self.stats.local_read += local.bytes_read();
         let (c, leaves) = result.map_err(refused)?;
         absorb(self.stats, &Comparison { blocks: len.div_ceil(plan.params.buffer as u64), ..c });
-        save(&b.path, index.layout(), &plan.local, leaves).map_err(|e| refused(e.into()))?;
+        save(&b.path, index.layout(), &plan.local, leaves, b.reset).map_err(|e| refused(e.into()))?;
         if dir == Direction::Push && !index.finish(&local, Role::Read).map_err(|e| refused(e.into()))? {
             return Err(Error::SourceMoved {
                 device: name(Side::Local, &plan.local),
@@ -274,7 +277,7 @@ mod tests {
         let p = dir.path().join("b.bitmap");
         assert!(load(&p, &layout(10000)).unwrap().is_none());
         let leaves: Vec<u8> = (0..3u8).flat_map(|i| HashAlgo::Blake3.digest(&[i]).as_bytes().to_vec()).collect();
-        save(&p, &layout(10000), Path::new("/dev/src"), leaves.clone()).unwrap();
+        save(&p, &layout(10000), Path::new("/dev/src"), leaves.clone(), false).unwrap();
         assert_eq!(load(&p, &layout(10000)).unwrap(), Some(leaves));
     }
 
@@ -283,7 +286,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("b.bitmap");
         let leaves = vec![0u8; 3 * 32];
-        save(&p, &layout(10000), Path::new("/dev/src"), leaves).unwrap();
+        save(&p, &layout(10000), Path::new("/dev/src"), leaves, false).unwrap();
         let e = load(&p, &layout(20000)).unwrap_err();
         assert!(matches!(e, BitmapError::Mismatch { .. }), "{e}");
         let text = e.to_string();
