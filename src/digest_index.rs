@@ -136,8 +136,13 @@ impl DigestIndex {
             StateMode::Default => (state::default_path(device.path(), device.kind()), true),
             StateMode::Path(p) => (p.clone(), false),
         };
-        // Never replace a file that is not a state: not the device, not anyone's file.
-        state::check_path(&path)?;
+        // Never replace a file that is not a state: not the device, not anyone's file. At
+        // basyn's own default name a corrupt file is a corrupt state, rebuilt; a link or a
+        // non-regular file is never replaced.
+        match opts.mode {
+            StateMode::Path(_) => state::check_path(&path)?,
+            _ => state::check_kind(&path)?,
+        }
         device.try_lock().map_err(|e| match e {
             std::fs::TryLockError::WouldBlock => StateError::Locked(device.path().display().to_string()),
             std::fs::TryLockError::Error(source) => StateError::Io { path: path.display().to_string(), source },
