@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::block::VerifiedBlock;
+use crate::occupancy;
 use crate::sparse::{self, KnownZero};
 use crate::sysfs;
 
@@ -245,7 +246,7 @@ impl Device {
             return Err(err(Problem::SameDevice(spec.source_name.clone())));
         }
         if !spec.force
-            && let Some(why) = in_use(&dev)
+            && let Some(why) = dev.in_use()
         {
             return Err(err(Problem::InUse(why)));
         }
@@ -273,7 +274,7 @@ impl Device {
 
     fn create(path: &Path, side: Side, spec: &ReceiverSpec) -> Result<Device, DeviceError> {
         let err = |problem| DeviceError { side, path: path.display().to_string(), problem };
-        if let Some(fs) = pseudo_file_system(path) {
+        if let Some(fs) = occupancy::pseudo_file_system(path) {
             return Err(err(Problem::NoSuchDevice(fs)));
         }
         let file = OpenOptions::new()
@@ -374,6 +375,15 @@ impl Device {
     /// True if `[offset, offset+len)` is known to hold zeros without reading it.
     pub fn known_zero(&self, offset: u64, len: u64) -> bool {
         self.known_zero.covers(offset, offset.saturating_add(len))
+    }
+
+    /// Why the device must not be written, if it is mounted, held by another device, or
+    /// (for an image file) backs a loop device.
+    fn in_use(&self) -> Option<String> {
+        match self.kind {
+            Kind::Block => occupancy::block_in_use(self.identity.rdev),
+            Kind::File => occupancy::file_in_use(self.identity.dev, self.identity.ino),
+        }
     }
 
     /// True if `[offset, offset+len)` is known to read as zeros without reading it: a
@@ -479,39 +489,6 @@ fn lock(file: &File) -> Result<(), Problem> {
     }
 }
 
-/// File systems where a missing receiver must not be created as an image: kernel
-/// interfaces, and `devtmpfs`, where a mistyped `/dev/...` would become a file in RAM.
-const PSEUDO: [&str; 16] = [
-    "devtmpfs",
-    "proc",
-    "sysfs",
-    "devpts",
-    "cgroup",
-    "cgroup2",
-    "securityfs",
-    "debugfs",
-    "tracefs",
-    "configfs",
-    "fusectl",
-    "pstore",
-    "bpf",
-    "mqueue",
-    "efivarfs",
-    "hugetlbfs",
-];
-
-/// The type of the pseudo file system `path`'s directory is on, if it is on one. `/dev`
-/// itself counts as one whatever it is mounted as.
-fn pseudo_file_system(path: &Path) -> Option<String> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let dir = fs::canonicalize(parent).ok()?;
-    let fs = sysfs::fs_type(fs::metadata(&dir).ok()?.dev()).unwrap_or_default();
-    if PSEUDO.contains(&fs.as_str()) || dir.starts_with("/dev") {
-        return Some(if fs.is_empty() { "a pseudo file system".into() } else { fs });
-    }
-    None
-}
-
 fn stat_problem(e: io::Error) -> Problem {
     if e.kind() == io::ErrorKind::NotFound { Problem::Missing } else { Problem::Io("access", e) }
 }
@@ -581,30 +558,6 @@ fn loop_backing(rdev: u64) -> Option<(u64, u64)> {
     let backing = sysfs::loop_backing_file(&sysfs::block_name(rdev)?)?;
     let meta = fs::metadata(backing).ok()?;
     Some((meta.dev(), meta.ino()))
-}
-
-/// Why a receiver must not be written, if it is mounted, held by another device,
-/// or (for an image file) backs a loop device.
-fn in_use(dev: &Device) -> Option<String> {
-    match dev.kind {
-        Kind::Block => {
-            let name = sysfs::block_name(dev.identity.rdev)?;
-            let holders = sysfs::holders(&name);
-            if !holders.is_empty() {
-                return Some(format!("held by {}", holders.join(", ")));
-            }
-            let mut numbers = vec![sysfs::major_minor(dev.identity.rdev)];
-            numbers.extend(sysfs::partitions(&name));
-            sysfs::mounted_at(&numbers).map(|m| format!("mounted at {m}"))
-        }
-        Kind::File => {
-            let me = (dev.identity.dev, dev.identity.ino);
-            sysfs::loop_devices().into_iter().find_map(|(name, backing)| {
-                let meta = fs::metadata(backing).ok()?;
-                ((meta.dev(), meta.ino()) == me).then(|| format!("it backs /dev/{name}"))
-            })
-        }
-    }
 }
 
 #[cfg(test)]

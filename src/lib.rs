@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod engine;
 pub mod hash;
 pub mod link;
+pub mod occupancy;
 pub mod piece_table;
 pub mod protocol;
 pub mod report;

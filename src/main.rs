@@ -25,9 +25,7 @@ fn main() -> ExitCode {
             1
         }
         Ok(Command::Serve(path)) => serve_stdio(&path),
-        Ok(Command::Index(plan)) => {
-            report(plan.output.stat, |stats, interrupts| engine::index(&plan, stats, interrupts))
-        }
+        Ok(Command::Index(plan)) => report(plan.output.stat, |stats, _| engine::index(&plan, stats)),
         Ok(Command::Protocol) => {
             println!("{}", basyn::ssh::protocol_line());
             0

@@ -236,9 +236,7 @@ static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 /// was written" (exit 1). The endpoint notices its input closing and exits by itself;
 /// states keep their last checkpoint.
 #[derive(Debug)]
-pub struct Interrupts {
-    installed: bool,
-}
+pub struct Interrupts(());
 
 impl Interrupts {
     /// Installs the handler for SIGINT and SIGTERM.
@@ -259,20 +257,13 @@ impl Interrupts {
             libc::signal(libc::SIGINT, handler as *const () as libc::sighandler_t);
             libc::signal(libc::SIGTERM, handler as *const () as libc::sighandler_t);
         }
-        Interrupts { installed: true }
-    }
-
-    /// For runs and tests without a handler: nothing to tell.
-    pub fn none() -> Interrupts {
-        Interrupts { installed: false }
+        Interrupts(())
     }
 
     /// From now on the receiving device may change (it is about to be opened, which may
     /// create or resize it).
     pub fn receiver_may_change(&self) {
-        if self.installed {
-            WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+        WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

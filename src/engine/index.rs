@@ -7,16 +7,15 @@ use crate::compress::Codec;
 use crate::device::{Device, Side};
 use crate::endpoint::{Endpoint, Transport};
 use crate::protocol::{Access, OpenRequest};
-use crate::report::{Interrupts, Reporter, Stats};
+use crate::report::{Reporter, Stats};
 use crate::stamp::Role;
 
 /// Leaf digests asked for per request when the remote host indexes.
 const BATCH_BYTES: u64 = 16 << 20;
 
 /// Runs `basyn index`, filling `stats`. An index only reads, so an interruption never
-/// changes a device (`interrupts` is never told otherwise).
-pub fn index(plan: &IndexPlan, stats: &mut Stats, interrupts: &Interrupts) -> Result<(), Error> {
-    let _ = interrupts;
+/// changes a device.
+pub fn index(plan: &IndexPlan, stats: &mut Stats) -> Result<(), Error> {
     if let (crate::protocol::StateMode::Path(p), Transport::Local) = (&plan.state.mode, &plan.transport) {
         check_side_files(&[p], &[&plan.device])?;
     }
