@@ -166,6 +166,9 @@ impl DigestIndex {
                 Freshness::Stale(why) => format!("state {shown} is stale: the device {why}; rebuilding it"),
             },
         };
+        // Piece digests past the memory budget wait beside the state they will go into.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        ledger.pieces.spill_in(dir);
         ledger.file = Some(file);
         Ok(ledger)
     }
@@ -371,17 +374,21 @@ impl DigestIndex {
         (0..self.known.len()).take_while(|&i| self.known[i] && self.pieces.known(i as u64)).count() as u64
     }
 
-    fn save(&self, stamp: Stamp) -> Result<(), StateError> {
+    /// Saves the confirmed prefix. The tables are lent to the state being written, not
+    /// copied: a checkpoint of a large device costs no memory.
+    fn save(&mut self, stamp: Stamp) -> Result<(), StateError> {
         let Some(file) = &self.file else { return Ok(()) };
-        let valid = self.valid_prefix();
-        file.save(&State {
+        let state = State {
             layout: self.layout,
             device_path: self.device_path.clone(),
             stamp,
-            valid_leaves: valid,
-            leaves: self.leaves.clone(),
-            pieces: self.pieces.clone(),
-        })
+            valid_leaves: self.valid_prefix(),
+            leaves: std::mem::take(&mut self.leaves),
+            pieces: std::mem::replace(&mut self.pieces, PieceTable::new(Layout { device_size: 0, ..self.layout })),
+        };
+        let saved = file.save(&state);
+        (self.leaves, self.pieces) = (state.leaves, state.pieces);
+        saved
     }
 
     /// A receiver's writes so far are made durable (fdatasync) and their digests known;

@@ -123,6 +123,22 @@ impl HashAlgo {
     }
 }
 
+/// BLAKE3 over bytes given piece by piece: the checksum of a file streamed in or out.
+#[derive(Default)]
+pub struct Checksum(blake3::Hasher);
+
+impl Checksum {
+    /// Adds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    /// The digest of everything added.
+    pub fn finish(&self) -> Digest {
+        Digest::from_slice(self.0.finalize().as_bytes())
+    }
+}
+
 /// True if every byte of `data` is zero (the empty slice included). Looks at every
 /// byte: data whose only non-zero byte is its last is not zero.
 pub fn is_zero(data: &[u8]) -> bool {

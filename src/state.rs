@@ -20,14 +20,14 @@
 //! reading the rest, so a corrupt file never makes basyn read or allocate without bound.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::device::Kind;
-use crate::hash::HashAlgo;
-use crate::piece_table::PieceTable;
+use crate::hash::{Checksum, HashAlgo};
+use crate::piece_table::{self, Digests, PieceTable};
 use crate::stamp::Stamp;
 use crate::tree::Layout;
 
@@ -53,7 +53,7 @@ struct Header {
 }
 
 /// A decoded state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct State {
     /// Parameters.
     pub layout: Layout,
@@ -204,29 +204,51 @@ pub enum StateError {
 
 /// Encodes a state (checksum included).
 pub fn encode(state: &State) -> Vec<u8> {
-    let (map, pieces) = state.pieces.encode(state.valid_leaves);
-    let dl = state.layout.hash.digest_len();
+    let mut out = Vec::new();
+    // Writing to a Vec fails only if a digest kept in a file cannot be read back.
+    let _ = write(state, &mut out);
+    out
+}
+
+/// Writes a state to `out`, streaming: the piece digests are never gathered in memory.
+fn write(state: &State, out: &mut dyn Write) -> io::Result<()> {
     let header = Header {
         layout: state.layout,
         device_path: state.device_path.clone(),
         stamp: state.stamp.clone(),
         valid_leaves: state.valid_leaves,
-        nonzero_pieces: (pieces.len() / dl) as u64,
+        nonzero_pieces: state.pieces.nonzero_pieces(state.valid_leaves),
         writer: format!("basyn {}", env!("CARGO_PKG_VERSION")),
     };
-    // A header is a few hundred bytes; postcard to a Vec cannot fail for these types.
-    let head = postcard::to_stdvec(&header).unwrap_or_default();
-    let mut out = Vec::with_capacity(16 + head.len() + state.leaves.len() + map.len() + pieces.len() + CHECKSUM_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(&state.leaves);
-    out.extend_from_slice(&map);
-    out.extend_from_slice(&pieces);
-    let sum = HashAlgo::Blake3.digest(&out);
-    out.extend_from_slice(sum.as_bytes());
-    out
+    let head = postcard::to_stdvec(&header).map_err(io::Error::other)?;
+    let mut out = Summed { inner: out, sum: Checksum::default() };
+    out.write_all(&MAGIC)?;
+    out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+    out.write_all(&(head.len() as u32).to_le_bytes())?;
+    out.write_all(&head)?;
+    out.write_all(&state.leaves)?;
+    out.write_all(&state.pieces.zero_map(state.valid_leaves))?;
+    state.pieces.write_digests(state.valid_leaves, &mut out)?;
+    let sum = out.sum.finish();
+    out.inner.write_all(sum.as_bytes())
+}
+
+/// A writer that checksums what passes through it.
+struct Summed<'a> {
+    inner: &'a mut dyn Write,
+    sum: Checksum,
+}
+
+impl Write for Summed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sum.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// At least `min` bytes, the magic, and this format version.
@@ -292,7 +314,6 @@ pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
         return Err(DecodeError::Checksum);
     }
     let (header, head_len) = decode_header(body)?;
-    let l = header.layout;
     let (leaves_len, map_len, pieces_len) = section_bytes(&header)?;
     let data = &body[PREFIX_LEN + head_len..];
     let expected =
@@ -300,20 +321,47 @@ pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
     if expected != data.len() as u64 {
         return Err(DecodeError::DigestBytes { found: data.len() as u64, expected });
     }
+    let (leaves, rest) = data.split_at(leaves_len as usize);
+    let (map, pieces) = rest.split_at(map_len as usize);
+    assemble(header, leaves.to_vec(), map, Digests::Bytes(pieces))
+}
+
+/// A state from its checked header and sections.
+fn assemble(header: Header, leaves: Vec<u8>, map: &[u8], pieces: Digests<'_>) -> Result<State, DecodeError> {
+    let l = header.layout;
     if header.valid_leaves > l.leaf_count() {
         return Err(DecodeError::ValidLeaves { valid: header.valid_leaves, leaves: l.leaf_count() });
     }
-    let (leaves, rest) = data.split_at(leaves_len as usize);
-    let (map, pieces) = rest.split_at(map_len as usize);
     let pieces = PieceTable::decode(l, header.valid_leaves, map, pieces).ok_or(DecodeError::ZeroMap)?;
     Ok(State {
         layout: l,
         device_path: header.device_path,
         stamp: header.stamp,
         valid_leaves: header.valid_leaves,
-        leaves: leaves.to_vec(),
+        leaves,
         pieces,
     })
+}
+
+/// Reads exactly `len` bytes into a new buffer, checksumming them.
+fn read_section(file: &mut File, len: u64, sum: &mut Checksum) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact(&mut buf)?;
+    sum.update(&buf);
+    Ok(buf)
+}
+
+/// Checksums `len` bytes of `file` without keeping them.
+fn skim(file: &mut File, len: u64, sum: &mut Checksum) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        file.read_exact(&mut buf[..n])?;
+        sum.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// Where a device's state lives unless `--state` says otherwise: next to a regular file
@@ -402,8 +450,15 @@ impl StateFile {
 
     /// Loads and verifies the state; `Ok(None)` if there is none yet. The header is
     /// read and checked first: a file longer than the header implies (or than
-    /// [`MAX_STATE`]) is refused before the rest is read.
+    /// [`MAX_STATE`]) is refused before the rest is read. The file is read once, in
+    /// order, and checksummed as it goes; piece digests too many to keep in memory
+    /// ([`piece_table::budget`]) stay in the file, which is kept open and read when needed.
     pub fn load(&self) -> Result<Option<State>, StateError> {
+        self.load_within(piece_table::budget() as u64)
+    }
+
+    /// [`StateFile::load`], keeping at most `budget` bytes of piece digests in memory.
+    fn load_within(&self, budget: u64) -> Result<Option<State>, StateError> {
         let shown = || self.path.display().to_string();
         let io_err = |source| StateError::Io { path: shown(), source };
         let invalid = |source| StateError::Invalid { path: shown(), source };
@@ -421,18 +476,48 @@ impl StateFile {
         if len > MAX_STATE {
             return Err(invalid(DecodeError::TooLarge { len, max: MAX_STATE }));
         }
-        let mut bytes = Vec::new();
-        (&mut file).take((PREFIX_LEN + MAX_HEADER) as u64).read_to_end(&mut bytes).map_err(io_err)?;
-        if bytes.len() >= PREFIX_LEN + CHECKSUM_LEN {
-            // The version and the header first: nothing more is read for a file that
-            // cannot be a state of the length it has.
-            let expected = implied_len(&bytes).map_err(invalid)?;
-            if expected != len {
-                return Err(invalid(DecodeError::Length { len, expected }));
-            }
+        let mut head = Vec::new();
+        (&mut file).take((PREFIX_LEN + MAX_HEADER) as u64).read_to_end(&mut head).map_err(io_err)?;
+        if head.len() < PREFIX_LEN + CHECKSUM_LEN {
+            return decode(&head).map(Some).map_err(invalid);
         }
-        file.take(len.saturating_sub(bytes.len() as u64)).read_to_end(&mut bytes).map_err(io_err)?;
-        decode(&bytes).map(Some).map_err(invalid)
+        // The version and the header first: nothing more is read for a file that cannot
+        // be a state of the length it has.
+        let expected = implied_len(&head).map_err(invalid)?;
+        if expected != len {
+            return Err(invalid(DecodeError::Length { len, expected }));
+        }
+        let pieces_len = decode_header(&head).and_then(|(h, _)| section_bytes(&h)).map_err(invalid)?.2;
+        if pieces_len <= budget {
+            file.read_to_end(&mut head).map_err(io_err)?;
+            return decode(&head).map(Some).map_err(invalid);
+        }
+        self.load_streaming(file, &head).map(Some)
+    }
+
+    /// Loads a state too large to hold: sections read in order, piece digests left in
+    /// the file, the checksum verified before anything is used.
+    fn load_streaming(&self, mut file: File, head: &[u8]) -> Result<State, StateError> {
+        let shown = || self.path.display().to_string();
+        let io_err = |source| StateError::Io { path: shown(), source };
+        let invalid = |source| StateError::Invalid { path: shown(), source };
+        let (header, head_len) = decode_header(head).map_err(invalid)?;
+        let (leaves_len, map_len, pieces_len) = section_bytes(&header).map_err(invalid)?;
+        let start = (PREFIX_LEN + head_len) as u64;
+        file.seek(io::SeekFrom::Start(0)).map_err(io_err)?;
+        let mut sum = Checksum::default();
+        read_section(&mut file, start, &mut sum).map_err(io_err)?;
+        let leaves = read_section(&mut file, leaves_len, &mut sum).map_err(io_err)?;
+        let map = read_section(&mut file, map_len, &mut sum).map_err(io_err)?;
+        skim(&mut file, pieces_len, &mut sum).map_err(io_err)?;
+        let mut stored = [0u8; CHECKSUM_LEN];
+        file.read_exact(&mut stored).map_err(io_err)?;
+        if sum.finish().as_bytes() != stored {
+            return Err(invalid(DecodeError::Checksum));
+        }
+        let offset = start + leaves_len + map_len;
+        let pieces = Digests::File { file, offset, len: pieces_len };
+        assemble(header, leaves, &map, pieces).map_err(invalid)
     }
 
     /// Saves atomically: temp file, fsync, rename over the old one, fsync the directory.
@@ -444,8 +529,10 @@ impl StateFile {
         let tmp = PathBuf::from(tmp);
         let write = || -> io::Result<()> {
             // create_new: never follow or reuse whatever already sits at that name.
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(&encode(state))?;
+            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut out = io::BufWriter::with_capacity(1 << 20, f);
+            write(state, &mut out)?;
+            let f = out.into_inner().map_err(io::IntoInnerError::into_error)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;
             let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -548,6 +635,29 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_state_too_large_for_memory_is_verified_streaming_and_its_digests_read_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.basyn-state");
+        let f = StateFile::at(&p, false).unwrap();
+        f.save(&sample()).unwrap();
+        let loaded = f.load_within(0).unwrap().unwrap();
+        assert_eq!(loaded, sample());
+        // Replaced under it (as a checkpoint does), the loaded state still reads its own file.
+        f.save(&State { valid_leaves: 1, ..sample() }).unwrap();
+        assert_eq!(loaded.pieces, sample().pieces);
+        assert_eq!(encode(&loaded), encode(&sample()));
+        // A flipped digest byte is caught by the checksum before anything is used.
+        let mut bytes = fs::read(&p).unwrap();
+        let at = bytes.len() - CHECKSUM_LEN - 1;
+        bytes[at] ^= 1;
+        fs::write(&p, &bytes).unwrap();
+        match f.load_within(0) {
+            Err(StateError::Invalid { source: DecodeError::Checksum, .. }) => {}
+            other => panic!("expected a checksum error, got {other:?}"),
+        }
     }
 
     #[test]

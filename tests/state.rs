@@ -741,6 +741,47 @@ fn state_files_sit_next_to_images_and_unchanged_resyncs_read_nothing() {
 }
 
 #[test]
+fn piece_digests_past_the_memory_budget_are_spilled_and_loaded_from_the_file_and_stay_exact() {
+    // Piece digests beyond a 4 KiB budget leave memory: while learned, for an unnamed
+    // spill file beside the state; when loaded, they stay in the state file. 16 MiB with
+    // 256 KiB leaves is 1024 pieces of 16 KiB, 32 KiB of digests.
+    let size = 16 * MIB;
+    let env = [("BASYN_TEST_PIECE_BUDGET", "4096")];
+    for dir in [Dir::Push, Dir::Pull] {
+        let t = tmp();
+        let a = t.path().join("a.img");
+        let b = t.path().join("b.img");
+        let data = random_image(&a, 21, size);
+        let args = action(dir, "sync", &a, &b, &["--buffer", "256"]);
+        let r = basyn_env(&args, &env);
+        r.ok();
+        assert_content(&b, &data, &format!("{dir:?}"));
+        assert_eq!(temp_leftovers(t.path()), Vec::<String>::new(), "{dir:?}: temp files left{r:?}");
+
+        let r = basyn_env(&args, &env);
+        r.ok();
+        assert_read_nothing(&r);
+        assert_eq!(r.stat().written, 0, "{dir:?}{r:?}");
+
+        // Two 16 KiB pieces change: the receiver's pieces, read back from its state file,
+        // say exactly which, without reading the receiver.
+        poke(&a, 3 * 16384 + 100, b"one");
+        poke(&a, 700 * 16384 + 5, b"two");
+        let r = basyn_env(&args, &env);
+        r.ok();
+        let f = r.stat();
+        assert_eq!(f.reads(dir).1, 0, "{dir:?}: the receiver was read{r:?}");
+        assert_eq!((f.differing, f.written), (2, 2 * 16384), "{dir:?}: only the changed pieces are written{r:?}");
+        assert_same(&a, &b);
+
+        let r = basyn_env(&args, &env);
+        r.ok();
+        assert_read_nothing(&r);
+        assert_eq!(temp_leftovers(t.path()), Vec::<String>::new(), "{dir:?}{r:?}");
+    }
+}
+
+#[test]
 fn no_state_creates_no_state_file_and_reads_everything() {
     let size = 8 * MIB;
     let t = tmp();
