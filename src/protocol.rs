@@ -32,7 +32,7 @@ use crate::hash::{Digest, HashAlgo, MAX_DIGEST_LEN};
 /// First bytes each side writes, before the protocol version.
 pub const MAGIC: [u8; 6] = *b"BASYN\0";
 /// Protocol version, written right after [`MAGIC`] and checked before anything else.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Feature bit: the peer can decode zstd block payloads.
 pub const FEATURE_ZSTD: u64 = 1;
 /// Feature bit: the peer can decode zlib block payloads.
@@ -158,6 +158,8 @@ pub struct Opened {
 pub struct Closed {
     /// Bytes the server read from its device.
     pub bytes_read: u64,
+    /// Bytes the server wrote to its device (zeros onto known zeros are not written).
+    pub bytes_written: u64,
     /// Someone other than basyn wrote the device during the session.
     pub moved: bool,
     /// What happened to the state file, for `--verbose`.
@@ -691,7 +693,12 @@ mod tests {
                 message: "remote /x: no such file or device".into(),
             }),
             Frame::Control(Message::Close),
-            Frame::Control(Message::Closed(Closed { bytes_read: 1 << 20, moved: false, note: "saved".into() })),
+            Frame::Control(Message::Closed(Closed {
+                bytes_read: 1 << 20,
+                bytes_written: 1 << 19,
+                moved: false,
+                note: "saved".into(),
+            })),
         ]
     }
 
@@ -703,11 +710,11 @@ mod tests {
         for f in golden_session() {
             w.send(&f).unwrap();
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v3.bin");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v4.bin");
         if std::env::var_os("BASYN_BLESS").is_some() {
             std::fs::write(path, &bytes).unwrap();
         }
-        let golden = std::fs::read(path).expect("fixtures/protocol/session-v3.bin (BASYN_BLESS=1 writes it)");
+        let golden = std::fs::read(path).expect("fixtures/protocol/session-v4.bin (BASYN_BLESS=1 writes it)");
         assert_eq!(bytes, golden, "the wire encoding changed; bump VERSION instead");
         let mut r = FrameReader::new(&golden[..], Arc::default());
         r.start().unwrap();
@@ -738,8 +745,8 @@ mod tests {
     fn another_version_is_named_before_anything_else() {
         let mut r = FrameReader::new(&b"BASYN\0\x00\x02\x01\x00\x00\x00\x00"[..], Arc::default());
         let e = r.start().unwrap_err();
-        assert!(matches!(e, ProtocolError::Version { ours: 3, theirs: 2 }), "{e}");
-        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 3, the peer speaks 2");
+        assert!(matches!(e, ProtocolError::Version { ours: 4, theirs: 2 }), "{e}");
+        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 4, the peer speaks 2");
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl Server<'_> {
     fn end_open(&mut self) -> Result<(), Abort> {
         let Some(mut o) = self.open.take() else { return Ok(()) };
         self.totals.bytes_read += o.device.bytes_read();
+        self.totals.bytes_written += o.written;
         let unchanged = o.index.finish(&o.device, o.role)?;
         self.totals.moved |= !unchanged;
         if !o.index.note().is_empty() {
@@ -169,6 +170,8 @@ struct Served {
     hash: HashAlgo,
     codec: Codec,
     index: DigestIndex,
+    /// Bytes written to the device.
+    written: u64,
 }
 
 impl Served {
@@ -197,6 +200,7 @@ impl Served {
                 let block = block.verify(self.limit, self.index.layout()).map_err(|e| self.refused_block(e))?;
                 let issued = self.device.write_at(&block)?;
                 self.index.wrote(&block, issued);
+                self.written += issued;
                 Ok(None)
             }
             Frame::Block(b) => Err(invalid(format!("data block at offset {}", b.offset), "serving a device read-only")),
@@ -405,7 +409,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
         resized: device.resized(),
         state: summary,
     };
-    Ok((opened, Some(Served { device, limit, role, hash: req.hash, codec: req.codec, index })))
+    Ok((opened, Some(Served { device, limit, role, hash: req.hash, codec: req.codec, index, written: 0 })))
 }
 
 /// A link to `serve` running on a thread of this process, for unit tests of the engine.

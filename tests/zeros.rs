@@ -72,6 +72,8 @@ fn a_half_sparse_image_is_copied_and_synced_into_new_sparse_files_without_readin
             let limit = passes * (data + data / 50);
             assert!(source_read <= limit, "{what}: {source_read} bytes of the source read{r:?}");
             assert_eq!(receiver_read, 0, "{what}: the new (zero) receiver was read{r:?}");
+            // --stat says what reached the receiver: its holes were not written.
+            assert_eq!(f.written, data, "{what}: --stat counts {} bytes written{r:?}", f.written);
             fs::remove_file(&new).unwrap();
         }
     }

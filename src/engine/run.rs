@@ -100,6 +100,10 @@ impl Session<'_> {
             (Err(err), Some(dir)) => return Err(Fault::from(err).transfer(&self.receiver_name(dir))),
         };
         self.stats.remote_read = closed.bytes_read;
+        if action == Some(Direction::Push) {
+            // What the receiver itself wrote, not what was sent to it.
+            self.stats.bytes_written = closed.bytes_written;
+        }
         if !closed.note.is_empty() {
             self.rep.log(format_args!("remote {}", closed.note));
         }

@@ -38,7 +38,8 @@ impl Ctx<'_> {
     }
 
     /// Verifies data from the endpoint against the device and its source digests, and
-    /// writes it to the local receiver; returns the bytes written.
+    /// writes it to the local receiver; returns the bytes written (zeros onto known zeros are
+    /// not).
     pub fn write_local(&mut self, frame: BlockFrame) -> Result<u64, Fault> {
         let layout = self.layout();
         let block = frame
@@ -46,7 +47,7 @@ impl Ctx<'_> {
             .map_err(|source| Fault::Verify { device: format!("local {}", self.local.path().display()), source })?;
         let issued = self.local.write_at(&block)?;
         self.index.wrote(&block, issued);
-        Ok(block.len() as u64)
+        Ok(issued)
     }
 }
 
