@@ -37,7 +37,9 @@
 #   after `blockdev --flushbufs` (and, for COPY, `sync -f` of the mounted file system), with
 #   the page cache of the backing file (and of src.img) dropped before the run
 #   (`dd iflag=nocache count=0`): both sides start cold. For COPY the figures are the
-#   file system's: data, metadata and journal.
+#   file system's: data, metadata and journal. With WARM=1 the source instead starts in
+#   the page cache (read once with `cat` before each run; the receiver still starts cold),
+#   as the figures of bench/run.sh were taken: then time is the engine's, not the disk's.
 # - bytes on the wire (payload through ssh, not the ssh packets): basyn's `--stat` Both;
 #   rsync's --stats "Total bytes sent" + "Total bytes received"; blocksync-fast: its
 #   delta stream counted by a `dd` relay between it and ssh (dd's "bytes copied"), plus,
@@ -224,6 +226,7 @@ run() {
   local name=$1; shift
   sync
   drop_cache "$work/src.img" "$recv_backing"
+  [ -z "${WARM:-}" ] || cat "$work/src.img" > /dev/null
   blockdev --flushbufs "$recv_dev"
   local r0 w0 r1 w1
   read -r r0 w0 < <(sectors)
@@ -319,7 +322,7 @@ fi
 detach_receiver
 
 echo
-echo "$(date -u +%Y-%m-%d), $size ext4 image of /usr files (${zero_pct}% zero 4 KiB blocks, $(mib "$src_nonzero") MiB non-zero), changed: $nchanged random 4 KiB blocks + one $region_mib MiB region of random data, $(nproc) cores, ssh on 127.0.0.1, page cache dropped before each run, receiver loop device read_ahead_kb $read_ahead_kb"
+echo "$(date -u +%Y-%m-%d), $size ext4 image of /usr files (${zero_pct}% zero 4 KiB blocks, $(mib "$src_nonzero") MiB non-zero), changed: $nchanged random 4 KiB blocks + one $region_mib MiB region of random data, $(nproc) cores, ssh on 127.0.0.1, $([ -n "${WARM:-}" ] && echo "source in the page cache, receiver's" || echo "page cache") dropped before each run, receiver loop device read_ahead_kb $read_ahead_kb"
 echo
 echo "| run | time (s) | max RSS local / remote (MiB) | receiver read (MiB) | receiver written (MiB) | bytes on the wire | basyn --stat: receiver read / written (MiB) | note |"
 echo "|---|---:|---:|---:|---:|---:|---:|---|"

@@ -98,17 +98,44 @@ fn file_stamp(meta: &fs::Metadata) -> FileStamp {
 /// change is comfortably older than now, so that any later write shows.
 const TICK: std::time::Duration = std::time::Duration::from_millis(25);
 
+/// The coarsest timestamp granularity basyn allows for: whole seconds (ext4 with 128-byte
+/// inodes, ext3, XFS before v5) or two (FAT's mtime).
+const COARSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How old the last change must be before a stamp can show any later one. A ctime with no
+/// nanoseconds says the file system keeps whole seconds (on a fine-grained one that has a
+/// chance of one in 10⁹, and only costs a wait): a write later in that second would not
+/// move it, so the stamp waits until the clock is past the change by the coarsest
+/// granularity there is.
+fn settle_time(ctime_nsec: i64) -> std::time::Duration {
+    if ctime_nsec == 0 { COARSE + TICK } else { TICK }
+}
+
 fn settled_metadata(path: &Path) -> io::Result<fs::Metadata> {
     loop {
         let meta = fs::metadata(path)?;
         let changed = std::time::UNIX_EPOCH
             + std::time::Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
+        let settle = settle_time(meta.ctime_nsec());
         match std::time::SystemTime::now().duration_since(changed) {
-            Ok(age) if age >= TICK => return Ok(meta),
+            Ok(age) if age >= settle => return Ok(meta),
             // A ctime in the future (clock changes) cannot settle: take it as it is.
             Err(_) => return Ok(meta),
-            Ok(age) => std::thread::sleep(TICK - age + std::time::Duration::from_millis(1)),
+            Ok(age) => std::thread::sleep(settle - age + std::time::Duration::from_millis(1)),
         }
+    }
+}
+
+/// Makes a regular file's dirty pages durable before it is stamped. Writing them back
+/// write-protects them, so a process that keeps a shared writable mapping and writes the
+/// same page again later takes a page fault, which moves mtime and ctime; without this, a
+/// page still dirty and writable from before could be written again unseen. A file that
+/// cannot be synced because nothing there can be dirty (read-only file system, a file
+/// system without fsync) is stamped as it is.
+fn flush_mappings(device: &Device) -> io::Result<()> {
+    match device.flush_cache() {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EROFS | libc::EINVAL | libc::EOPNOTSUPP)) => Ok(()),
+        other => other,
     }
 }
 
@@ -116,7 +143,10 @@ fn settled_metadata(path: &Path) -> io::Result<fs::Metadata> {
 /// that writes still in memory show up in the counters.
 pub fn take(device: &Device) -> io::Result<Stamp> {
     match device.kind() {
-        Kind::File => Ok(Stamp::File(file_stamp(&settled_metadata(device.path())?))),
+        Kind::File => {
+            flush_mappings(device)?;
+            Ok(Stamp::File(file_stamp(&settled_metadata(device.path())?)))
+        }
         Kind::Block => {
             device.flush_cache()?;
             let rdev = device.identity().rdev;

@@ -675,3 +675,74 @@ fn efbig_while_creating_a_receiver_leaves_nothing_behind() {
         assert!(!new.exists(), "{dir}: the receiver that could not be sized was left behind{run:?}");
     }
 }
+
+/// A process that keeps a shared writable mapping of the source wrote a page before a run
+/// and the same page again after it. The page was still dirty and writable when the
+/// source was stamped, so the second write took no page fault and moved neither mtime nor
+/// ctime: the next run trusted both states, read nothing and exited 0 with the receiver
+/// differing. The source's dirty pages are now written back before it is stamped, which
+/// write-protects them.
+#[test]
+fn an_mmap_writer_rewriting_a_dirty_page_after_the_stamp_is_caught() {
+    let t = tmp();
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    let len = 4 * MIB;
+    random_image(&a, 85, len);
+    let f = fs::OpenOptions::new().read(true).write(true).open(&a).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a shared mapping of a file of `len` bytes that stays open for the whole test,
+    // written only inside its bounds, unmapped at the end.
+    let map = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0)
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap failed");
+    let poke_map = |at: usize, v: u8| unsafe { *(map as *mut u8).add(at) = v };
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--stat"]);
+    poke_map(3 * 4096 + 10, 0x11);
+    basyn(&args).ok();
+    assert_same(&a, &b);
+    // The same page again, through the mapping: no system call at all.
+    poke_map(3 * 4096 + 20, 0x22);
+    let r = basyn(&args);
+    r.ok();
+    assert_same(&a, &b);
+    assert!(r.stat().local_read > 0, "the rewritten source was not read{r:?}");
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(map, len) };
+}
+
+/// On a file system with one-second timestamps (ext4 with 128-byte inodes), a write in
+/// the same second as a stamp left mtime and ctime as they were: the next run trusted the
+/// state, read nothing and exited 0 with the devices differing. A file whose ctime has no
+/// nanoseconds is now stamped only once its last change is older than the coarsest
+/// granularity, so any later write moves its timestamps. Both sides: a source written
+/// right after a run, and a receiver written right after basyn wrote it.
+#[test]
+fn a_write_in_the_same_second_on_a_coarse_timestamp_file_system_is_caught() {
+    let _l = loops();
+    let t = tmp();
+    let img = t.path().join("fs.img");
+    sparse(&img, 64 * MIB as u64);
+    let Some(dev) = loop_dev(&img) else { return };
+    let Some(m) = mount_ext4_with(dev.path(), &t.path().join("mnt"), &["-I", "128"]) else { return };
+    let (a, b) = (m.dir.join("a.img"), m.dir.join("b.img"));
+    random_image(&a, 86, 4 * MIB);
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--stat"]);
+    basyn(&args).ok();
+    assert_same(&a, &b);
+    use std::os::unix::fs::MetadataExt;
+    let nsec = fs::metadata(&a).unwrap().ctime_nsec();
+    assert_eq!(nsec, 0, "ext4 -I 128 keeps sub-second timestamps here: the test's premise fails");
+    for (what, changed) in [("source", &a), ("receiver", &b)] {
+        // Start at the beginning of a second, so that the run and the write after it fall
+        // into it (as they would without the settling).
+        while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_millis() > 20 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        poke(&a, MIB as u64 + 7, what.as_bytes());
+        basyn(&args).ok();
+        poke(changed, 2 * MIB as u64 + 9, b"written in the same second");
+        basyn(&args).ok();
+        assert_same(&a, &b);
+    }
+}

@@ -693,7 +693,15 @@ pub struct Mount {
 impl Mount {
     /// `mkfs.ext4 -q` (no lazy init, so the mounted device stays quiet) and `mount`.
     pub fn ext4(dev: &Path, dir: &Path) -> Result<Mount, String> {
-        tool("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", s(dev)])?;
+        Mount::ext4_with(dev, dir, &[])
+    }
+
+    /// [`Mount::ext4`] with extra `mkfs.ext4` options.
+    pub fn ext4_with(dev: &Path, dir: &Path, options: &[&str]) -> Result<Mount, String> {
+        let mut args = vec!["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"];
+        args.extend_from_slice(options);
+        args.push(s(dev));
+        tool("mkfs.ext4", &args)?;
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         tool("mount", &[s(dev), s(dir)])?;
         Ok(Mount { dir: dir.to_path_buf() })
@@ -714,10 +722,15 @@ impl Drop for Mount {
 
 /// Makes and mounts an ext4 file system, or handles the missing prerequisite.
 pub fn mount_ext4(dev: &Path, dir: &Path) -> Option<Mount> {
+    mount_ext4_with(dev, dir, &[])
+}
+
+/// [`mount_ext4`] with extra `mkfs.ext4` options.
+pub fn mount_ext4_with(dev: &Path, dir: &Path, options: &[&str]) -> Option<Mount> {
     if !require_tool("mkfs.ext4") || !require_tool("mount") || !require_tool("umount") {
         return None;
     }
-    prerequisite(Mount::ext4(dev, dir))
+    prerequisite(Mount::ext4_with(dev, dir, options))
 }
 
 /// A file made immutable with `chattr +i`; `chattr -i` on drop.
