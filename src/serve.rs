@@ -306,13 +306,19 @@ fn digest_range(
 
 /// Refuses parameters no basyn client sends: they would divide by zero, allocate without
 /// bound, or write state files outside basyn's own.
+/// The smallest block or chunk an `Open` may ask for, in bytes.
+const MIN_PIECE: u64 = 1024;
+
 fn check_request(req: &OpenRequest) -> Result<(), Abort> {
     let doing = "checking the Open request";
-    if req.buffer == 0 || req.buffer > MAX_BLOCK as u64 {
-        return Err(invalid(format!("block size {} (at most {MAX_BLOCK})", req.buffer), doing));
+    // The client's own command line takes both in whole KiB: a smaller piece would only
+    // make the server's digest tables larger (64 MiB blocks of 1-byte chunks: 2 GiB per
+    // block). So no Open can make a leaf hold more than 65536 pieces.
+    if req.buffer < MIN_PIECE || req.buffer > MAX_BLOCK as u64 {
+        return Err(invalid(format!("block size {} (from {MIN_PIECE} to {MAX_BLOCK})", req.buffer), doing));
     }
-    if let Some(c) = req.chunk.filter(|&c| c == 0 || c > req.buffer) {
-        return Err(invalid(format!("chunk size {c} for blocks of {}", req.buffer), doing));
+    if let Some(c) = req.chunk.filter(|&c| c < MIN_PIECE || c > req.buffer) {
+        return Err(invalid(format!("chunk size {c} for blocks of {} (at least {MIN_PIECE})", req.buffer), doing));
     }
     match req.codec {
         Codec::Zstd(l) if !(1..=22).contains(&l) => return Err(invalid(format!("zstd level {l}"), doing)),
@@ -553,6 +559,30 @@ mod tests {
         assert!(message.starts_with(&format!("remote {}: ", p.display())), "{message}");
         assert!(message.contains("offset 8192") && message.contains("does not match"), "{message}");
         assert_eq!(std::fs::read(&p).unwrap(), vec![0u8; 16384], "mismatching data reached the device");
+    }
+
+    /// `Open` with 1-byte chunks of 64 MiB blocks made the server allocate 170 MB for one
+    /// block's digests; blocks and chunks below 1 KiB are now refused before anything is
+    /// opened.
+    #[test]
+    fn an_open_asking_for_tiny_chunks_or_blocks_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
+        let with = |buffer: u64, chunk: Option<u64>| match open(Access::Read, buffer) {
+            Frame::Control(Message::Open(req)) => Frame::Control(Message::Open(OpenRequest { chunk, ..req })),
+            other => other,
+        };
+        for (buffer, chunk, says) in [(64 << 20, Some(1), "chunk size 1"), (512, None, "block size 512")] {
+            let (code, replies) = session(&p, &[with(buffer, chunk)]);
+            let (kind, message) = abort(&replies);
+            // Parameters no basyn client sends: a protocol violation, as every other one.
+            assert_eq!((code, kind), (2, AbortCode::Protocol), "{message}");
+            assert!(message.contains(says) && message.contains("Open"), "{message}");
+        }
+        let frames = [with(64 << 20, Some(1024)), Frame::Control(Message::Close)];
+        let (code, replies) = session(&p, &frames);
+        assert_eq!(code, 0, "the largest allowed geometry is served: {replies:?}");
     }
 
     #[test]
