@@ -117,6 +117,12 @@ struct SshArgs {
     /// Path of basyn on the remote host (default: `basyn` on its PATH, else upload this one).
     #[arg(long = "remote-path", value_name = "PATH")]
     remote_path: Option<String>,
+
+    /// Fail (exit 2) when nothing has come from the far basyn for SECONDS (at least 5):
+    /// it is stopped or the link is down (a live one says so every second, however slow
+    /// its disk). 0 waits forever.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    timeout: u64,
 }
 
 /// How blocks are digested: shared by runs and `basyn index` (a state is used only by
@@ -137,9 +143,17 @@ struct TreeArgs {
     chunk: Option<u64>,
 }
 
+/// The shortest `--timeout`: several heartbeats of a live endpoint.
+const MIN_TIMEOUT: u64 = 5;
+
 impl SshArgs {
-    fn transport(self) -> Result<Transport, String> {
-        transport(self.host, self.port, self.user, self.remote_path)
+    /// The transport, and `--timeout` (`None` for 0).
+    fn transport(self) -> Result<(Transport, Option<std::time::Duration>), String> {
+        if (1..MIN_TIMEOUT).contains(&self.timeout) {
+            return Err(format!("--timeout must be 0 (never) or at least {MIN_TIMEOUT} seconds, not {}", self.timeout));
+        }
+        let timeout = (self.timeout > 0).then(|| std::time::Duration::from_secs(self.timeout));
+        Ok((transport(self.host, self.port, self.user, self.remote_path)?, timeout))
     }
 }
 
@@ -356,7 +370,7 @@ fn first_line(text: &str) -> String {
 
 fn plan(raw: RawArgs) -> Result<Plan, String> {
     let local = raw.local.ok_or("missing --local DEVICE (-l)")?;
-    let transport = raw.ssh.transport()?;
+    let (transport, timeout) = raw.ssh.transport()?;
     let action = match (raw.action, raw.mode) {
         (None, None) => None,
         (None, Some(_)) => return Err("--mode needs --action (PUSH or PULL)".into()),
@@ -385,6 +399,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         local,
         remote,
         transport,
+        timeout,
         action,
         recheck: raw.recheck,
         params,
@@ -431,10 +446,11 @@ fn geometry(buffer_kb: u64, chunk_kb: Option<u64>) -> Result<(usize, Option<usiz
 }
 
 fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
-    let transport = a.ssh.transport()?;
+    let (transport, timeout) = a.ssh.transport()?;
     Ok(IndexPlan {
         device: a.device,
         transport,
+        timeout,
         params: a.tree.params(Codec::None)?,
         state: options(false, a.state, a.trust_state),
         output: Output { stat: a.stat, verbose: a.verbose, progress: a.progress, debug: false },

@@ -7,10 +7,11 @@
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::compress::Codec;
 use crate::hash::{Digest, HashAlgo};
@@ -45,6 +46,19 @@ pub enum EndpointError {
     /// The endpoint could not be reached or started; nothing was changed.
     #[error(transparent)]
     Unreachable(#[from] LinkError),
+    /// Nothing came from the endpoint for the `--timeout`: it is stopped, or the link is
+    /// down (a live endpoint says KeepAlive every few seconds, however busy).
+    #[error(
+        "{label}: nothing heard from the endpoint for {secs} s (--timeout {secs}) while {doing}; it is stopped or the link is down"
+    )]
+    Timeout {
+        /// The far device.
+        label: String,
+        /// The timeout, in seconds.
+        secs: u64,
+        /// What we were doing.
+        doing: String,
+    },
     /// The connection broke or carried something invalid.
     #[error("{context}: {source}")]
     Broken {
@@ -70,6 +84,8 @@ fn read_replies<R: std::io::Read>(mut frames: FrameReader<R>, send: mpsc::Sender
         Err(e) => e,
         Ok(()) => loop {
             match frames.recv() {
+                // Only proof of life: the bytes are counted, the frame is not a reply.
+                Ok(Some(Frame::Control(Message::KeepAlive))) => {}
                 Ok(Some(f)) => {
                     if send.send(Ok(f)).is_err() {
                         return;
@@ -83,6 +99,35 @@ fn read_replies<R: std::io::Read>(mut frames: FrameReader<R>, send: mpsc::Sender
     let _ = send.send(Err(end));
 }
 
+/// Kills the endpoint once nothing has come from it for `limit`: then whatever waits on
+/// it (a reply, or a write into a full pipe) fails, and the failure is reported as a
+/// timeout. Any byte counts, KeepAlive included.
+fn watch(
+    rx: Arc<Counter>,
+    limit: Duration,
+    process: Arc<Mutex<Box<dyn Process>>>,
+    fired: Arc<AtomicBool>,
+    stop: Receiver<()>,
+) {
+    let tick = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let (mut seen, mut since) = (rx.get(), Instant::now());
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
+        let now = rx.get();
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        } else if since.elapsed() >= limit {
+            fired.store(true, Ordering::SeqCst);
+            lock(&process).kill();
+            return;
+        }
+    }
+}
+
+/// The process, whoever panicked while holding it.
+fn lock(p: &Mutex<Box<dyn Process>>) -> std::sync::MutexGuard<'_, Box<dyn Process>> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Tree-node indices per TreeNodes request: a varint index takes at most 10 bytes, so a
 /// batch stays well inside a control frame.
 const TREE_BATCH: usize = MAX_CONTROL / 16;
@@ -92,7 +137,11 @@ pub struct Endpoint {
     writer: Option<FrameWriter<BufWriter<Box<dyn Write + Send>>>>,
     replies: Receiver<Result<Frame, ProtocolError>>,
     reader: Option<JoinHandle<()>>,
-    process: Box<dyn Process>,
+    process: Arc<Mutex<Box<dyn Process>>>,
+    /// `--timeout`, and whether it fired; dropping `watchdog` stops the watch.
+    timeout: Option<Duration>,
+    fired: Arc<AtomicBool>,
+    watchdog: Option<mpsc::Sender<()>>,
     features: u64,
     label: String,
     tx: Arc<Counter>,
@@ -102,17 +151,28 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Starts `basyn serve DEVICE` over `transport` and handshakes. `log` receives
-    /// `--verbose` lines about the connection.
-    pub fn connect(transport: &Transport, device: &Path, log: &dyn Fn(String)) -> Result<Endpoint, EndpointError> {
+    /// `--verbose` lines about the connection. With a `timeout`, a run fails once nothing
+    /// has come from the endpoint for that long.
+    pub fn connect(
+        transport: &Transport,
+        device: &Path,
+        timeout: Option<Duration>,
+        log: &dyn Fn(String),
+    ) -> Result<Endpoint, EndpointError> {
         let link = match transport {
             Transport::Local => Link::local_child(device)?,
             Transport::Ssh(target) => crate::ssh::connect(target, device, log)?,
         };
-        Endpoint::over(link)
+        Endpoint::watched(link, timeout)
+    }
+
+    /// Handshakes over `link`, with no timeout.
+    pub fn over(link: Link) -> Result<Endpoint, EndpointError> {
+        Endpoint::watched(link, None)
     }
 
     /// Handshakes over `link`: preamble (magic and version), then Hello with features.
-    pub fn over(link: Link) -> Result<Endpoint, EndpointError> {
+    fn watched(link: Link, timeout: Option<Duration>) -> Result<Endpoint, EndpointError> {
         let tx = Arc::new(Counter::default());
         let rx = Arc::new(Counter::default());
         let Link { reader, writer, process, label } = link;
@@ -122,11 +182,28 @@ impl Endpoint {
             .name("basyn-replies".into())
             .spawn(move || read_replies(frames, send))
             .map_err(|source| LinkError::Start { what: "cannot start a thread", source })?;
+        let process = Arc::new(Mutex::new(process));
+        let fired = Arc::new(AtomicBool::new(false));
+        let watchdog = match timeout {
+            Some(limit) => {
+                let (stop, stopped) = mpsc::channel();
+                let (rx, process, fired) = (rx.clone(), process.clone(), fired.clone());
+                std::thread::Builder::new()
+                    .name("basyn-timeout".into())
+                    .spawn(move || watch(rx, limit, process, fired, stopped))
+                    .map_err(|source| LinkError::Start { what: "cannot start a thread", source })?;
+                Some(stop)
+            }
+            None => None,
+        };
         let mut ep = Endpoint {
             writer: Some(FrameWriter::new(BufWriter::with_capacity(1 << 20, writer), tx.clone())),
             replies,
             reader: Some(reader),
             process,
+            timeout,
+            fired,
+            watchdog,
             features: 0,
             label,
             tx,
@@ -307,7 +384,8 @@ impl Endpoint {
         };
         self.writer = None;
         self.finished = true;
-        if let Some(status) = self.process.wait() {
+        self.watchdog = None;
+        if let Some(status) = lock(&self.process).wait() {
             let context = format!("the endpoint {status} after the session");
             return Err(EndpointError::Broken { context, source: ProtocolError::Closed });
         }
@@ -325,6 +403,14 @@ impl Endpoint {
     /// Turns a broken connection into an error, preferring the endpoint's own
     /// explanation (an `Abort` it sent before going away) and its exit status.
     fn fail(&mut self, doing: &str, source: ProtocolError) -> EndpointError {
+        if let Some(limit) = self.timeout.filter(|_| self.fired.load(Ordering::SeqCst)) {
+            self.reap();
+            return EndpointError::Timeout {
+                label: self.label.clone(),
+                secs: limit.as_secs(),
+                doing: doing.to_string(),
+            };
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -354,12 +440,14 @@ impl Endpoint {
         }
         self.finished = true;
         self.writer = None;
+        self.watchdog = None;
+        let mut process = lock(&self.process);
         // Closing our side usually ends it; give it a moment to report its own status.
-        if let Some(status) = self.process.wait_for(Duration::from_secs(1)) {
+        if let Some(status) = process.wait_for(Duration::from_secs(1)) {
             return status;
         }
-        self.process.kill();
-        self.process.wait()
+        process.kill();
+        process.wait()
     }
 }
 
@@ -367,8 +455,10 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         if !self.finished {
             self.writer = None;
-            self.process.kill();
-            let _ = self.process.wait();
+            self.watchdog = None;
+            let mut process = lock(&self.process);
+            process.kill();
+            let _ = process.wait();
         }
     }
 }

@@ -232,7 +232,14 @@ pub enum Message {
         /// One line for the user, naming device and side.
         message: String,
     },
+    /// Server: still alive, sent every [`HEARTBEAT`] whatever it is doing; no reply, and
+    /// the client drops it. So silence from a server means it is stopped or cut off,
+    /// never that its disk is slow.
+    KeepAlive,
 }
+
+/// How often a server says [`Message::KeepAlive`].
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Message {
     /// The message's name, for errors: never its contents, which may be long.
@@ -249,6 +256,7 @@ impl Message {
             Message::Close => "Close",
             Message::Closed(_) => "Closed",
             Message::Abort { .. } => "Abort",
+            Message::KeepAlive => "KeepAlive",
         }
     }
 }

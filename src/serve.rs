@@ -4,7 +4,7 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use crate::block::BlockFrame;
 use crate::compress::Codec;
@@ -12,8 +12,8 @@ use crate::device::{Device, DeviceError, Identity, ReceiverSpec, Side};
 use crate::digest_index::{DigestIndex, SaveError};
 use crate::hash::HashAlgo;
 use crate::protocol::{
-    AbortCode, Access, Check, Closed, Counter, FEATURES, Frame, FrameReader, FrameWriter, MAX_BLOCK, MAX_DIGESTS,
-    Message, OpenRequest, Opened, ProtocolError, StateMode, StateOptions, StateSummary, VERSION,
+    AbortCode, Access, Check, Closed, Counter, FEATURES, Frame, FrameReader, FrameWriter, HEARTBEAT, MAX_BLOCK,
+    MAX_DIGESTS, Message, OpenRequest, Opened, ProtocolError, StateMode, StateOptions, StateSummary, VERSION,
 };
 use crate::stamp::Role;
 use crate::state::StateError;
@@ -65,14 +65,29 @@ fn invalid(what: String, doing: &'static str) -> Abort {
 }
 
 /// Serves `path` over `input`/`output` until the client closes; returns the exit code.
-pub fn serve(path: &Path, input: impl Read, output: impl Write) -> i32 {
+/// From the handshake on, a second thread says [`Message::KeepAlive`] every
+/// [`HEARTBEAT`], so that the client can tell a server busy on a slow disk from one that
+/// is stopped or cut off.
+pub fn serve(path: &Path, input: impl Read, output: impl Write + Send) -> i32 {
     let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, input), Arc::new(Counter::default()));
-    let mut w = FrameWriter::new(BufWriter::with_capacity(1 << 20, output), Arc::new(Counter::default()));
-    match session(path, &mut r, &mut w) {
+    let w = Mutex::new(FrameWriter::new(BufWriter::with_capacity(1 << 20, output), Arc::new(Counter::default())));
+    let result = std::thread::scope(|scope| {
+        {
+            let mut w = lock(&w);
+            let hello = Message::Hello { version: u32::from(VERSION), features: FEATURES };
+            w.start().and_then(|()| w.message(hello)).map_err(|e| Abort::from(ProtocolError::from(e)))?;
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        scope.spawn(|| keep_alive(&w, stopped));
+        let result = session(path, &mut r, &w);
+        drop(stop);
+        result
+    });
+    match result {
         Ok(()) => 0,
         Err(abort) => {
             // The client may already be gone; the abort is best effort.
-            let _ = w.message(Message::Abort { code: abort.code, message: abort.message.clone() });
+            let _ = lock(&w).message(Message::Abort { code: abort.code, message: abort.message.clone() });
             match abort.code {
                 AbortCode::Precondition => 1,
                 AbortCode::Failed | AbortCode::Protocol => 2,
@@ -81,9 +96,22 @@ pub fn serve(path: &Path, input: impl Read, output: impl Write) -> i32 {
     }
 }
 
-fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &mut FrameWriter<W>) -> Result<(), Abort> {
-    w.start()?;
-    w.message(Message::Hello { version: u32::from(VERSION), features: FEATURES })?;
+/// The writer, whoever panicked while holding it (frames are written whole or not at all
+/// as far as the reader can tell: it would fail on a torn one).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Says KeepAlive every [`HEARTBEAT`] until `stop` is dropped or the client is gone.
+fn keep_alive<W: Write>(w: &Mutex<FrameWriter<W>>, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(HEARTBEAT) {
+        if lock(w).message(Message::KeepAlive).is_err() {
+            return;
+        }
+    }
+}
+
+fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &Mutex<FrameWriter<W>>) -> Result<(), Abort> {
     r.start()?;
     match r.recv()? {
         Some(Frame::Control(Message::Hello { version, .. })) if version == u32::from(VERSION) => {}
@@ -99,6 +127,7 @@ fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &mut Frame
         let Some(frame) = r.recv()? else { return Ok(()) };
         if let Some(reply) = server.handle(frame)? {
             let close = matches!(reply, Frame::Control(Message::Closed(_)));
+            let mut w = lock(w);
             w.send(&reply)?;
             w.flush()?;
             if close {
@@ -475,7 +504,9 @@ mod tests {
         r.start().unwrap();
         let mut replies = Vec::new();
         while let Ok(Some(f)) = r.recv() {
-            replies.push(f);
+            if f != Frame::Control(Message::KeepAlive) {
+                replies.push(f);
+            }
         }
         assert!(matches!(replies.first(), Some(Frame::Control(Message::Hello { .. }))), "{replies:?}");
         replies.remove(0);

@@ -746,3 +746,45 @@ fn a_write_in_the_same_second_on_a_coarse_timestamp_file_system_is_caught() {
         assert_same(&a, &b);
     }
 }
+
+/// Direct children of `pid`.
+fn child_pids(pid: u32) -> Vec<u32> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    tasks
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|x| x.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// A `basyn serve` stopped with SIGSTOP stalled the client for as long as it stayed
+/// stopped: the pipe (or ssh link) was alive, so nothing ever failed. Now a live endpoint
+/// says KeepAlive every second, and after `--timeout` seconds of silence the client ends the
+/// run with exit 2, naming the device and the wait; a rerun converges.
+#[test]
+fn a_stopped_endpoint_fails_the_run_within_its_timeout() {
+    let t = tmp();
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    random_image(&a, 87, 256 * MIB);
+    random_image(&b, 88, 256 * MIB);
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--no-state", "--timeout", "5"]);
+    let mut run = start(&args, &[]);
+    let mut serve = None;
+    wait_until(Duration::from_secs(60), "the endpoint to read 16 MiB", || {
+        serve = child_pids(run.pid()).into_iter().find(|&p| io_counter(p, "rchar") >= 16 * MIB as u64);
+        serve.is_some() || !run.running()
+    });
+    let Some(serve) = serve else { panic!("the run ended before its endpoint could be stopped{:?}", run.finish()) };
+    // SAFETY: sending a signal to the endpoint process this test's basyn started.
+    unsafe { libc::kill(serve as i32, libc::SIGSTOP) };
+    let started = std::time::Instant::now();
+    let r = run.finish();
+    let waited = started.elapsed();
+    r.fails(2, &["nothing heard from the endpoint for 5 s", "--timeout 5", &format!("remote {}", s(&b))]);
+    assert!(waited < Duration::from_secs(20), "the run took {waited:?} to give up on a stopped endpoint{r:?}");
+    wait_until(Duration::from_secs(10), "the stopped endpoint to be killed", || {
+        fs::read_to_string(format!("/proc/{serve}/stat")).map_or(true, |st| st.contains(") Z"))
+    });
+    let r = basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--no-state"]));
+    r.ok();
+    assert_same(&a, &b);
+}

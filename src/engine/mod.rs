@@ -86,6 +86,8 @@ pub struct Plan {
     pub remote: PathBuf,
     /// How the remote device is reached.
     pub transport: Transport,
+    /// `--timeout`: how long the far endpoint may stay silent (`None`: forever).
+    pub timeout: Option<std::time::Duration>,
     /// The action, if any.
     pub action: Option<(Direction, Mode)>,
     /// `--recheck`.
@@ -125,6 +127,8 @@ pub struct IndexPlan {
     pub device: PathBuf,
     /// Where it is.
     pub transport: Transport,
+    /// `--timeout`, as for runs.
+    pub timeout: Option<std::time::Duration>,
     /// Hash, buffer and chunk of the tree.
     pub params: Params,
     /// Which state file.
