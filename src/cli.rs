@@ -251,11 +251,19 @@ fn options(off: bool, path: Option<PathBuf>, trust: bool) -> StateOptions {
 enum SubArgs {
     /// Build or refresh the state file of a device (e.g. from cron on an idle host).
     Index(IndexArgs),
-    /// Serve one device over stdin/stdout (run by basyn itself, locally or over SSH).
-    #[command(hide = true)]
+    /// Serve one device over stdin/stdout: run by basyn itself, locally or over SSH, or
+    /// as the forced command of a backup key (`command="basyn serve --restrict DEV"`).
     Serve {
-        /// The only device this endpoint may touch.
-        path: PathBuf,
+        /// The only device this endpoint may touch (without it, the client names one of
+        /// the --restrict devices).
+        path: Option<PathBuf>,
+        /// Serve only this device, whichever the client asks for (repeatable).
+        #[arg(long, value_name = "DEVICE")]
+        restrict: Vec<PathBuf>,
+        /// Where states go by default, and (over SSH) where a client-chosen state may be
+        /// besides next to its device.
+        #[arg(long = "state-dir", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Print the protocol version this build speaks (used before uploading over SSH).
     #[command(hide = true)]
@@ -324,8 +332,8 @@ enum CompressArg {
 pub enum Command {
     /// A copy, sync or check.
     Run(Box<Plan>),
-    /// `basyn serve PATH`.
-    Serve(PathBuf),
+    /// `basyn serve [PATH]`.
+    Serve(crate::restrict::Config),
     /// `basyn index DEVICE`.
     Index(Box<IndexPlan>),
     /// `basyn protocol`.
@@ -352,7 +360,12 @@ where
         _ => Stop::Usage(first_line(&e.to_string())),
     })?;
     match raw.command {
-        Some(SubArgs::Serve { path }) => return Ok(Command::Serve(path)),
+        Some(SubArgs::Serve { path, restrict, state_dir }) => {
+            if path.is_none() && restrict.is_empty() {
+                return Err(Stop::Usage("basyn serve needs a DEVICE or --restrict DEVICE".into()));
+            }
+            return Ok(Command::Serve(crate::restrict::Config::from_environment(path, restrict, state_dir)));
+        }
         Some(SubArgs::Protocol) => return Ok(Command::Protocol),
         Some(SubArgs::Index(args)) => {
             return index_plan(args).map(|p| Command::Index(Box::new(p))).map_err(Stop::Usage);
@@ -576,8 +589,14 @@ mod tests {
 
     #[test]
     fn serve_takes_a_path() {
+        let x = Some(std::path::PathBuf::from("/dev/x"));
+        assert!(matches!(parse(["basyn", "serve", "/dev/x"]), Ok(Command::Serve(c)) if c.device == x));
+        let r = parse(["basyn", "serve", "--restrict", "/dev/x", "--restrict", "/dev/y", "--state-dir", "/s"]);
         assert!(
-            matches!(parse(["basyn", "serve", "/dev/x"]), Ok(Command::Serve(p)) if p == std::path::Path::new("/dev/x"))
+            matches!(&r, Ok(Command::Serve(c)) if c.device.is_none() && c.restrict.len() == 2
+                && c.state_dir.as_deref() == Some(std::path::Path::new("/s"))),
+            "{r:?}"
         );
+        assert!(matches!(parse(["basyn", "serve"]), Err(Stop::Usage(m)) if m.contains("--restrict")));
     }
 }

@@ -134,6 +134,7 @@ impl DigestIndex {
                 return Ok(ledger);
             }
             StateMode::Default => (state::default_path(device.path(), device.kind()), true),
+            StateMode::DefaultIn(dir) => (state::default_path_in(Some(dir), device.path(), device.kind()), true),
             StateMode::Path(p) => (p.clone(), false),
         };
         // Never replace a file that is not a state: not the device, not anyone's file. At

@@ -17,6 +17,7 @@ pub mod occupancy;
 pub mod piece_table;
 pub mod protocol;
 pub mod report;
+pub mod restrict;
 pub mod serve;
 pub mod sparse;
 pub mod ssh;

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             eprintln!("basyn: {msg}; see 'basyn --help'");
             1
         }
-        Ok(Command::Serve(path)) => serve_stdio(&path),
+        Ok(Command::Serve(config)) => serve_stdio(&config),
         Ok(Command::Index(plan)) => report(plan.output.stat, |stats, _| engine::index(&plan, stats)),
         Ok(Command::Protocol) => {
             println!("{}", basyn::ssh::protocol_line());
@@ -55,7 +55,13 @@ fn report(stat: bool, job: impl FnOnce(&mut Stats, &Interrupts) -> Result<(), en
 
 /// Serves over the raw stdin/stdout descriptors: std's stdout is line-buffered, which
 /// would split binary frames at every newline byte.
-fn serve_stdio(path: &std::path::Path) -> i32 {
+fn serve_stdio(config: &basyn::restrict::Config) -> i32 {
+    // Started by sshd as a key's forced command, this replaces the client's starting
+    // script, which would have said how basyn started: say it instead, so the client
+    // goes on to speak the protocol.
+    if std::env::var_os("SSH_ORIGINAL_COMMAND").is_some() {
+        eprintln!("basyn-start forced");
+    }
     let fds = std::io::stdin()
         .as_fd()
         .try_clone_to_owned()
@@ -65,7 +71,7 @@ fn serve_stdio(path: &std::path::Path) -> i32 {
             // Over SSH these are sshd's pipes, 64 KiB unless widened from this end.
             basyn::link::widen_pipe(&input);
             basyn::link::widen_pipe(&output);
-            serve::serve(path, File::from(input), File::from(output))
+            serve::serve(config, File::from(input), File::from(output))
         }
         Err(e) => {
             eprintln!("basyn serve: cannot use stdin/stdout: {e}");

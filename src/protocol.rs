@@ -18,7 +18,7 @@
 //! decompressed and checked it against the source digests it carries.
 
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -65,6 +65,9 @@ pub enum StateMode {
     Path(PathBuf),
     /// No state at all (`--no-state`).
     Off,
+    /// The default name, in this directory instead of the default one (what a server
+    /// started with `--state-dir` makes of `Default`).
+    DefaultIn(PathBuf),
 }
 
 /// The state options of one side.
@@ -120,6 +123,21 @@ pub struct OpenRequest {
     pub chunk: Option<u64>,
     /// Which state file to use for the device.
     pub state: StateOptions,
+    /// The device the client means, as the bytes of its path: a server started for one
+    /// device refuses another, and one started with `--restrict` serves it only if listed.
+    pub device: Vec<u8>,
+}
+
+/// A path as [`OpenRequest::device`] carries it: its bytes, whatever they are.
+pub fn path_bytes(path: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().to_vec()
+}
+
+/// The path [`path_bytes`] made; `None` for no bytes.
+pub fn bytes_path(bytes: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    (!bytes.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
 }
 
 /// The server's state as the client needs it to decide between a tree walk, a
@@ -657,6 +675,7 @@ mod tests {
                 buffer: 2 << 20,
                 chunk: Some(64 << 10),
                 state: StateOptions { mode: StateMode::Path("/var/lib/basyn/x.basyn-state".into()), trust: true },
+                device: b"/dev/vg0/backup".to_vec(),
             })),
             Frame::Control(Message::Opened(Opened {
                 size: 1 << 30,
@@ -828,6 +847,7 @@ mod tests {
                 buffer: 4096,
                 chunk: None,
                 state: StateOptions { mode: StateMode::Default, trust: false },
+                device: b"/dev/vg0/backup".to_vec(),
             })))
             .unwrap();
             let check = Check::Pieces { unit: 16, digests: HashAlgo::Sha1.digest_pieces(&[1u8; 40], 16) };

@@ -15,6 +15,7 @@ use crate::protocol::{
     AbortCode, Access, Check, Closed, Counter, FEATURES, Frame, FrameReader, FrameWriter, HEARTBEAT, MAX_BLOCK,
     MAX_DIGESTS, Message, OpenRequest, Opened, ProtocolError, StateMode, StateOptions, StateSummary, VERSION,
 };
+use crate::restrict::Config;
 use crate::stamp::Role;
 use crate::state::StateError;
 use crate::tree::{DEFAULT_FANOUT, Layout, leaf_digest};
@@ -68,7 +69,7 @@ fn invalid(what: String, doing: &'static str) -> Abort {
 /// From the handshake on, a second thread says [`Message::KeepAlive`] every
 /// [`HEARTBEAT`], so that the client can tell a server busy on a slow disk from one that
 /// is stopped or cut off.
-pub fn serve(path: &Path, input: impl Read, output: impl Write + Send) -> i32 {
+pub fn serve(config: &Config, input: impl Read, output: impl Write + Send) -> i32 {
     let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, input), Arc::new(Counter::default()));
     let w = Mutex::new(FrameWriter::new(BufWriter::with_capacity(1 << 20, output), Arc::new(Counter::default())));
     let result = std::thread::scope(|scope| {
@@ -79,7 +80,7 @@ pub fn serve(path: &Path, input: impl Read, output: impl Write + Send) -> i32 {
         }
         let (stop, stopped) = mpsc::channel::<()>();
         scope.spawn(|| keep_alive(&w, stopped));
-        let result = session(path, &mut r, &w);
+        let result = session(config, &mut r, &w);
         drop(stop);
         result
     });
@@ -111,7 +112,7 @@ fn keep_alive<W: Write>(w: &Mutex<FrameWriter<W>>, stop: mpsc::Receiver<()>) {
     }
 }
 
-fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &Mutex<FrameWriter<W>>) -> Result<(), Abort> {
+fn session<R: Read, W: Write>(config: &Config, r: &mut FrameReader<R>, w: &Mutex<FrameWriter<W>>) -> Result<(), Abort> {
     r.start()?;
     match r.recv()? {
         Some(Frame::Control(Message::Hello { version, .. })) if version == u32::from(VERSION) => {}
@@ -121,7 +122,7 @@ fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &Mutex<Fra
         None => return Ok(()),
         Some(other) => return Err(ProtocolError::unexpected(&other, "waiting for Hello").into()),
     }
-    let mut server = Server { path, open: None, totals: Closed::default(), buf: Vec::new() };
+    let mut server = Server { config, open: None, totals: Closed::default(), buf: Vec::new() };
     loop {
         // The client went away: keep nothing a state file could misread.
         let Some(frame) = r.recv()? else { return Ok(()) };
@@ -140,7 +141,7 @@ fn session<R: Read, W: Write>(path: &Path, r: &mut FrameReader<R>, w: &Mutex<Fra
 /// One session's server: the device as the current `Open` left it, and what the
 /// session's opens added up to.
 struct Server<'a> {
-    path: &'a Path,
+    config: &'a Config,
     open: Option<Served>,
     totals: Closed,
     buf: Vec<u8>,
@@ -152,7 +153,11 @@ impl Server<'_> {
         let reply = match frame {
             Frame::Control(Message::Open(req)) => {
                 self.end_open()?;
-                let (opened, served) = open_device(self.path, req)?;
+                let precondition = |message| Abort { code: AbortCode::Precondition, message };
+                let path = self.config.device_for(&req).map_err(precondition)?;
+                let mode = self.config.state_mode(&req.state.mode, &path).map_err(precondition)?;
+                let req = OpenRequest { state: StateOptions { mode, ..req.state }, ..req };
+                let (opened, served) = open_device(&path, req)?;
                 self.open = served;
                 Frame::Control(Message::Opened(opened))
             }
@@ -450,6 +455,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
 /// A link to `serve` running on a thread of this process, for unit tests of the engine.
 #[cfg(test)]
 pub fn in_process(path: &Path) -> crate::link::Link {
+    let config = Config::device(path);
     struct Thread(Option<std::thread::JoinHandle<i32>>);
     impl crate::link::Process for Thread {
         fn kill(&mut self) {}
@@ -466,8 +472,7 @@ pub fn in_process(path: &Path) -> crate::link::Link {
     }
     let (req_r, req_w) = std::io::pipe().expect("pipe");
     let (rep_r, rep_w) = std::io::pipe().expect("pipe");
-    let path = path.to_path_buf();
-    let t = std::thread::spawn(move || serve(&path, req_r, rep_w));
+    let t = std::thread::spawn(move || serve(&config, req_r, rep_w));
     crate::link::Link {
         reader: Box::new(rep_r),
         writer: Box::new(req_w),
@@ -499,7 +504,7 @@ mod tests {
             w.send(f).unwrap();
         }
         let mut output = Vec::new();
-        let code = serve(path, &input[..], &mut output);
+        let code = serve(&Config::device(path), &input[..], &mut output);
         let mut r = FrameReader::new(&output[..], Arc::default());
         r.start().unwrap();
         let mut replies = Vec::new();
@@ -521,6 +526,7 @@ mod tests {
             buffer,
             chunk: None,
             state: StateOptions::off(),
+            device: Vec::new(),
         }))
     }
 
@@ -666,6 +672,7 @@ mod tests {
             buffer: 4096,
             chunk: None,
             state: StateOptions { mode: StateMode::Path(precious.clone()), trust: false },
+            device: Vec::new(),
         }));
         let (code, replies) = session(&p, &[req, Frame::Control(Message::Close)]);
         assert_eq!(code, 1);

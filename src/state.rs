@@ -368,6 +368,12 @@ fn skim(file: &mut File, len: u64, sum: &mut Checksum) -> io::Result<()> {
 /// (`disk.img.basyn-state`); for a block device under `/var/lib/basyn` (root) or
 /// `$XDG_STATE_HOME/basyn` (others), named after the canonical device path.
 pub fn default_path(device: &Path, kind: Kind) -> PathBuf {
+    default_path_in(None, device, kind)
+}
+
+/// [`default_path`], with a block device's state in `dir` instead of the default
+/// directory (a regular file's stays next to it).
+pub fn default_path_in(dir: Option<&Path>, device: &Path, kind: Kind) -> PathBuf {
     let canonical = fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
     match kind {
         Kind::File => {
@@ -382,12 +388,14 @@ pub fn default_path(device: &Path, kind: Kind) -> PathBuf {
                 .chars()
                 .map(|c| if c == '/' { '_' } else { c })
                 .collect();
-            state_dir().join(format!("{flat}.basyn-state"))
+            dir.map_or_else(state_dir, Path::to_path_buf).join(format!("{flat}.basyn-state"))
         }
     }
 }
 
-fn state_dir() -> PathBuf {
+/// The directory of block devices' default states: `/var/lib/basyn` for root, else
+/// `$XDG_STATE_HOME/basyn` (`~/.local/state/basyn`).
+pub fn state_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/lib/basyn");

@@ -93,7 +93,7 @@ fn basyn_serve_takes_any_stream_and_answers_with_an_exit_code() {
         .run(&inputs(requests), |bytes| {
             let mut stream = hello.clone();
             stream.extend_from_slice(&bytes);
-            let code = basyn::serve::serve(&image, &stream[..], std::io::sink());
+            let code = basyn::serve::serve(&basyn::restrict::Config::device(&image), &stream[..], std::io::sink());
             prop_assert!([0, 1, 2].contains(&code), "exit code {code}");
             Ok(())
         })

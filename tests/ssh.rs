@@ -833,3 +833,71 @@ fn scattered_small_changes_over_ssh_read_only_the_receivers_differing_pieces() {
     flushbufs(dev.path());
     assert_same(&local, dev.path());
 }
+
+/// A backup key limited by a forced command in `authorized_keys`
+/// (`command="basyn serve --restrict DEVICE",restrict ...`) hung the client: the forced
+/// command replaced basyn's starting script, which never said how basyn started. Now
+/// `basyn serve` says it itself, the client works unchanged, the listed device is synced
+/// both ways, and any other device is refused without being created.
+#[test]
+fn a_key_restricted_to_one_device_by_a_forced_command_serves_only_it() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (local, remote, other) = (sshd.local("src.img"), sshd.remote("backup.img"), sshd.remote("other.img"));
+    random_image(&local, 31, 4 * MIB);
+    let key = fs::read_to_string(sshd.path("userkey.pub")).unwrap();
+    let line = format!(
+        "command=\"{} serve --restrict {}\",restrict {}\n",
+        env!("CARGO_BIN_EXE_basyn"),
+        s(&remote),
+        key.trim()
+    );
+    fs::write(sshd.path("authorized_keys/root"), line).unwrap();
+    let run = fast(|| sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "sync", "--stat"])));
+    run.ok();
+    assert_same(&local, &remote);
+    let back = sshd.local("back.img");
+    fast(|| sshd.basyn(&over_ssh(&back, &remote, &["-a", "pull", "-m", "copy"]))).ok();
+    assert_same(&back, &remote);
+    let run = fast(|| sshd.basyn(&over_ssh(&local, &other, &["-a", "push", "-m", "sync"])));
+    run.fails(1, &["other.img", "--restrict", s(&remote)]);
+    assert!(!other.exists(), "a device outside the restriction was created");
+    // The key runs nothing else: a --remote-path of the client's is not run either.
+    let run =
+        fast(|| sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "sync", "--remote-path", "/bin/false"])));
+    run.ok();
+}
+
+/// A client could make the remote `basyn serve` create its state file anywhere (`/etc`),
+/// and follow symbolic links in a path it chose. Over SSH a client-chosen state path now
+/// has to be in the server's state directory or beside the device, with no link on the
+/// way; `basyn serve --state-dir DIR` moves the former.
+#[test]
+fn a_remote_state_path_outside_the_state_dir_or_the_devices_directory_is_refused() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (local, remote) = (sshd.local("src.img"), sshd.remote("dst.img"));
+    random_image(&local, 32, MIB);
+    let elsewhere = sshd.tmp().join("x.basyn-state");
+    let args = |state: &Path| -> Vec<String> {
+        let v = over_ssh(&local, &remote, &["-a", "push", "-m", "sync", "--remote-state"]);
+        let mut v: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+        v.push(s(state).to_string());
+        v
+    };
+    let run = fast(|| sshd.basyn(&args(&elsewhere)));
+    run.fails(1, &["remote state", s(&elsewhere), "beside the device"]);
+    assert!(!elsewhere.exists() && !remote.exists(), "the refused run left files behind");
+    // Inside a directory beside the device: refused too. Beside it: fine; as a link
+    // beside it (to a file elsewhere): refused.
+    std::os::unix::fs::symlink(sshd.tmp(), sshd.remote("dir")).unwrap();
+    let below = sshd.remote("dir").join("y.basyn-state");
+    fast(|| sshd.basyn(&args(&below))).fails(1, &["remote state", "beside the device"]);
+    assert!(!sshd.tmp().join("y.basyn-state").exists());
+    let beside = sshd.remote("dst.state");
+    fast(|| sshd.basyn(&args(&beside))).ok();
+    assert!(beside.is_file(), "no state beside the device");
+    let target = sshd.tmp().join("target");
+    fs::write(&target, b"not a state").unwrap();
+    std::os::unix::fs::symlink(&target, sshd.remote("link.state")).unwrap();
+    fast(|| sshd.basyn(&args(&sshd.remote("link.state")))).fails(1, &["remote state", "symbolic link"]);
+    assert_eq!(fs::read(&target).unwrap(), b"not a state");
+}

@@ -166,6 +166,7 @@ mod property_tests {
             buffer: buffer as u64,
             chunk: chunk.map(|c| c as u64),
             state: StateOptions::off(),
+            device: Vec::new(),
         };
         let local = match dir {
             Direction::Push => {
@@ -279,6 +280,7 @@ mod property_tests {
             buffer: 8192,
             chunk: None,
             state: StateOptions::off(),
+            device: Vec::new(),
         };
         ep.open(request).unwrap();
         let local = Device::open_read(&lp, Side::Local).unwrap();

@@ -64,6 +64,7 @@ fn index_remote(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Resu
         buffer: p.buffer as u64,
         chunk: p.chunk.map(|c| c as u64),
         state: plan.state.clone(),
+        device: crate::protocol::path_bytes(&plan.device),
     };
     let opened = ep.open(req).map_err(refused)?;
     rep.log(format_args!("remote {}", opened.state.note));

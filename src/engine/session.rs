@@ -132,7 +132,15 @@ impl<'a> Session<'a> {
     /// An Open request with the run's parameters.
     pub fn open_request(&self, access: Access, codec: Codec, state: StateOptions) -> OpenRequest {
         let p = &self.plan.params;
-        OpenRequest { access, hash: p.hash, codec, buffer: p.buffer as u64, chunk: p.chunk.map(|c| c as u64), state }
+        OpenRequest {
+            access,
+            hash: p.hash,
+            codec,
+            buffer: p.buffer as u64,
+            chunk: p.chunk.map(|c| c as u64),
+            state,
+            device: crate::protocol::path_bytes(&self.plan.remote),
+        }
     }
 
     /// The source and the receiver of a transfer in `dir`, as messages name them.
