@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::block::VerifiedBlock;
+use crate::lease::{Lease, Taken};
 use crate::occupancy;
 use crate::sparse::{self, KnownZero};
 use crate::sysfs;
@@ -185,6 +186,8 @@ pub struct Device {
     bytes_read: std::sync::atomic::AtomicU64,
     /// What of a receiver is known to hold zeros (written data excepted).
     known_zero: KnownZero,
+    /// A regular-file receiver's write lease: broken when another process opens it.
+    lease: Lease,
 }
 
 impl Device {
@@ -252,6 +255,9 @@ impl Device {
         }
         // Nothing may be changed (resized) before basyn owns the device.
         lock(&dev.file).map_err(err)?;
+        if kind == Kind::File {
+            dev.lease_receiver(spec.force).map_err(err)?;
+        }
         if dev.size != spec.source_size {
             let mismatch = Problem::SizeMismatch { size: dev.size, source: spec.source_size };
             match (spec.force, kind) {
@@ -292,10 +298,34 @@ impl Device {
             return Err(err(Problem::Io("size the new file (it was removed: nothing was kept)", e)));
         }
         let mut dev = Device::finish_open(file, path, side, Kind::File, false)?;
+        if let Err(problem) = dev.lease_receiver(spec.force) {
+            let _ = fs::remove_file(path);
+            return Err(err(problem));
+        }
         // A new file is one hole: it reads as zeros and stays sparse.
         dev.created = true;
         dev.known_zero = KnownZero::from(0);
         Ok(dev)
+    }
+
+    /// Takes the write lease of a regular-file receiver, so that another process opening
+    /// it during the run is noticed. One that has it open already makes the receiver in
+    /// use (with `--force`, the run goes on unwatched, as it does where leases are not
+    /// supported).
+    fn lease_receiver(&mut self, force: bool) -> Result<(), Problem> {
+        let (lease, taken) = Lease::take(&self.file);
+        if taken == Taken::Busy && !force {
+            return Err(Problem::InUse("another process has it open".to_string()));
+        }
+        self.lease = lease;
+        Ok(())
+    }
+
+    /// True if another process opened this (regular-file) receiver since it was opened,
+    /// so may have written it: basyn's own writes and another writer's look the same in
+    /// a file's timestamps.
+    pub fn opened_by_others(&self) -> bool {
+        self.lease.broken(&self.file)
     }
 
     fn finish_open(file: File, path: &Path, side: Side, kind: Kind, created: bool) -> Result<Device, DeviceError> {
@@ -324,6 +354,7 @@ impl Device {
             resized: false,
             bytes_read: Default::default(),
             known_zero: KnownZero::none(),
+            lease: Lease::default(),
         })
     }
 
@@ -422,6 +453,9 @@ impl Device {
     /// process's later write to them then goes out on its own and shows in the kernel's
     /// counters, instead of hiding in basyn's own write-back. Returns the bytes written.
     pub fn write_at(&self, block: &VerifiedBlock) -> Result<u64, DeviceError> {
+        // Checked on every write: a broken lease is released at once, so whoever opened
+        // the file does not wait for the kernel's timeout.
+        self.lease.intact(&self.file);
         let (offset, len) = (block.offset(), block.len() as u64);
         let on_zeros = self.known_zero(offset, len);
         let Some(data) = block.bytes() else {

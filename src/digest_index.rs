@@ -402,9 +402,11 @@ impl DigestIndex {
         Ok(())
     }
 
-    /// True if someone other than basyn wrote the device since the run began.
-    fn written_by_others(&self, now: &Stamp, role: Role) -> bool {
-        self.start.as_ref().is_some_and(|start| stamp::written_by_others(start, now, role, self.own_sectors))
+    /// True if someone other than basyn wrote the device since the run began (for a
+    /// regular-file receiver: opened it, see [`Device::opened_by_others`]).
+    fn written_by_others(&self, device: &Device, now: &Stamp, role: Role) -> bool {
+        (role == Role::Receiver && device.opened_by_others())
+            || self.start.as_ref().is_some_and(|start| stamp::written_by_others(start, now, role, self.own_sectors))
     }
 
     /// Settles the writes so far and saves what is confirmed, so that an interrupted
@@ -415,7 +417,7 @@ impl DigestIndex {
             return Ok(());
         }
         let now = self.stamp_now(device)?;
-        if !self.written_by_others(&now, role) {
+        if !self.written_by_others(device, &now, role) {
             self.save(now)?;
         }
         Ok(())
@@ -430,7 +432,7 @@ impl DigestIndex {
             return Ok(true);
         }
         let now = self.stamp_now(device)?;
-        if self.written_by_others(&now, role) {
+        if self.written_by_others(device, &now, role) {
             if let Some(file) = &self.file {
                 file.remove()?;
                 self.note =

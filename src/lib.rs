@@ -12,6 +12,7 @@ pub mod digest_index;
 pub mod endpoint;
 pub mod engine;
 pub mod hash;
+pub mod lease;
 pub mod link;
 pub mod occupancy;
 pub mod piece_table;

@@ -788,3 +788,51 @@ fn a_stopped_endpoint_fails_the_run_within_its_timeout() {
     r.ok();
     assert_same(&a, &b);
 }
+
+/// Another process writing a regular-file receiver during a run went unseen: basyn's own
+/// writes and another writer's look the same in a file's timestamps, so the run ended
+/// with exit 0 and a fresh state over data that differed. A regular-file receiver now
+/// holds a write lease, which the kernel breaks when anyone else opens the file: the run
+/// ends with exit 2, no state is kept for the receiver, and a rerun converges.
+#[test]
+fn a_regular_file_receiver_written_by_another_process_during_the_run_is_reported() {
+    let t = tmp();
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    random_image(&a, 89, 256 * MIB);
+    random_image(&b, 90, 256 * MIB);
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"]);
+    let mut run = start(&args, &[]);
+    let mut serve = None;
+    wait_until(Duration::from_secs(60), "the endpoint to write 8 MiB", || {
+        serve = child_pids(run.pid()).into_iter().find(|&p| io_counter(p, "wchar") >= 8 * MIB as u64);
+        serve.is_some() || !run.running()
+    });
+    assert!(serve.is_some(), "the run ended before the receiver could be written{:?}", run.finish());
+    poke(&b, 200 * MIB as u64, b"written by someone else");
+    let r = run.finish();
+    r.fails(2, &["written to by another process", s(&b)]);
+    let state = t.path().join("b.img.basyn-state");
+    assert!(!state.exists(), "a state was kept for a receiver written by another process{r:?}");
+    basyn(&args).ok();
+    assert_same(&a, &b);
+}
+
+/// A regular-file receiver another process has open (a running VM's disk, another copy)
+/// cannot be watched: it is in use, refused unless --force.
+#[test]
+fn a_regular_file_receiver_open_in_another_process_is_in_use() {
+    let t = tmp();
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    random_image(&a, 91, MIB);
+    random_image(&b, 92, MIB);
+    let holder = std::process::Command::new("sleep").arg("60").stdin(File::open(&b).unwrap()).spawn().unwrap();
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"]);
+    basyn(&args).fails(1, &["in use", "another process has it open", s(&b)]);
+    let mut forced = args.clone();
+    forced.push("--force".into());
+    basyn(&forced).ok();
+    assert_same(&a, &b);
+    let mut holder = holder;
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
