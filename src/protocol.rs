@@ -32,7 +32,7 @@ use crate::hash::{Digest, HashAlgo, MAX_DIGEST_LEN};
 /// First bytes each side writes, before the protocol version.
 pub const MAGIC: [u8; 6] = *b"BASYN\0";
 /// Protocol version, written right after [`MAGIC`] and checked before anything else.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Feature bit: the peer can decode zstd block payloads.
 pub const FEATURE_ZSTD: u64 = 1;
 /// Feature bit: the peer can decode zlib block payloads.
@@ -230,6 +230,15 @@ pub enum Message {
         /// One line for the user, naming device and side.
         message: String,
     },
+    /// Client: the plain digest (the hash of the bytes, not the leaf rule) of every
+    /// whole `buffer`-sized block of `[offset, offset+len)`, as the original's bitmap
+    /// holds them; answered by one Digests frame.
+    BlockDigests {
+        /// Start of the range, on a block boundary.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+    },
 }
 
 impl Message {
@@ -247,6 +256,7 @@ impl Message {
             Message::Close => "Close",
             Message::Closed(_) => "Closed",
             Message::Abort { .. } => "Abort",
+            Message::BlockDigests { .. } => "BlockDigests",
         }
     }
 }
@@ -622,7 +632,7 @@ mod tests {
         assert_eq!(round_trip(&frames), frames);
     }
 
-    /// A version-3 session whose encoding must never change (`fixtures/protocol/`).
+    /// A version-4 session whose encoding must never change (`fixtures/protocol/`).
     fn golden_session() -> Vec<Frame> {
         let identity = Identity {
             boot_id: "8d1c9a52-1f5e-4c33-9b1a-2f4e6d7c8b9a".into(),
@@ -633,7 +643,7 @@ mod tests {
             backing: Some((2049, 77)),
         };
         vec![
-            Frame::Control(Message::Hello { version: 3, features: FEATURE_ZSTD | FEATURE_ZLIB }),
+            Frame::Control(Message::Hello { version: 4, features: FEATURE_ZSTD | FEATURE_ZLIB }),
             Frame::Control(Message::Open(OpenRequest {
                 access: Access::Write {
                     source_size: 1 << 30,
@@ -659,6 +669,8 @@ mod tests {
             Frame::Control(Message::TreeNodes { level: 1, indices: vec![0, 5, 63] }),
             Frame::Control(Message::HashBlocks { offset: 2 << 20, len: 16 << 20, block: 2 << 20 }),
             Frame::Digests((0u8..64).collect()),
+            Frame::Control(Message::BlockDigests { offset: 4 << 20, len: 6 << 20 }),
+            Frame::Digests((64u8..160).collect()),
             Frame::Control(Message::Read { offset: 4096, len: 8 }),
             Frame::Block(BlockFrame {
                 offset: 4096,
@@ -696,18 +708,18 @@ mod tests {
     }
 
     #[test]
-    fn the_version_3_encoding_matches_the_golden_fixture() {
+    fn the_version_4_encoding_matches_the_golden_fixture() {
         let mut bytes = Vec::new();
         let mut w = FrameWriter::new(&mut bytes, Arc::default());
         w.start().unwrap();
         for f in golden_session() {
             w.send(&f).unwrap();
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v3.bin");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v4.bin");
         if std::env::var_os("BASYN_BLESS").is_some() {
             std::fs::write(path, &bytes).unwrap();
         }
-        let golden = std::fs::read(path).expect("fixtures/protocol/session-v3.bin (BASYN_BLESS=1 writes it)");
+        let golden = std::fs::read(path).expect("fixtures/protocol/session-v4.bin (BASYN_BLESS=1 writes it)");
         assert_eq!(bytes, golden, "the wire encoding changed; bump VERSION instead");
         let mut r = FrameReader::new(&golden[..], Arc::default());
         r.start().unwrap();
@@ -736,10 +748,10 @@ mod tests {
 
     #[test]
     fn another_version_is_named_before_anything_else() {
-        let mut r = FrameReader::new(&b"BASYN\0\x00\x02\x01\x00\x00\x00\x00"[..], Arc::default());
+        let mut r = FrameReader::new(&b"BASYN\0\x00\x03\x01\x00\x00\x00\x00"[..], Arc::default());
         let e = r.start().unwrap_err();
-        assert!(matches!(e, ProtocolError::Version { ours: 3, theirs: 2 }), "{e}");
-        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 3, the peer speaks 2");
+        assert!(matches!(e, ProtocolError::Version { ours: 4, theirs: 3 }), "{e}");
+        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 4, the peer speaks 3");
     }
 
     #[test]

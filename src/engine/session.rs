@@ -19,11 +19,16 @@ pub(super) fn name(side: Side, path: &Path) -> String {
     format!("{side} {}", path.display())
 }
 
-/// The receiver of a transfer in `dir`, as messages name it.
+/// The receiver of a transfer in `dir`, as messages name it: the bitmap when only it is
+/// refreshed (no receiver was given).
 pub(super) fn receiver_name(plan: &Plan, dir: Direction) -> String {
-    match dir {
-        Direction::Push => name(Side::Remote, &plan.remote),
-        Direction::Pull => name(Side::Local, &plan.local),
+    let (side, path) = match dir {
+        Direction::Push => (Side::Remote, &plan.remote),
+        Direction::Pull => (Side::Local, &plan.local),
+    };
+    match &plan.bitmap {
+        Some(b) if b.refresh_only => format!("bitmap {}", b.path.display()),
+        _ => name(side, path),
     }
 }
 
