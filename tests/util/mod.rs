@@ -984,3 +984,38 @@ pub fn block_digests(hash: &str, path: &Path, block: usize) -> Vec<u8> {
     }
     out
 }
+
+/// The FILE basyn must leave for `source` with `--buffer` `buffer` bytes and `--hash`
+/// `hash`: the original's layout for a hash the original knows, else basyn's own (magic
+/// `BASYNBMP`, BLAKE3 id 8, the same layout), each block's digest computed independently.
+pub fn expected_bitmap(source: &Path, buffer: u64, hash: &str) -> Vec<u8> {
+    let digests = block_digests(hash, source, buffer as usize);
+    match original_hash_id(hash) {
+        Some(id) => original_bitmap(size_of(source), buffer, id, &digests),
+        None => {
+            let mut v = b"BASYNBMP".to_vec();
+            v.extend_from_slice(&size_of(source).to_le_bytes());
+            v.extend_from_slice(&buffer.to_le_bytes());
+            v.push(8);
+            v.extend_from_slice(&digests);
+            v
+        }
+    }
+}
+
+/// Asserts that FILE `bm` holds exactly what [`expected_bitmap`] says for `source`.
+#[track_caller]
+pub fn assert_bitmap_of(bm: &Path, source: &Path, buffer: u64, hash: &str) {
+    let got = fs::read(bm).unwrap_or_else(|e| panic!("no bitmap {}: {e}", bm.display()));
+    let want = expected_bitmap(source, buffer, hash);
+    if got != want {
+        let at = first_difference(&got, &want).unwrap_or(0);
+        panic!(
+            "bitmap {} ({} bytes) is not the {hash} bitmap of {} ({} bytes): first difference at byte {at}",
+            bm.display(),
+            got.len(),
+            source.display(),
+            want.len()
+        );
+    }
+}
