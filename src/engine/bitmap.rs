@@ -15,8 +15,8 @@
 
 use std::path::PathBuf;
 
-use super::bitmap_sync::{local_digests, remote_digests};
-use super::session::{Session, absorb, local_index, name};
+use super::bitmap_sync::{Basis, local_digests, remote_digests};
+use super::session::{Session, absorb, empty, local_index, name};
 use super::window::Comparison;
 use super::{BitmapPlan, Direction, Error, Fault, Params};
 use crate::bitmap_file::{self, BitmapFile, BitmapFileError, Format, Geometry};
@@ -41,27 +41,6 @@ pub enum BitmapError {
 impl From<BitmapFileError> for BitmapError {
     fn from(e: BitmapFileError) -> BitmapError {
         if e.is_content() { BitmapError::Unusable(e) } else { BitmapError::File(e) }
-    }
-}
-
-/// What a SYNC with a bitmap compares the source's blocks with.
-#[derive(Debug)]
-pub(super) enum Basis {
-    /// FILE's digests: the receiver is not read.
-    File(Vec<u8>),
-    /// Nothing (`--reset-bitmap`, a new FILE, a new receiver): every block is sent, the
-    /// receiver is not read.
-    Nothing,
-    /// The receiver itself (`--update-bitmap`): a regular SYNC.
-    Receiver,
-}
-
-impl Basis {
-    /// True if FILE says the receiver already holds block `leaf` with digest `d`.
-    pub fn holds(&self, leaf: u64, d: &crate::hash::Digest) -> bool {
-        let Basis::File(digests) = self else { return false };
-        let n = d.as_bytes().len();
-        digests.get(leaf as usize * n..(leaf as usize + 1) * n) == Some(d.as_bytes())
     }
 }
 
@@ -197,7 +176,7 @@ impl Session<'_> {
         let local = Device::open_read(&plan.local, Side::Local).map_err(|e| refused(e.into()))?;
         let len = local.size();
         if len == 0 {
-            return Err(super::run::empty(Side::Local, &plan.local));
+            return Err(empty(Side::Local, &plan.local));
         }
         let found =
             find(b, geometry(&plan.params, len), &name(Side::Local, &plan.local)).map_err(|e| refused(e.into()))?;
@@ -222,7 +201,7 @@ impl Session<'_> {
         let req = self.open_request(Access::Read, Codec::None, plan.remote_state.clone());
         let len = self.endpoint()?.open(req).map_err(|e| refused(e.into()))?.size;
         if len == 0 {
-            return Err(super::run::empty(Side::Remote, &plan.remote));
+            return Err(empty(Side::Remote, &plan.remote));
         }
         let geometry = geometry(&plan.params, len);
         let found = find(b, geometry, &name(Side::Remote, &plan.remote)).map_err(|e| refused(e.into()))?;
@@ -238,22 +217,6 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::Digest;
-
-    #[test]
-    fn only_a_file_basis_holds_blocks_and_only_equal_ones() {
-        let d = |b: u8| Digest::from_slice(&[b; 20]);
-        let mut digests = vec![1u8; 20];
-        digests.extend_from_slice(&[0u8; 20]);
-        let basis = Basis::File(digests);
-        assert!(basis.holds(0, &d(1)));
-        assert!(!basis.holds(0, &d(2)));
-        // A zero digest is the original's "unknown": no block has it.
-        assert!(!basis.holds(1, &d(1)));
-        assert!(!basis.holds(2, &d(1)), "past the end");
-        assert!(!Basis::Nothing.holds(0, &d(1)));
-        assert!(!Basis::Receiver.holds(0, &d(1)));
-    }
 
     #[test]
     fn changed_blocks_are_counted_against_the_old_digests() {

@@ -4,7 +4,6 @@
 //! read. FILE forgets a batch of blocks, durably, before any of them is written. Also
 //! the source's digests alone, for a refresh of FILE and for `--update-bitmap`.
 
-use super::bitmap::Basis;
 use super::compare::Purpose;
 use super::reader::{self, Data};
 use super::window::{Comparison, Ctx, WINDOW, Window};
@@ -24,6 +23,27 @@ const DIGEST_BATCH: u64 = 16 << 20;
 const FORGET_BYTES: u64 = 16 << 20;
 /// Blocks that FILE forgets at once at most.
 const FORGET_BLOCKS: usize = 256;
+
+/// What a SYNC with a bitmap compares the source's blocks with.
+#[derive(Debug)]
+pub(super) enum Basis {
+    /// FILE's digests: the receiver is not read.
+    File(Vec<u8>),
+    /// Nothing (`--reset-bitmap`, a new FILE, a new receiver): every block is sent, the
+    /// receiver is not read.
+    Nothing,
+    /// The receiver itself (`--update-bitmap`): a regular SYNC.
+    Receiver,
+}
+
+impl Basis {
+    /// True if FILE says the receiver already holds block `leaf` with digest `d`.
+    pub fn holds(&self, leaf: u64, d: &Digest) -> bool {
+        let Basis::File(digests) = self else { return false };
+        let n = d.as_bytes().len();
+        digests.get(leaf as usize * n..(leaf as usize + 1) * n) == Some(d.as_bytes())
+    }
+}
 
 /// A block to send, once FILE has forgotten it.
 struct Differing {
@@ -58,7 +78,7 @@ impl Batch {
         }
         if let Some(f) = file {
             let leaves: Vec<u64> = self.blocks.iter().map(|d| d.leaf).collect();
-            f.forget(&leaves).map_err(|e| Fault::from(super::BitmapError::File(e)))?;
+            f.forget(&leaves)?;
         }
         for d in self.blocks.drain(..) {
             w.out.differing += 1;
@@ -233,4 +253,24 @@ pub(super) fn remote_digests(ep: &mut Endpoint, g: &Geometry, rep: &Reporter) ->
         rep.advance(len);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_file_basis_holds_blocks_and_only_equal_ones() {
+        let d = |b: u8| Digest::from_slice(&[b; 20]);
+        let mut digests = vec![1u8; 20];
+        digests.extend_from_slice(&[0u8; 20]);
+        let basis = Basis::File(digests);
+        assert!(basis.holds(0, &d(1)));
+        assert!(!basis.holds(0, &d(2)));
+        // A zero digest is the original's "unknown": no block has it.
+        assert!(!basis.holds(1, &d(1)));
+        assert!(!basis.holds(2, &d(1)), "past the end");
+        assert!(!Basis::Nothing.holds(0, &d(1)));
+        assert!(!Basis::Receiver.holds(0, &d(1)));
+    }
 }

@@ -281,6 +281,12 @@ pub enum Fault {
     Internal(&'static str),
 }
 
+impl From<crate::bitmap_file::BitmapFileError> for Fault {
+    fn from(e: crate::bitmap_file::BitmapFileError) -> Fault {
+        Fault::Bitmap(BitmapError::from(e))
+    }
+}
+
 impl From<SaveError> for Fault {
     fn from(e: SaveError) -> Fault {
         match e {

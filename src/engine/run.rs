@@ -4,13 +4,14 @@
 
 use std::path::Path;
 
-use super::bitmap::{self, Basis, Found, Outcome};
+use super::bitmap::{self, Found, Outcome};
+use super::bitmap_sync::Basis;
 use super::compare::{self, Purpose};
-use super::session::{Session, absorb, both_fresh, check_side_files, layout, local_index, name, roots_equal};
+use super::session::{Session, absorb, both_fresh, check_side_files, empty, layout, local_index, name, roots_equal};
 use super::window::{Comparison, Ctx};
 use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap_sync, copy};
 use crate::compress::Codec;
-use crate::device::{Device, DeviceError, Problem, ReceiverSpec, Side};
+use crate::device::{Device, ReceiverSpec, Side};
 use crate::digest_index::DigestIndex;
 use crate::endpoint::Transport;
 use crate::protocol::{Access, Closed, StateOptions, StateSummary};
@@ -347,9 +348,4 @@ fn sync(ctx: Ctx<'_>, dir: Direction, remote_state: &StateSummary) -> Result<Com
 fn sync_done(rep: &Reporter, c: Comparison) -> Comparison {
     rep.log(format_args!("{} of {} blocks differed; {} bytes written", c.differing, c.blocks, c.written));
     c
-}
-
-/// The refusal of an empty source.
-pub(super) fn empty(side: Side, path: &Path) -> Error {
-    Fault::Device(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty }).refused()
 }

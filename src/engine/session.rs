@@ -7,7 +7,7 @@ use std::path::Path;
 use super::window::Comparison;
 use super::{Direction, Error, Fault, Params, Plan};
 use crate::compress::Codec;
-use crate::device::{Device, Side};
+use crate::device::{Device, DeviceError, Problem, Side};
 use crate::digest_index::DigestIndex;
 use crate::endpoint::Endpoint;
 use crate::protocol::{Access, OpenRequest, StateOptions, StateSummary};
@@ -151,6 +151,11 @@ impl<'a> Session<'a> {
     pub fn receiver_name(&self, dir: Direction) -> String {
         receiver_name(self.plan, dir)
     }
+}
+
+/// The refusal of an empty source.
+pub(super) fn empty(side: Side, path: &Path) -> Error {
+    Fault::Device(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty }).refused()
 }
 
 /// Adds what a comparison did to the statistics.
