@@ -265,30 +265,33 @@ impl Device {
         }
         // Nothing may be changed (resized) before basyn owns the device.
         lock(&dev.file).map_err(err)?;
-        // As the original does: a larger receiver gets the source's length and keeps its
-        // tail; a smaller one is refused. `--force` resizes a regular file to the source.
-        if dev.size != spec.source_size {
-            match (spec.force, kind) {
-                (true, Kind::File) => {
-                    dev.file.set_len(spec.source_size).map_err(|e| err(Problem::Io("resize", e)))?;
-                    // What a file grows by reads as zeros.
-                    dev.known_zero = KnownZero::from(dev.size.min(spec.source_size));
-                    dev.size = spec.source_size;
-                    dev.resized = true;
-                }
-                _ if dev.size < spec.source_size => {
-                    let file = kind == Kind::File;
-                    return Err(err(Problem::TooSmall {
-                        size: dev.size,
-                        source: spec.source_size,
-                        receiver: side,
-                        file,
-                    }));
-                }
-                _ => {}
-            }
-        }
+        dev.fit_size(spec)?;
         Ok(dev)
+    }
+
+    /// The size rules, as the original has them: a larger receiver gets the source's
+    /// length and keeps its tail; a smaller one is refused. `--force` resizes a regular
+    /// file to the source's size.
+    fn fit_size(&mut self, spec: &ReceiverSpec) -> Result<(), DeviceError> {
+        let err = |problem| DeviceError { side: self.side, path: self.path.display().to_string(), problem };
+        if self.size == spec.source_size {
+            return Ok(());
+        }
+        match (spec.force, self.kind) {
+            (true, Kind::File) => {
+                self.file.set_len(spec.source_size).map_err(|e| err(Problem::Io("resize", e)))?;
+                // What a file grows by reads as zeros.
+                self.known_zero = KnownZero::from(self.size.min(spec.source_size));
+                self.size = spec.source_size;
+                self.resized = true;
+            }
+            _ if self.size < spec.source_size => {
+                let (size, source, receiver, file) = (self.size, spec.source_size, self.side, self.kind == Kind::File);
+                return Err(err(Problem::TooSmall { size, source, receiver, file }));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn create(path: &Path, side: Side, spec: &ReceiverSpec) -> Result<Device, DeviceError> {
