@@ -168,25 +168,28 @@ impl TreeArgs {
 /// The original tool's bitmap options.
 #[derive(Debug, clap::Args)]
 struct BitmapArgs {
-    /// Receiver's block digests kept in FILE on this host: SYNC compares against it
-    /// instead of reading the receiver (trusted as declared). Created if missing.
+    /// The receiver's block digests kept in FILE on this host: SYNC compares the source
+    /// with it instead of reading the receiver. Created if missing. Without a receiver
+    /// (-r for PUSH, -l for PULL) only FILE is refreshed from the source.
     #[arg(short = 'b', long = "bitmap", value_name = "FILE")]
     bitmap: Option<PathBuf>,
 
-    /// Ignore the bitmap's content: compare by reading the receiver, then rewrite it.
+    /// Start FILE from scratch: the receiver is not read, every block is sent.
     #[arg(long = "reset-bitmap", conflicts_with = "update_bitmap")]
     reset_bitmap: bool,
 
-    /// Only refresh the bitmap from the source; transfer nothing.
+    /// A regular SYNC (both devices read, differing blocks sent) that rewrites FILE.
     #[arg(long = "update-bitmap")]
     update_bitmap: bool,
 }
 
+/// The bitmap options of a run whose `-l`/`-r` were given or not (`has_local`,
+/// `has_remote`); `None` without `--bitmap`.
 fn bitmap_plan(
     b: &BitmapArgs,
-    no_remote: bool,
+    (has_local, has_remote): (bool, bool),
     action: Option<(Direction, Mode)>,
-    chunk: Option<usize>,
+    recheck: bool,
 ) -> Result<Option<BitmapPlan>, String> {
     let Some(path) = b.bitmap.clone() else {
         if b.reset_bitmap || b.update_bitmap {
@@ -194,18 +197,22 @@ fn bitmap_plan(
         }
         return Ok(None);
     };
-    match action {
-        Some((_, Mode::Sync)) => {}
-        _ => return Err("--bitmap works with --action and --mode SYNC".into()),
+    let Some((dir, Mode::Sync)) = action else {
+        return Err("--bitmap works with --action and --mode SYNC".into());
+    };
+    let (has_source, has_receiver) = match dir {
+        Direction::Push => (has_local, has_remote),
+        Direction::Pull => (has_remote, has_local),
+    };
+    match (dir, has_source) {
+        (Direction::Push, false) => return Err("missing --local DEVICE (-l): the source of a PUSH".into()),
+        (Direction::Pull, false) => return Err("missing --remote DEVICE (-r): the source of a PULL".into()),
+        _ => {}
     }
-    if chunk.is_some() {
-        return Err("--bitmap keeps whole-block digests; it cannot be combined with --chunk".into());
+    if recheck && !has_receiver {
+        return Err("--recheck needs both devices; without a receiver only the bitmap is refreshed".into());
     }
-    let update_only = b.update_bitmap || no_remote;
-    if no_remote && action.is_some_and(|(d, _)| d == Direction::Pull) {
-        return Err("a PULL reads the remote source: give --remote".into());
-    }
-    Ok(Some(BitmapPlan { path, reset: b.reset_bitmap, update_only }))
+    Ok(Some(BitmapPlan { path, reset: b.reset_bitmap, update: b.update_bitmap, refresh_only: !has_receiver }))
 }
 
 /// State-file options of a run.
@@ -382,7 +389,6 @@ fn first_line(text: &str) -> String {
 }
 
 fn plan(raw: RawArgs) -> Result<Plan, String> {
-    let local = raw.local.ok_or("missing --local DEVICE (-l)")?;
     let (transport, timeout) = raw.ssh.transport()?;
     let action = match (raw.action, raw.mode) {
         (None, None) => None,
@@ -401,12 +407,19 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
     };
     let over_ssh = !matches!(transport, Transport::Local);
     let params = raw.tree.params(codec(raw.compress, raw.zlevel, over_ssh)?)?;
-    let bitmap = bitmap_plan(&raw.bitmap, raw.remote.is_none(), action, params.chunk)?;
-    let remote = match (raw.remote, &bitmap) {
-        (Some(r), _) => r,
-        // Only refreshing a bitmap from a local source needs no receiver.
-        (None, Some(b)) if b.update_only => PathBuf::new(),
-        (None, _) => return Err("missing --remote DEVICE (-r)".into()),
+    let given = (raw.local.is_some(), raw.remote.is_some());
+    let bitmap = bitmap_plan(&raw.bitmap, given, action, raw.recheck)?;
+    // Only a bitmap refresh goes without its receiver.
+    let refresh = bitmap.as_ref().is_some_and(|b| b.refresh_only);
+    let local = match raw.local {
+        Some(l) => l,
+        None if refresh => PathBuf::new(),
+        None => return Err("missing --local DEVICE (-l)".into()),
+    };
+    let remote = match raw.remote {
+        Some(r) => r,
+        None if refresh => PathBuf::new(),
+        None => return Err("missing --remote DEVICE (-r)".into()),
     };
     Ok(Plan {
         local,

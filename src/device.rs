@@ -91,10 +91,18 @@ pub enum Problem {
     Io(&'static str, io::Error),
     /// The source has no data.
     Empty,
-    /// Receiver and source sizes differ.
-    SizeMismatch { size: u64, source: u64 },
-    /// A block device receiver is smaller than the source, which `--force` cannot fix.
-    TooSmall { size: u64, source: u64 },
+    /// The receiver (on side `receiver`) is smaller than the source: refused, unless
+    /// `--force` may grow it (a regular file).
+    TooSmall {
+        /// The receiver's size.
+        size: u64,
+        /// The source's size.
+        source: u64,
+        /// The receiver's side, which names the action (remote: PUSH, local: PULL).
+        receiver: Side,
+        /// The receiver is a regular file, which `--force` grows.
+        file: bool,
+    },
     /// Source and receiver are the same storage.
     SameDevice(String),
     /// The receiver is mounted, held or backs a loop device.
@@ -115,13 +123,18 @@ impl fmt::Display for Problem {
             ),
             Problem::WrongKind(what) => write!(f, "is {what}, not a regular file or block device"),
             Problem::Io(doing, e) => write!(f, "cannot {doing}: {}", describe_io(e)),
-            Problem::Empty => f.write_str("nothing to sync: the source is empty (size 0)"),
-            Problem::SizeMismatch { size, source } => write!(
-                f,
-                "size {size} differs from source size {source} (use --force to resize a file or sync onto a larger block device)"
-            ),
-            Problem::TooSmall { size, source } => {
-                write!(f, "size {size} is smaller than source size {source}; a block device cannot be grown")
+            Problem::Empty => f.write_str("There is nothing to sync: the source is empty (size 0)"),
+            Problem::TooSmall { size, source, receiver, file } => {
+                // The original's words, which scripts match.
+                let (action, other) = match receiver {
+                    Side::Remote => ("PUSH", Side::Local),
+                    Side::Local => ("PULL", Side::Remote),
+                };
+                write!(
+                    f,
+                    "Cannot {action} because {receiver} device size ({size}) is smaller than {other} device size ({source})"
+                )?;
+                f.write_str(if *file { " (--force grows a regular file)" } else { "" })
             }
             Problem::SameDevice(other) => write!(f, "is the same device as the source {other} (use --force to allow)"),
             Problem::InUse(why) => write!(f, "is in use: {why} (use --force to write anyway)"),
@@ -258,24 +271,33 @@ impl Device {
         if kind == Kind::File {
             dev.lease_receiver(spec.force).map_err(err)?;
         }
-        if dev.size != spec.source_size {
-            let mismatch = Problem::SizeMismatch { size: dev.size, source: spec.source_size };
-            match (spec.force, kind) {
-                (false, _) => return Err(err(mismatch)),
-                (true, Kind::File) => {
-                    dev.file.set_len(spec.source_size).map_err(|e| err(Problem::Io("resize", e)))?;
-                    // What a file grows by reads as zeros.
-                    dev.known_zero = KnownZero::from(dev.size.min(spec.source_size));
-                    dev.size = spec.source_size;
-                    dev.resized = true;
-                }
-                (true, Kind::Block) if dev.size < spec.source_size => {
-                    return Err(err(Problem::TooSmall { size: dev.size, source: spec.source_size }));
-                }
-                (true, Kind::Block) => {}
-            }
-        }
+        dev.fit_size(spec)?;
         Ok(dev)
+    }
+
+    /// The size rules, as the original has them: a larger receiver gets the source's
+    /// length and keeps its tail; a smaller one is refused. `--force` resizes a regular
+    /// file to the source's size.
+    fn fit_size(&mut self, spec: &ReceiverSpec) -> Result<(), DeviceError> {
+        let err = |problem| DeviceError { side: self.side, path: self.path.display().to_string(), problem };
+        if self.size == spec.source_size {
+            return Ok(());
+        }
+        match (spec.force, self.kind) {
+            (true, Kind::File) => {
+                self.file.set_len(spec.source_size).map_err(|e| err(Problem::Io("resize", e)))?;
+                // What a file grows by reads as zeros.
+                self.known_zero = KnownZero::from(self.size.min(spec.source_size));
+                self.size = spec.source_size;
+                self.resized = true;
+            }
+            _ if self.size < spec.source_size => {
+                let (size, source, receiver, file) = (self.size, spec.source_size, self.side, self.kind == Kind::File);
+                return Err(err(Problem::TooSmall { size, source, receiver, file }));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn create(path: &Path, side: Side, spec: &ReceiverSpec) -> Result<Device, DeviceError> {
@@ -453,9 +475,6 @@ impl Device {
     /// process's later write to them then goes out on its own and shows in the kernel's
     /// counters, instead of hiding in basyn's own write-back. Returns the bytes written.
     pub fn write_at(&self, block: &VerifiedBlock) -> Result<u64, DeviceError> {
-        // Checked on every write: a broken lease is released at once, so whoever opened
-        // the file does not wait for the kernel's timeout.
-        self.lease.intact(&self.file);
         let (offset, len) = (block.offset(), block.len() as u64);
         let on_zeros = self.known_zero(offset, len);
         let Some(data) = block.bytes() else {
@@ -612,18 +631,26 @@ mod tests {
     }
 
     #[test]
-    fn a_size_mismatch_names_both_sizes_and_force_resizes_a_file() {
+    fn a_smaller_receiver_is_refused_in_the_originals_words_and_a_larger_one_keeps_its_tail() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("dst.img");
         fs::write(&p, vec![0u8; 100]).unwrap();
-        let e = Device::open_receiver(&p, Side::Remote, &spec(200, false)).unwrap_err();
-        assert_eq!(
-            e.to_string().split(" (use").next().unwrap(),
-            format!("remote {}: size 100 differs from source size 200", p.display())
-        );
-        assert_eq!(fs::metadata(&p).unwrap().len(), 100);
+        for (side, words) in [
+            (Side::Remote, "Cannot PUSH because remote device size (100) is smaller than local device size (200)"),
+            (Side::Local, "Cannot PULL because local device size (100) is smaller than remote device size (200)"),
+        ] {
+            let e = Device::open_receiver(&p, side, &spec(200, false)).unwrap_err();
+            assert_eq!(e.to_string(), format!("{side} {}: {words} (--force grows a regular file)", p.display()));
+            assert_eq!(fs::metadata(&p).unwrap().len(), 100);
+        }
+        // Larger: accepted as it is; --force resizes a file to the source's size.
+        let dev = Device::open_receiver(&p, Side::Remote, &spec(60, false)).unwrap();
+        assert_eq!((dev.size(), dev.resized()), (100, false));
+        drop(dev);
         Device::open_receiver(&p, Side::Remote, &spec(200, true)).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().len(), 200);
+        Device::open_receiver(&p, Side::Remote, &spec(150, true)).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().len(), 150);
     }
 
     #[test]

@@ -268,6 +268,12 @@ impl Endpoint {
         self.send(&Frame::Control(Message::HashBlocks { offset, len, block }))
     }
 
+    /// Asks for the plain digest of every whole block of `[offset, offset+len)` (the
+    /// original's bitmap digests); the reply is taken with [`Endpoint::digests`].
+    pub fn ask_block_digests(&mut self, offset: u64, len: u64) -> Result<(), EndpointError> {
+        self.send(&Frame::Control(Message::BlockDigests { offset, len }))
+    }
+
     /// The next reply, which must be `count` digests of `hash`.
     pub fn digests(&mut self, hash: HashAlgo, count: usize) -> Result<Vec<Digest>, EndpointError> {
         match self.recv()? {

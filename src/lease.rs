@@ -5,24 +5,35 @@
 //! timestamps, so this is how it learns that someone else may have written the receiver
 //! during the run.
 //!
-//! The break is noticed by polling the lease, never by a handler: the kernel's
-//! notification goes to SIGURG, which is ignored by default. A broken lease is released at
-//! once, so that the other process is not kept waiting for the kernel's break timeout
-//! (`/proc/sys/fs/lease-break-time`, 45 s).
+//! The break is noticed by a thread polling the lease, never by a signal handler: the
+//! kernel's notification goes to SIGURG, which is ignored by default. A broken lease is
+//! released within 20 ms, so that the other process is not kept waiting for the kernel's
+//! break timeout (`/proc/sys/fs/lease-break-time`, 45 s).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 /// `F_SETSIG` (Linux, `<fcntl.h>`): the signal a lease break raises.
 const F_SETSIG: libc::c_int = 10;
 
-/// The lease on one open file.
+/// The lease on one open file, watched by a thread of its own.
 #[derive(Debug, Default)]
 pub struct Lease {
+    state: Arc<State>,
+    watcher: Option<mpsc::Sender<()>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
     held: bool,
     broken: AtomicBool,
 }
+
+/// How often the watcher looks: the longest another process's open waits on basyn.
+const POLL: Duration = Duration::from_millis(20);
 
 /// What became of an attempt to lease a file.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,7 +47,7 @@ pub enum Taken {
 }
 
 impl Lease {
-    /// Takes a write lease on `file`.
+    /// Takes a write lease on `file`, watched until the lease is dropped.
     pub fn take(file: &File) -> (Lease, Taken) {
         let fd = file.as_raw_fd();
         // SAFETY: fcntl on a valid descriptor with integer arguments.
@@ -49,30 +60,58 @@ impl Lease {
             _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) => Taken::Busy,
             _ => Taken::Unsupported,
         };
-        (Lease { held: taken == Taken::Held, broken: AtomicBool::new(false) }, taken)
-    }
-
-    /// True if the lease was taken and has not been broken yet. A lease found breaking
-    /// is released here, and stays broken.
-    pub fn intact(&self, file: &File) -> bool {
-        if !self.held || self.broken.load(Ordering::SeqCst) {
-            return false;
-        }
-        // SAFETY: fcntl on a valid descriptor.
-        let now = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) };
-        if now == libc::F_WRLCK {
-            return true;
-        }
-        self.broken.store(true, Ordering::SeqCst);
-        // SAFETY: as above; releasing lets the other process's open go on at once.
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
-        false
+        let state = Arc::new(State { held: taken == Taken::Held, broken: AtomicBool::new(false) });
+        // The watcher works on its own descriptor of the same open file (the lease belongs
+        // to that): the break is seen and released within POLL whatever basyn is doing.
+        let watcher = match (taken == Taken::Held, file.try_clone()) {
+            (true, Ok(dup)) => {
+                let (stop, stopped) = mpsc::channel();
+                let s = state.clone();
+                let spawned =
+                    std::thread::Builder::new().name("basyn-lease".into()).spawn(move || watch(&dup, &s, &stopped));
+                spawned.ok().map(|_| stop)
+            }
+            _ => None,
+        };
+        (Lease { state, watcher }, taken)
     }
 
     /// True if the lease was taken and another process has opened the file since.
     pub fn broken(&self, file: &File) -> bool {
-        self.held && !self.intact(file)
+        self.state.held && (self.state.broken.load(Ordering::SeqCst) || !check(file, &self.state))
     }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.watcher = None;
+    }
+}
+
+/// Looks at the lease until it breaks or `stop` is dropped.
+fn watch(file: &File, state: &State, stop: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(POLL) {
+        if !check(file, state) {
+            return;
+        }
+    }
+}
+
+/// True if the lease is still whole; a lease found breaking is released at once, and
+/// stays broken.
+fn check(file: &File, state: &State) -> bool {
+    if state.broken.load(Ordering::SeqCst) {
+        return false;
+    }
+    // SAFETY: fcntl on a valid descriptor.
+    let now = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) };
+    if now == libc::F_WRLCK {
+        return true;
+    }
+    state.broken.store(true, Ordering::SeqCst);
+    // SAFETY: as above; releasing lets the other process's open go on at once.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    false
 }
 
 #[cfg(test)]
@@ -92,15 +131,13 @@ mod tests {
             return;
         }
         assert_eq!(taken, Taken::Held);
-        assert!(lease.intact(&f) && !lease.broken(&f));
+        assert!(!lease.broken(&f));
         let started = Instant::now();
         let mut cat = std::process::Command::new("cat").arg(&p).stdout(std::process::Stdio::null()).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while lease.intact(&f) {
-            assert!(Instant::now() < deadline, "the lease never broke");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // The watcher releases the lease without anyone asking.
         assert!(cat.wait().unwrap().success());
+        assert!(Instant::now() < deadline);
         assert!(started.elapsed() < Duration::from_secs(10), "the other process waited for the break timeout");
         assert!(lease.broken(&f), "a broken lease stays broken");
         // A file someone else has open cannot be leased.

@@ -4,6 +4,7 @@
 //! to [`engine::run`]; the far end of every run is [`serve::serve`] behind an
 //! [`endpoint::Endpoint`]. `docs/design.md` draws the module map.
 
+pub mod bitmap_file;
 pub mod block;
 pub mod cli;
 pub mod compress;

@@ -250,6 +250,15 @@ pub enum Message {
         /// One line for the user, naming device and side.
         message: String,
     },
+    /// Client: the plain digest (the hash of the bytes, not the leaf rule) of every
+    /// whole `buffer`-sized block of `[offset, offset+len)`, as the original's bitmap
+    /// holds them; answered by one Digests frame.
+    BlockDigests {
+        /// Start of the range, on a block boundary.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+    },
     /// Server: still alive, sent every [`HEARTBEAT`] whatever it is doing; no reply, and
     /// the client drops it. So silence from a server means it is stopped or cut off,
     /// never that its disk is slow.
@@ -274,6 +283,7 @@ impl Message {
             Message::Close => "Close",
             Message::Closed(_) => "Closed",
             Message::Abort { .. } => "Abort",
+            Message::BlockDigests { .. } => "BlockDigests",
             Message::KeepAlive => "KeepAlive",
         }
     }
@@ -650,7 +660,7 @@ mod tests {
         assert_eq!(round_trip(&frames), frames);
     }
 
-    /// A version-3 session whose encoding must never change (`fixtures/protocol/`).
+    /// A version-4 session whose encoding must never change (`fixtures/protocol/`).
     fn golden_session() -> Vec<Frame> {
         let identity = Identity {
             boot_id: "8d1c9a52-1f5e-4c33-9b1a-2f4e6d7c8b9a".into(),
@@ -661,7 +671,7 @@ mod tests {
             backing: Some((2049, 77)),
         };
         vec![
-            Frame::Control(Message::Hello { version: 3, features: FEATURE_ZSTD | FEATURE_ZLIB }),
+            Frame::Control(Message::Hello { version: 4, features: FEATURE_ZSTD | FEATURE_ZLIB }),
             Frame::Control(Message::Open(OpenRequest {
                 access: Access::Write {
                     source_size: 1 << 30,
@@ -688,6 +698,8 @@ mod tests {
             Frame::Control(Message::TreeNodes { level: 1, indices: vec![0, 5, 63] }),
             Frame::Control(Message::HashBlocks { offset: 2 << 20, len: 16 << 20, block: 2 << 20 }),
             Frame::Digests((0u8..64).collect()),
+            Frame::Control(Message::BlockDigests { offset: 4 << 20, len: 6 << 20 }),
+            Frame::Digests((64u8..160).collect()),
             Frame::Control(Message::Read { offset: 4096, len: 8 }),
             Frame::Block(BlockFrame {
                 offset: 4096,
@@ -730,7 +742,7 @@ mod tests {
     }
 
     #[test]
-    fn the_version_3_encoding_matches_the_golden_fixture() {
+    fn the_version_4_encoding_matches_the_golden_fixture() {
         let mut bytes = Vec::new();
         let mut w = FrameWriter::new(&mut bytes, Arc::default());
         w.start().unwrap();
@@ -770,10 +782,10 @@ mod tests {
 
     #[test]
     fn another_version_is_named_before_anything_else() {
-        let mut r = FrameReader::new(&b"BASYN\0\x00\x02\x01\x00\x00\x00\x00"[..], Arc::default());
+        let mut r = FrameReader::new(&b"BASYN\0\x00\x03\x01\x00\x00\x00\x00"[..], Arc::default());
         let e = r.start().unwrap_err();
-        assert!(matches!(e, ProtocolError::Version { ours: 4, theirs: 2 }), "{e}");
-        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 4, the peer speaks 2");
+        assert!(matches!(e, ProtocolError::Version { ours: 4, theirs: 3 }), "{e}");
+        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 4, the peer speaks 3");
     }
 
     #[test]

@@ -84,6 +84,12 @@ impl Reporter {
         }
     }
 
+    /// A line on stderr that is said whatever the options: something the user must
+    /// know although the run goes on.
+    pub fn warn(&self, line: impl Display) {
+        self.suspend(|| eprintln!("basyn: {line}"));
+    }
+
     /// A `--debug` line on stderr.
     pub fn debug(&self, line: impl Display) {
         if self.output.debug {

@@ -218,6 +218,9 @@ impl Served {
             Frame::Control(Message::TreeNodes { level, indices }) => {
                 Ok(Some(Frame::Digests(self.tree_nodes(level, &indices)?)))
             }
+            Frame::Control(Message::BlockDigests { offset, len }) => {
+                Ok(Some(Frame::Digests(self.block_digests(offset, len, buf)?)))
+            }
             Frame::Control(Message::Read { offset, len }) => {
                 check_range(self.limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
                 if self.device.is_hole(offset, u64::from(len)) {
@@ -260,6 +263,15 @@ impl Served {
             && pieces.checked_mul(self.hash.digest_len() as u64).is_some_and(|n| n <= MAX_DIGESTS as u64);
         check_range(self.limit, offset, len, fits)?;
         Ok(digest_range(&mut self.index, &self.device, offset, len, block, buf)?)
+    }
+
+    fn block_digests(&mut self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<Vec<u8>, Abort> {
+        let b = self.index.layout().buffer;
+        let fits = offset.is_multiple_of(b)
+            && len.div_ceil(b).checked_mul(self.hash.digest_len() as u64).is_some_and(|n| n <= MAX_DIGESTS as u64);
+        check_range(self.limit, offset, len, fits)?;
+        let learn = self.role == Role::Read && self.index.enabled();
+        Ok(plain_digests(&mut self.index, &self.device, (offset, len), buf, learn)?)
     }
 
     fn tree_nodes(&mut self, level: u32, indices: &[u64]) -> Result<Vec<u8>, Abort> {
@@ -334,6 +346,37 @@ fn digest_range(
             out.extend_from_slice(d.as_bytes());
         }
         at += n as u64;
+    }
+    Ok(out)
+}
+
+/// The plain digest of each whole block of `range` (the hash of its bytes, as the
+/// original's bitmap holds them), read from the device; a hole is not read. With
+/// `learn`, the index learns the leaves read on the way, so that the source's state is
+/// built from the same read.
+fn plain_digests(
+    index: &mut DigestIndex,
+    device: &Device,
+    (offset, len): (u64, u64),
+    buf: &mut Vec<u8>,
+    learn: bool,
+) -> Result<Vec<u8>, DeviceError> {
+    let l = *index.layout();
+    let mut out = Vec::with_capacity(len.div_ceil(l.buffer) as usize * l.hash.digest_len());
+    let mut at = offset;
+    while at < offset + len {
+        let n = l.buffer.min(offset + len - at);
+        if device.is_hole(at, n) {
+            out.extend_from_slice(l.hash.zero_digest(n as usize).as_bytes());
+        } else {
+            buf.resize(n as usize, 0);
+            device.read_at(at, buf)?;
+            out.extend_from_slice(l.hash.digest(buf).as_bytes());
+            if learn {
+                index.observe(at, buf);
+            }
+        }
+        at += n;
     }
     Ok(out)
 }
@@ -574,6 +617,27 @@ mod tests {
             other => panic!("expected data, got {other:?}"),
         }
         assert!(matches!(&replies[3], Frame::Control(Message::Closed(c)) if c.bytes_read == 20000 + 50));
+    }
+
+    #[test]
+    fn block_digests_are_the_plain_hashes_of_whole_blocks_and_must_start_on_a_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        let data: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let frames = [
+            open(Access::Read, 8192),
+            Frame::Control(Message::BlockDigests { offset: 8192, len: 20000 - 8192 }),
+            Frame::Control(Message::BlockDigests { offset: 100, len: 8192 }),
+        ];
+        let (code, replies) = session(&p, &frames);
+        // The original's bitmap digest: the hash of the block's bytes, not the leaf rule.
+        let expected: Vec<u8> =
+            data[8192..].chunks(8192).flat_map(|c| HashAlgo::Blake3.digest(c).as_bytes().to_vec()).collect();
+        assert_eq!(replies[1], Frame::Digests(expected));
+        assert_ne!(HashAlgo::Blake3.digest(&data[..8192]), leaf_digest(&layout(20000), &data[..8192]).0);
+        assert_eq!(code, 2, "a range off a block boundary was answered: {replies:?}");
+        assert_eq!(abort(&replies).0, AbortCode::Protocol);
     }
 
     #[test]

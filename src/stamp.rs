@@ -68,7 +68,9 @@ pub enum Stamp {
         /// Why freshness cannot be proven for this kind of device, if it cannot.
         unverifiable: Option<String>,
     },
-    /// Not verifiable: trusted because the user declares it (`--bitmap`).
+    /// Not verifiable: trusted because the user declares it. No longer written (bitmaps
+    /// have their own format, `bitmap_file`); kept so that bitmaps written as states by
+    /// earlier builds still decode (and are refused as no bitmap).
     Declared,
 }
 

@@ -774,17 +774,57 @@ impl Pair {
     }
 }
 
+/// A smaller receiver is refused in the original's words, naming the side and device
+/// (a larger one is accepted: `tests/sizes.rs`).
 #[test]
-fn differing_sizes_are_refused_naming_both_sizes() {
-    for (src_len, rcv_len) in [(3 * MIB, 2 * MIB), (2 * MIB, 3 * MIB + 1)] {
-        for dir in DIRS {
-            for mode in MODES {
-                let p = pair(src_len, rcv_len, 130);
-                let (rside, _) = sides(dir);
-                let run = basyn(&action(dir, mode, &p.src, &p.rcv, &[]));
-                run.fails(1, &[&format!("{rside} {}:", s(&p.rcv)), &src_len.to_string(), &rcv_len.to_string()]);
-                assert!(run.stdout.is_empty(), "{run:?}");
-                p.unchanged();
+fn a_smaller_receiver_is_refused_in_the_originals_words() {
+    let (src_len, rcv_len) = (3 * MIB, 2 * MIB);
+    for dir in DIRS {
+        for mode in MODES {
+            let p = pair(src_len, rcv_len, 130);
+            let (rside, sside) = sides(dir);
+            let action_word = if dir == Dir::Push { "PUSH" } else { "PULL" };
+            let run = basyn(&action(dir, mode, &p.src, &p.rcv, &[]));
+            let words = format!(
+                "{rside} {}: Cannot {action_word} because {rside} device size ({rcv_len}) is smaller than {sside} device size ({src_len})",
+                s(&p.rcv)
+            );
+            run.fails(1, &[&words]);
+            assert!(run.stdout.is_empty(), "{run:?}");
+            p.unchanged();
+        }
+    }
+}
+
+/// Regression (issue 9): a receiver larger than the source was refused without
+/// `--force`; the original syncs the source's length and leaves the tail, and says so.
+#[test]
+fn a_larger_receiver_gets_the_sources_length_without_force_and_keeps_its_tail() {
+    let (src_len, rcv_len) = (2 * MIB + 5, 3 * MIB);
+    for dir in DIRS {
+        for mode in MODES {
+            for verbose in [false, true] {
+                let p = pair(src_len, rcv_len, 134);
+                let (rside, sside) = sides(dir);
+                let extra: &[&str] = if verbose { &["--recheck", "--verbose"] } else { &["--recheck"] };
+                let run = basyn(&action(dir, mode, &p.src, &p.rcv, extra));
+                run.ok();
+                let line = format!(
+                    "basyn: {rside} {} ({rcv_len} bytes) is larger than {sside} {} ({src_len} bytes): only the source's length is synced, the rest is left as it is\n",
+                    s(&p.rcv),
+                    s(&p.src)
+                );
+                assert_eq!(run.stderr, line, "{dir:?} {mode}: not one line saying so{run:?}");
+                let left = format!("{} bytes past the source's end are left untouched", rcv_len - src_len);
+                assert_eq!(run.stdout.contains(&left), verbose, "{dir:?} {mode}: --verbose says what is left{run:?}");
+                let got = read(&p.rcv);
+                assert_eq!(got.len(), rcv_len, "{dir:?} {mode}: the receiver was resized");
+                assert!(first_difference(&got[..src_len], &p.source).is_none(), "{dir:?} {mode}: synced length");
+                assert!(first_difference(&got[src_len..], &p.receiver[src_len..]).is_none(), "{dir:?} {mode}: tail");
+                // A check without an action still sees the devices differ in size.
+                let mut check = ends(dir, &p.src, &p.rcv);
+                check.push("--recheck".into());
+                basyn(&check).fails(3, &["differ in size"]);
             }
         }
     }
@@ -812,7 +852,7 @@ fn an_empty_source_is_refused() {
             let p = pair(0, 100 * KIB, 132);
             let (_, sside) = sides(dir);
             basyn(&action(dir, mode, &p.src, &p.rcv, &[]))
-                .fails(1, &[&format!("{sside} {}:", s(&p.src)), "nothing to sync"]);
+                .fails(1, &[&format!("{sside} {}: There is nothing to sync", s(&p.src))]);
             p.unchanged();
             basyn(&action(dir, mode, &p.src, &p.rcv, &["--force"])).fails(1, &["nothing to sync"]);
             p.unchanged();

@@ -184,8 +184,10 @@ fn force_syncs_the_source_length_onto_a_larger_loop_device_without_truncating_it
 // Refusals
 // ===========================================================================
 
+/// Regression (issue 9): a larger block device was refused without `--force`; the
+/// original accepts it, syncs the source's length and leaves the tail.
 #[test]
-fn a_larger_loop_device_is_refused_without_force() {
+fn a_larger_loop_device_gets_the_sources_length_without_force_and_keeps_its_tail() {
     let source = random_data(9, 4 * MIB);
     let old = random_data(10, 8 * MIB);
     for dir in DIRS {
@@ -195,9 +197,14 @@ fn a_larger_loop_device_is_refused_without_force() {
             write(&src, &source);
             let Some((_img, dev)) = loop_image(t.path(), "big.img", &old) else { return };
             let (rside, _) = dir.sides();
-            let run = basyn(&action(dir, mode, &src, dev.path(), &[]));
-            run.fails(1, &[&format!("{rside} {}:", dev.s()), &(4 * MIB).to_string(), &(8 * MIB).to_string()]);
-            assert_content(dev.path(), &old, "receiver after a refusal");
+            let run = basyn(&action(dir, mode, &src, dev.path(), &["--recheck", "--verbose"]));
+            run.ok();
+            let line = format!("basyn: {rside} {} ({} bytes) is larger than", dev.s(), 8 * MIB);
+            assert!(run.stderr.contains(&line), "no line on stderr says so{run:?}");
+            assert!(run.stdout.contains(&format!("{} bytes past the source's end", 4 * MIB)), "{run:?}");
+            let got = read(dev.path());
+            assert!(first_difference(&got[..4 * MIB], &source).is_none(), "{dir:?} {mode}: the synced length differs");
+            assert!(first_difference(&got[4 * MIB..], &old[4 * MIB..]).is_none(), "{dir:?} {mode}: the tail changed");
         }
     }
 }
@@ -213,9 +220,16 @@ fn a_smaller_loop_device_is_refused_even_with_force() {
                 let src = t.path().join("src.img");
                 write(&src, &source);
                 let Some((_img, dev)) = loop_image(t.path(), "small.img", &old) else { return };
-                let (rside, _) = dir.sides();
-                basyn(&action(dir, mode, &src, dev.path(), extra))
-                    .fails(1, &[&format!("{rside} {}:", dev.s()), &(8 * MIB).to_string(), &(4 * MIB).to_string()]);
+                let (rside, sside) = dir.sides();
+                let verb = if dir == Dir::Push { "PUSH" } else { "PULL" };
+                let words = format!(
+                    "{rside} {}: Cannot {verb} because {rside} device size ({}) is smaller than {sside} device size ({})",
+                    dev.s(),
+                    4 * MIB,
+                    8 * MIB
+                );
+                let r = basyn(&action(dir, mode, &src, dev.path(), extra));
+                assert_eq!(r.fails(1, &[]), format!("basyn: {words}"), "{r:?}");
                 assert_eq!(size_of(dev.path()), 4 * MIB as u64);
                 assert_content(dev.path(), &old, "receiver after a refusal");
             }

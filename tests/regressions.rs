@@ -624,8 +624,8 @@ fn a_local_state_path_never_replaces_a_device_or_a_foreign_file() {
     for (what, extra) in cases {
         let r = sync(&extra);
         let line = r.fails(1, &[]);
-        // A bitmap that is not one is refused as unusable (--reset-bitmap would rebuild it).
-        assert!(line.contains("refusing") || line.contains("is not usable"), "{what}: {line}");
+        // A bitmap that is not one is refused as garbage (--reset-bitmap would rebuild it).
+        assert!(line.contains("refusing") || line.contains("use --reset-bitmap"), "{what}: {line}");
         assert!(line.contains("state") || line.contains("bitmap"), "{what}: {line}");
         assert_content(&a, &data_a, what);
         assert_content(&b, &data_b, what);

@@ -1,303 +1,226 @@
-//! `-b/--bitmap FILE`, as in the current original tool: the receiver's block digests
-//! kept in a file on this host and trusted as the user declares, so that SYNC never
-//! reads the receiver. Stored in the `.basyn-state` format with a `Declared` stamp.
-//! This module holds the whole workflow: loading and checking the file, SYNC against
-//! it, `--update-bitmap` (refresh only), and saving or removing it after the run.
+//! `-b/--bitmap FILE`, as the current original defines it. FILE holds the plain digest
+//! of each `--buffer` block that the receiver holds ([`crate::bitmap_file`]), so that:
+//!
+//! - `-b FILE`: SYNC compares the source's block digests with FILE and never reads the
+//!   receiver; a missing FILE is created, every block unknown (so every block is sent);
+//! - `--reset-bitmap`: FILE starts from scratch: the receiver is not read, every block
+//!   is sent;
+//! - `--update-bitmap`: a regular SYNC (both devices read); FILE is rewritten;
+//! - no receiver given: only FILE is refreshed from the source.
+//!
+//! FILE never claims a block the receiver does not hold: before a block is written,
+//! FILE forgets it (durably, a batch at a time), or FILE starts out with every block
+//! unknown; the source's digests are recorded only after the run has succeeded.
+//! This module holds the workflow; `bitmap_sync` the transfers against FILE.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::compare::Purpose;
-use super::reader::Data;
-use super::session::{Session, absorb, local_index, name, receiver_name};
-use super::window::{Comparison, Ctx, WINDOW, Window};
-use super::{BitmapPlan, Direction, Error, Fault, Plan};
+use super::bitmap_sync::{Basis, local_digests, remote_digests};
+use super::session::{Session, absorb, empty, local_index, name};
+use super::window::Comparison;
+use super::{BitmapPlan, Direction, Error, Fault, Params};
+use crate::bitmap_file::{self, BitmapFile, BitmapFileError, Format, Geometry};
 use crate::compress::Codec;
 use crate::device::{Device, Side};
-use crate::digest_index::DigestIndex;
-use crate::hash::Digest;
-use crate::protocol::{Access, StateOptions};
+use crate::protocol::Access;
 use crate::report::Reporter;
-use crate::stamp::{Role, Stamp};
-use crate::state::{DecodeError, State, StateError, StateFile};
-use crate::tree::{Layout, leaf_digest, zero_leaf_digest};
+use crate::stamp::Role;
 
-const HINT: &str = "use --reset-bitmap to rebuild it (the receiver is then read once)";
-
-/// Why a bitmap cannot be used or kept.
+/// Why FILE cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BitmapError {
-    /// It was built for another device size, block size or hash.
-    #[error("bitmap {} was built with {found} but this run uses {wanted}; {HINT}", path.display())]
-    Mismatch {
-        /// The bitmap file.
-        path: PathBuf,
-        /// Its layout.
-        found: Layout,
-        /// The run's layout.
-        wanted: Layout,
-    },
-    /// It does not hold every leaf.
-    #[error("bitmap {} is incomplete: {valid} of {leaves} blocks; {HINT}", path.display())]
-    Incomplete {
-        /// The bitmap file.
-        path: PathBuf,
-        /// Leaves it holds.
-        valid: u64,
-        /// Leaves the run has.
-        leaves: u64,
-    },
-    /// Its bytes are not a valid bitmap.
-    #[error("bitmap {} is not usable: {source}; {HINT}", path.display())]
-    Unusable {
-        /// The bitmap file.
-        path: PathBuf,
-        /// What is wrong.
-        source: DecodeError,
-    },
-    /// It cannot be read.
+    /// Its content is garbage or was built for another run.
+    #[error("{0}; use --reset-bitmap to start it from scratch (the receiver is then not read, every block is sent)")]
+    Unusable(#[source] BitmapFileError),
+    /// It cannot be read, written or replaced.
     #[error(transparent)]
-    Read(StateError),
-    /// It cannot be saved.
-    #[error("cannot save the bitmap: {0}")]
-    Save(#[source] StateError),
+    File(BitmapFileError),
 }
 
-/// The bitmap to save when the run succeeds: the layout and the source's leaf digests.
-pub(super) type Out = Option<(Layout, Vec<u8>)>;
-
-/// Loads a bitmap for `layout`: `Ok(None)` if the file does not exist yet. A corrupt or
-/// mismatched bitmap is an error: rebuilding it would need the receiver read that the
-/// user opted out of.
-pub fn load(path: &Path, layout: &Layout) -> Result<Option<Vec<u8>>, BitmapError> {
-    crate::state::check_kind(path).map_err(BitmapError::Read)?;
-    let file = StateFile::at(path, false).map_err(BitmapError::Read)?;
-    match file.load() {
-        Ok(None) => Ok(None),
-        Ok(Some(s)) if s.layout != *layout => {
-            Err(BitmapError::Mismatch { path: path.to_path_buf(), found: s.layout, wanted: *layout })
-        }
-        Ok(Some(s)) if s.valid_leaves != layout.leaf_count() => Err(BitmapError::Incomplete {
-            path: path.to_path_buf(),
-            valid: s.valid_leaves,
-            leaves: layout.leaf_count(),
-        }),
-        Ok(Some(s)) => Ok(Some(s.leaves)),
-        Err(StateError::Invalid { source, .. }) => Err(BitmapError::Unusable { path: path.to_path_buf(), source }),
-        Err(e) => Err(BitmapError::Read(e)),
+impl From<BitmapFileError> for BitmapError {
+    fn from(e: BitmapFileError) -> BitmapError {
+        if e.is_content() { BitmapError::Unusable(e) } else { BitmapError::File(e) }
     }
 }
 
-/// Saves `leaves` (the source's digests, which the receiver now holds) as the bitmap.
-/// A file there that is not a basyn state is replaced only when `rebuild` says the user
-/// asked for it (`--reset-bitmap`); a symbolic link or a non-regular file never is.
-pub fn save(path: &Path, layout: &Layout, device: &Path, leaves: Vec<u8>, rebuild: bool) -> Result<(), BitmapError> {
-    let check = if rebuild { crate::state::check_kind(path) } else { crate::state::check_path(path) };
-    check.map_err(BitmapError::Save)?;
-    let file = StateFile::at(path, false).map_err(BitmapError::Save)?;
-    file.save(&State {
-        layout: *layout,
-        device_path: device.display().to_string(),
-        stamp: Stamp::Declared,
-        valid_leaves: layout.leaf_count(),
-        leaves,
-        // A bitmap keeps leaf digests only, as the original's does.
-        pieces: crate::piece_table::PieceTable::new(*layout),
-    })
-    .map_err(BitmapError::Save)
+/// FILE during a run, and the source's digests to record once the run has succeeded.
+#[derive(Debug)]
+pub(super) struct Outcome {
+    /// FILE, open.
+    pub file: BitmapFile,
+    /// The source's block digests, once known.
+    pub digests: Option<Vec<u8>>,
 }
 
-/// Every leaf digest of the local device, reading the leaves its index does not know.
-pub(super) fn complete(index: &mut DigestIndex, local: &Device) -> Result<Vec<u8>, Fault> {
-    complete_with_progress(index, local, None)
+/// FILE as found before anything is opened for writing.
+pub(super) struct Found {
+    path: PathBuf,
+    geometry: Geometry,
+    /// FILE and its digests, unless it is missing or `--reset-bitmap` ignores it.
+    existing: Option<(BitmapFile, Vec<u8>)>,
+    /// The format FILE is (re)written in: its own if it has one that can hold the hash.
+    format: Format,
 }
 
-fn complete_with_progress(index: &mut DigestIndex, local: &Device, rep: Option<&Reporter>) -> Result<Vec<u8>, Fault> {
-    index.fill(local, |n| {
-        if let Some(rep) = rep {
-            rep.advance(n);
+/// The geometry a FILE must have for a run over `len` bytes.
+pub(super) fn geometry(params: &Params, len: u64) -> Geometry {
+    Geometry { device_size: len, buffer: params.buffer as u64, hash: params.hash }
+}
+
+/// Finds and checks FILE as the original does (unless `--reset-bitmap`), before
+/// anything is written; `source` names the source in a device size mismatch.
+pub(super) fn find(b: &BitmapPlan, geometry: Geometry, source: &str) -> Result<Found, BitmapError> {
+    let existing = match b.reset {
+        true => {
+            bitmap_file::check_kind(&b.path)?;
+            None
         }
-    })?;
-    index.complete_leaves().ok_or(Fault::Internal("bitmap leaves unknown"))
+        false => bitmap_file::load(&b.path, &geometry, source)?,
+    };
+    let format = match (&existing, bitmap_file::format_of(&b.path)) {
+        (Some((f, _)), _) => f.format(),
+        (None, Some(f)) if f.hash_id(geometry.hash).is_some() => f,
+        _ => Format::for_hash(geometry.hash),
+    };
+    Ok(Found { path: b.path.clone(), geometry, existing, format })
 }
 
-/// SYNC against a bitmap: the source's digests (local index or read for PUSH, the
-/// endpoint's for PULL) are compared with the receiver's digests from the bitmap, and
-/// differing leaves are transferred whole. Without a bitmap (`--update-bitmap` of a
-/// PULL) nothing is sent: only the source's digests are gathered. Returns what was done
-/// and the source's leaf digests.
-pub(super) fn sync(ctx: Ctx<'_>, dir: Direction, bitmap: Option<&[u8]>) -> Result<(Comparison, Vec<u8>), Fault> {
-    // The receiver is never read: differing leaves go whole.
-    let params = super::Params { refine: None, ..ctx.params.clone() };
-    let ctx = Ctx { params: &params, ..ctx };
-    let dl = params.hash.digest_len();
-    let theirs = |i: u64| bitmap.map(|b| Digest::from_slice(&b[i as usize * dl..(i as usize + 1) * dl]));
-    match dir {
-        Direction::Push => push(ctx, &theirs),
-        Direction::Pull => pull(ctx, bitmap.is_some(), &theirs),
+impl Found {
+    /// The digests FILE holds, if it is used.
+    pub fn digests(&self) -> Option<&[u8]> {
+        self.existing.as_ref().map(|(_, d)| &d[..])
+    }
+
+    /// Right before the first write: the basis of the comparison, and FILE ready for
+    /// it. FILE is kept when it is the basis (its blocks are forgotten before they are
+    /// written), and otherwise started from scratch, every block unknown.
+    pub fn prepare(self, b: &BitmapPlan, renewed: bool) -> Result<(Basis, BitmapFile), BitmapError> {
+        match self.existing {
+            Some((file, digests)) if !b.update && !renewed => Ok((Basis::File(digests), file)),
+            _ => {
+                let file = BitmapFile::create(&self.path, self.format, self.geometry)?;
+                Ok((if b.update { Basis::Receiver } else { Basis::Nothing }, file))
+            }
+        }
+    }
+
+    /// FILE for a refresh: as it is, or created.
+    fn into_file(self) -> Result<BitmapFile, BitmapError> {
+        match self.existing {
+            Some((file, _)) => Ok(file),
+            None => Ok(BitmapFile::create(&self.path, self.format, self.geometry)?),
+        }
     }
 }
 
-fn push(ctx: Ctx<'_>, theirs: &dyn Fn(u64) -> Option<Digest>) -> Result<(Comparison, Vec<u8>), Fault> {
-    let layout = ctx.layout();
-    let local = ctx.local;
-    let mut source = Vec::with_capacity(layout.leaf_count() as usize * layout.hash.digest_len());
-    let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| ctx.index.leaf(i).is_some()).collect();
-    std::thread::scope(|scope| {
-        let rx = super::reader::spawn(scope, local, layout, skip, move |offset, data| match data {
-            Data::Skipped => None,
-            Data::Zero => Some((zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer)), None)),
-            Data::Read(d) => Some((leaf_digest(&layout, &d), Some(d))),
-        });
-        let mut w = Window::new(ctx, Purpose::Sync(Direction::Push));
-        for leaf in rx {
-            let leaf = leaf?;
-            let (ours, data) = match leaf.value {
-                Some(((d, pieces), data)) => {
-                    w.ctx.index.learn(leaf.index, &d, &pieces);
-                    (d, data)
-                }
-                None => (w.ctx.index.leaf(leaf.index).ok_or(Fault::Internal("skipped leaf unknown"))?, None),
-            };
-            source.extend_from_slice(ours.as_bytes());
-            w.out.blocks += 1;
-            w.ctx.rep.advance(leaf.len as u64);
-            if theirs(leaf.index) != Some(ours) {
-                w.ctx.rep.debug(format_args!("block {} @ {}: differs from the bitmap", leaf.index, leaf.offset));
-                w.differs(leaf.index, leaf.offset, leaf.len, data, ours)?;
-                w.drain(WINDOW)?;
-            }
+/// After a run with a bitmap: the source's digests are recorded once the receiver is
+/// known to hold them (durable, nobody else wrote it). If another process wrote the
+/// receiver, any block may differ from what FILE says: it forgets every block. After any
+/// other failure FILE is left as it is: it claims no block that was being changed.
+pub(super) fn after_run(result: Result<(), Error>, out: Option<Outcome>, rep: &Reporter) -> Result<(), Error> {
+    let Some(Outcome { mut file, digests }) = out else { return result };
+    match (&result, digests) {
+        (Ok(()), Some(d)) => {
+            file.record(&d).map_err(|e| Error::BitmapNotSaved(BitmapError::File(e)))?;
+            rep.log(format_args!("bitmap {} updated from the source", file.path().display()));
         }
-        w.drain(0)?;
-        Ok((w.out, source))
-    })
-}
-
-fn pull(ctx: Ctx<'_>, transfer: bool, theirs: &dyn Fn(u64) -> Option<Digest>) -> Result<(Comparison, Vec<u8>), Fault> {
-    let layout = ctx.layout();
-    let mut source = Vec::with_capacity(layout.leaf_count() as usize * layout.hash.digest_len());
-    let purpose = if transfer { Purpose::Sync(Direction::Pull) } else { Purpose::Check };
-    let mut w = Window::new(ctx, purpose);
-    while let Some((first, digests)) = w.next_digest_batch()? {
-        for (k, d) in digests.into_iter().enumerate() {
-            let leaf = first + k as u64;
-            let (offset, len) = layout.leaf_span(leaf);
-            source.extend_from_slice(d.as_bytes());
-            w.out.blocks += 1;
-            w.ctx.rep.advance(len);
-            if transfer && theirs(leaf) != Some(d) {
-                w.ctx.rep.debug(format_args!("block {leaf} @ {offset}: differs from the bitmap"));
-                w.differs(leaf, offset, len as usize, None, d)?;
-            }
+        (Err(Error::ReceiverMoved { .. }), _) if file.forget_all().is_ok() => {
+            rep.log(format_args!("bitmap {}: every block is unknown now", file.path().display()));
         }
-        w.maybe_checkpoint()?;
-    }
-    Ok((w.out, source))
-}
-
-/// After a run with a bitmap: saved only once the receiver is known to hold the
-/// source's data and nobody else wrote it during the run; kept if nothing was changed;
-/// removed when the receiver may be partly changed, since it no longer describes it.
-pub(super) fn after_run(plan: &Plan, result: Result<(), Error>, out: Out, rep: &Reporter) -> Result<(), Error> {
-    let Some(b) = plan.bitmap.as_ref().filter(|b| !b.update_only) else { return result };
-    match (&result, out) {
-        (Ok(()), Some((layout, leaves))) => {
-            save(&b.path, &layout, &plan.local, leaves, b.reset).map_err(|e| {
-                let dir = plan.action.map_or(Direction::Push, |(d, _)| d);
-                Fault::Bitmap(e).transfer(&receiver_name(plan, dir))
-            })?;
-            rep.log(format_args!("bitmap {} updated", b.path.display()));
-        }
-        (Err(Error::Refused(_)), _) => {}
-        _ => {
-            if std::fs::remove_file(&b.path).is_ok() {
-                rep.log(format_args!("bitmap {} removed: it no longer describes the receiver", b.path.display()));
-            }
-        }
+        _ => {}
     }
     result
 }
 
+/// Counts the blocks whose digest in `new` differs from `old` (all, without `old`).
+fn changed(old: Option<&[u8]>, new: &[u8], digest_len: usize) -> u64 {
+    let n = new.len() / digest_len.max(1);
+    match old {
+        Some(old) if old.len() == new.len() => {
+            old.chunks(digest_len).zip(new.chunks(digest_len)).filter(|(a, b)| a != b).count() as u64
+        }
+        _ => n as u64,
+    }
+}
+
 impl Session<'_> {
-    /// `--update-bitmap`: refreshes the bitmap from the source without transferring
-    /// anything (the user declares that the receiver already holds the source's data).
-    /// Returns the source's length.
-    pub(super) fn refresh_bitmap(&mut self, b: &BitmapPlan, dir: Direction) -> Result<u64, Error> {
+    /// No receiver given: only FILE is refreshed from the source's digests, nothing is
+    /// written anywhere else. Returns the source's length; FILE itself is written by
+    /// [`after_run`] once nothing went wrong.
+    pub(super) fn refresh_bitmap(
+        &mut self,
+        b: &BitmapPlan,
+        dir: Direction,
+        out: &mut Option<Outcome>,
+    ) -> Result<u64, Error> {
+        let (len, found, digests) = match dir {
+            Direction::Push => self.refresh_from_local(b)?,
+            Direction::Pull => self.refresh_from_remote(b)?,
+        };
+        let dl = self.plan.params.hash.digest_len();
+        let differing = changed(found.digests(), &digests, dl);
+        absorb(self.stats, &Comparison { blocks: (digests.len() / dl) as u64, differing, ..Comparison::default() });
+        self.rep.log(format_args!(
+            "bitmap {}: {differing} blocks changed since it was last written; no device was written",
+            b.path.display()
+        ));
+        let file = found.into_file().map_err(|e| Fault::from(e).refused())?;
+        *out = Some(Outcome { file, digests: Some(digests) });
+        Ok(len)
+    }
+
+    fn refresh_from_local(&mut self, b: &BitmapPlan) -> Result<(u64, Found, Vec<u8>), Error> {
         let plan = self.plan;
         let refused = |f: Fault| f.refused();
         let local = Device::open_read(&plan.local, Side::Local).map_err(|e| refused(e.into()))?;
-        let len = match dir {
-            Direction::Push => local.size(),
-            Direction::Pull => {
-                let req = self.open_request(Access::Read, Codec::None, plan.remote_state.clone());
-                self.endpoint()?.open(req).map_err(|e| refused(e.into()))?.size
-            }
-        };
+        let len = local.size();
+        if len == 0 {
+            return Err(empty(Side::Local, &plan.local));
+        }
+        let found =
+            find(b, geometry(&plan.params, len), &name(Side::Local, &plan.local)).map_err(|e| refused(e.into()))?;
+        let mut index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
         self.stats.device_size = len;
-        let state = if dir == Direction::Push { plan.state.clone() } else { StateOptions::off() };
-        let mut index = local_index(&local, &plan.params, len, &state, self.rep)?;
         self.rep.start("BITMAP", len);
-        let result = match dir {
-            Direction::Push => {
-                complete_with_progress(&mut index, &local, Some(self.rep)).map(|l| (Comparison::default(), l))
-            }
-            Direction::Pull => {
-                let (ep, rep) = self.endpoint_and_reporter()?;
-                sync(Ctx { local: &local, index: &mut index, ep, params: &plan.params, rep }, dir, None)
-            }
-        };
+        let learn = index.enabled();
+        let digests = local_digests(&local, &mut index, learn, Some(self.rep));
         self.rep.finish();
         self.stats.local_read += local.bytes_read();
-        let (c, leaves) = result.map_err(refused)?;
-        absorb(self.stats, &Comparison { blocks: len.div_ceil(plan.params.buffer as u64), ..c });
-        save(&b.path, index.layout(), &plan.local, leaves, b.reset).map_err(|e| refused(e.into()))?;
-        if dir == Direction::Push && !index.finish(&local, Role::Read).map_err(|e| refused(e.into()))? {
-            return Err(Error::SourceMoved {
-                device: name(Side::Local, &plan.local),
-                receiver: b.path.display().to_string(),
-            });
+        let digests = digests.map_err(refused)?;
+        if !index.finish(&local, Role::Read).map_err(|e| refused(e.into()))? {
+            let receiver = format!("bitmap {}", b.path.display());
+            return Err(Error::SourceMoved { device: name(Side::Local, &plan.local), receiver });
         }
-        self.rep.log(format_args!("bitmap {} refreshed from the source; nothing was transferred", b.path.display()));
-        Ok(len)
+        Ok((len, found, digests))
+    }
+
+    fn refresh_from_remote(&mut self, b: &BitmapPlan) -> Result<(u64, Found, Vec<u8>), Error> {
+        let plan = self.plan;
+        let refused = |f: Fault| f.refused();
+        let req = self.open_request(Access::Read, Codec::None, plan.remote_state.clone());
+        let len = self.endpoint()?.open(req).map_err(|e| refused(e.into()))?.size;
+        if len == 0 {
+            return Err(empty(Side::Remote, &plan.remote));
+        }
+        let geometry = geometry(&plan.params, len);
+        let found = find(b, geometry, &name(Side::Remote, &plan.remote)).map_err(|e| refused(e.into()))?;
+        self.stats.device_size = len;
+        self.rep.start("BITMAP", len);
+        let (ep, rep) = self.endpoint_and_reporter()?;
+        let digests = remote_digests(ep, &geometry, rep);
+        self.rep.finish();
+        Ok((len, found, digests.map_err(refused)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::HashAlgo;
-
-    fn layout(size: u64) -> Layout {
-        Layout { hash: HashAlgo::Blake3, buffer: 4096, chunk: None, fanout: 64, device_size: size }
-    }
 
     #[test]
-    fn a_bitmap_round_trips_and_a_missing_one_is_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.bitmap");
-        assert!(load(&p, &layout(10000)).unwrap().is_none());
-        let leaves: Vec<u8> = (0..3u8).flat_map(|i| HashAlgo::Blake3.digest(&[i]).as_bytes().to_vec()).collect();
-        save(&p, &layout(10000), Path::new("/dev/src"), leaves.clone(), false).unwrap();
-        assert_eq!(load(&p, &layout(10000)).unwrap(), Some(leaves));
-    }
-
-    #[test]
-    fn a_bitmap_for_another_device_or_of_garbage_is_an_error_naming_what_differs() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.bitmap");
-        let leaves = vec![0u8; 3 * 32];
-        save(&p, &layout(10000), Path::new("/dev/src"), leaves, false).unwrap();
-        let e = load(&p, &layout(20000)).unwrap_err();
-        assert!(matches!(e, BitmapError::Mismatch { .. }), "{e}");
-        let text = e.to_string();
-        assert!(
-            text.contains("10000 bytes") && text.contains("20000 bytes") && text.contains("--reset-bitmap"),
-            "{text}"
-        );
-        std::fs::write(&p, b"not a bitmap at all, but long enough to have a header and a checksum").unwrap();
-        let e = load(&p, &layout(10000)).unwrap_err();
-        assert!(matches!(e, BitmapError::Unusable { source: DecodeError::BadMagic, .. }), "{e}");
-        std::fs::write(&p, b"").unwrap();
-        assert!(matches!(load(&p, &layout(10000)), Err(BitmapError::Unusable { .. })));
+    fn changed_blocks_are_counted_against_the_old_digests() {
+        assert_eq!(changed(Some(&[1, 1, 2, 2, 3, 3]), &[1, 1, 9, 2, 3, 3], 2), 1);
+        assert_eq!(changed(None, &[1, 1, 2, 2], 2), 2);
     }
 }

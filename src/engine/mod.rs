@@ -6,10 +6,12 @@
 //! - `compare`: SYNC and RECHECK by reading both sides, or by walking fresh trees;
 //! - `window`: the request window that keeps digests, reads and writes in flight;
 //! - `refine`: a differing block narrowed to the pieces that differ;
-//! - `copy`: COPY; `bitmap`: the original's `-b/--bitmap` workflow;
+//! - `copy`: COPY; `bitmap`: the original's `-b/--bitmap` workflow, `bitmap_sync` its
+//!   transfers against the bitmap FILE;
 //! - `recheck`, `index`; `reader`: sequential reading of the local device.
 
 mod bitmap;
+mod bitmap_sync;
 mod compare;
 mod copy;
 mod index;
@@ -114,10 +116,13 @@ pub struct Plan {
 pub struct BitmapPlan {
     /// The bitmap file.
     pub path: PathBuf,
-    /// `--reset-bitmap`: ignore its content, compare by reading the receiver, rewrite it.
+    /// `--reset-bitmap`: FILE starts from scratch; the receiver is not read, every
+    /// block is sent.
     pub reset: bool,
-    /// `--update-bitmap` (or no `--remote`): only refresh it from the source.
-    pub update_only: bool,
+    /// `--update-bitmap`: a regular SYNC (both devices read); FILE is rewritten.
+    pub update: bool,
+    /// No receiver was given: only FILE is refreshed from the source.
+    pub refresh_only: bool,
 }
 
 /// `basyn index DEVICE`: build or refresh a device's state.
@@ -211,6 +216,9 @@ pub enum Error {
         /// The receiver, with its side.
         device: String,
     },
+    /// The run succeeded but the bitmap could not record it (exit 2).
+    #[error("{0}: the receiver was synced, but the bitmap keeps the blocks of this run unknown")]
+    BitmapNotSaved(bitmap::BitmapError),
     /// The device was written while `basyn index` read it (exit 2).
     #[error("{device} was written to while it was indexed; its state was not saved. Run basyn index again")]
     IndexMoved {
@@ -229,6 +237,7 @@ impl Error {
             | Error::RecheckDiffers(_)
             | Error::SourceMoved { .. }
             | Error::ReceiverMoved { .. }
+            | Error::BitmapNotSaved(_)
             | Error::IndexMoved { .. } => 2,
             Error::Differ(_) => 3,
         }
@@ -274,6 +283,12 @@ pub enum Fault {
     /// A bug in basyn.
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl From<crate::bitmap_file::BitmapFileError> for Fault {
+    fn from(e: crate::bitmap_file::BitmapFileError) -> Fault {
+        Fault::Bitmap(BitmapError::from(e))
+    }
 }
 
 impl From<SaveError> for Fault {

@@ -4,12 +4,14 @@
 
 use std::path::Path;
 
+use super::bitmap::{self, Found, Outcome};
+use super::bitmap_sync::Basis;
 use super::compare::{self, Purpose};
-use super::session::{Session, absorb, both_fresh, check_side_files, layout, local_index, name, roots_equal};
+use super::session::{Session, absorb, both_fresh, check_side_files, empty, layout, local_index, name, roots_equal};
 use super::window::{Comparison, Ctx};
-use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap, copy};
+use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap_sync, copy};
 use crate::compress::Codec;
-use crate::device::{Device, DeviceError, Problem, ReceiverSpec, Side};
+use crate::device::{Device, ReceiverSpec, Side};
 use crate::digest_index::DigestIndex;
 use crate::endpoint::Transport;
 use crate::protocol::{Access, Closed, StateOptions, StateSummary};
@@ -26,8 +28,8 @@ struct Ends {
     len: u64,
     /// What the endpoint's state says.
     remote_state: StateSummary,
-    /// The receiver's digests from the bitmap, when SYNC compares against it.
-    bitmap: Option<Vec<u8>>,
+    /// What a SYNC with a bitmap compares the source with.
+    basis: Option<Basis>,
 }
 
 /// Runs every phase the plan asks for over one endpoint (one SSH connection).
@@ -44,22 +46,22 @@ pub fn run(plan: &Plan, rep: &mut Reporter, stats: &mut Stats, interrupts: &Inte
     }
     check_side_files(&files, &devices)?;
     let mut session = Session::new(plan, rep, stats, interrupts);
-    let mut bitmap_out = None;
-    let result = session.phases(&mut bitmap_out);
+    let mut bitmap = None;
+    let result = session.phases(&mut bitmap);
     let result = session.close(result);
-    bitmap::after_run(plan, result, bitmap_out, session.rep)
+    bitmap::after_run(result, bitmap, session.rep)
 }
 
 impl Session<'_> {
-    fn phases(&mut self, bitmap_out: &mut bitmap::Out) -> Result<Option<Direction>, Error> {
+    fn phases(&mut self, bitmap: &mut Option<Outcome>) -> Result<Option<Direction>, Error> {
         let plan = self.plan;
         match plan.action {
             None if !plan.recheck => self.probe().map(|()| None),
             None => self.recheck(None).map(|()| None),
             Some((dir, mode)) => {
-                let len = match plan.bitmap.as_ref().filter(|b| b.update_only) {
-                    Some(b) => self.refresh_bitmap(b, dir)?,
-                    None => self.transfer(dir, mode, bitmap_out)?,
+                let len = match plan.bitmap.as_ref().filter(|b| b.refresh_only) {
+                    Some(b) => self.refresh_bitmap(b, dir, bitmap)?,
+                    None => self.transfer(dir, mode, bitmap)?,
                 };
                 if plan.recheck {
                     self.recheck(Some(len))?;
@@ -111,7 +113,7 @@ impl Session<'_> {
         match action {
             Some(Direction::Pull) if closed.moved => Err(Error::SourceMoved {
                 device: name(Side::Remote, &plan.remote),
-                receiver: name(Side::Local, &plan.local),
+                receiver: self.receiver_name(Direction::Pull),
             }),
             Some(Direction::Push) if closed.moved => {
                 Err(Error::ReceiverMoved { device: name(Side::Remote, &plan.remote) })
@@ -120,20 +122,52 @@ impl Session<'_> {
         }
     }
 
-    /// The receiver's digests from the bitmap, loaded before the receiver is opened
-    /// (which may create it); `None` without a bitmap or with `--reset-bitmap`.
-    fn load_bitmap(&self, len: u64) -> Result<Option<Vec<u8>>, Error> {
-        match &self.plan.bitmap {
-            Some(b) if !b.reset => {
-                bitmap::load(&b.path, &layout(&self.plan.params, len)).map_err(|e| Fault::from(e).refused())
-            }
-            _ => Ok(None),
+    /// The bitmap, found and checked before the receiver is opened (which may create
+    /// it); `None` without a bitmap.
+    fn find_bitmap(&self, len: u64, dir: Direction) -> Result<Option<Found>, Error> {
+        let Some(b) = &self.plan.bitmap else { return Ok(None) };
+        let found = bitmap::find(b, bitmap::geometry(&self.plan.params, len), &self.source_name(dir));
+        found.map(Some).map_err(|e| Fault::from(e).refused())
+    }
+
+    /// Once the receiver is open and before anything is written: the bitmap's basis and
+    /// FILE ready for it (kept in `out` for the end of the run). A receiver just created
+    /// or resized does not hold what FILE says: every block is sent.
+    fn prepare_bitmap(
+        &self,
+        found: Option<Found>,
+        renewed: bool,
+        dir: Direction,
+        out: &mut Option<Outcome>,
+    ) -> Result<Option<Basis>, Error> {
+        let (Some(found), Some(b)) = (found, &self.plan.bitmap) else { return Ok(None) };
+        if renewed && found.digests().is_some() {
+            let receiver = self.receiver_name(dir);
+            self.rep
+                .log(format_args!("{receiver} was created or resized: the bitmap is not used, every block is sent"));
         }
+        let (basis, file) = found.prepare(b, renewed).map_err(|e| Fault::from(e).refused())?;
+        *out = Some(Outcome { file, digests: None });
+        Ok(Some(basis))
+    }
+
+    /// A receiver larger than the source keeps its tail: said on stderr, as the original
+    /// accepts it.
+    fn note_larger(&self, dir: Direction, receiver_size: u64, len: u64) {
+        if receiver_size <= len {
+            return;
+        }
+        let (source, receiver) = (self.source_name(dir), self.receiver_name(dir));
+        self.rep.warn(format_args!(
+            "{receiver} ({receiver_size} bytes) is larger than {source} ({len} bytes): only the source's length is synced, the rest is left as it is"
+        ));
+        self.rep
+            .log(format_args!("{receiver}: {} bytes past the source's end are left untouched", receiver_size - len));
     }
 
     /// PUSH: the local source, its index and the bitmap first (a refusal here must not
     /// leave a created receiver), then the remote receiver.
-    fn open_push(&mut self) -> Result<Ends, Error> {
+    fn open_push(&mut self, out: &mut Option<Outcome>) -> Result<Ends, Error> {
         let plan = self.plan;
         let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Fault::Device(e).refused())?;
         let len = local.size();
@@ -141,7 +175,7 @@ impl Session<'_> {
             return Err(empty(Side::Local, &plan.local));
         }
         let index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
-        let bitmap = self.load_bitmap(len)?;
+        let found = self.find_bitmap(len, Direction::Push)?;
         let access = Access::Write {
             source_size: len,
             source: Some(local.identity().clone()),
@@ -156,12 +190,13 @@ impl Session<'_> {
         if opened.created {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Push)));
         }
-        let bitmap = bitmap.filter(|_| !self.renewed(opened.created || opened.resized, Direction::Push));
-        Ok(Ends { local, index, len, remote_state: opened.state, bitmap })
+        self.note_larger(Direction::Push, opened.size, len);
+        let basis = self.prepare_bitmap(found, opened.created || opened.resized, Direction::Push, out)?;
+        Ok(Ends { local, index, len, remote_state: opened.state, basis })
     }
 
     /// PULL: the remote source and the bitmap first, then the local receiver.
-    fn open_pull(&mut self) -> Result<Ends, Error> {
+    fn open_pull(&mut self, out: &mut Option<Outcome>) -> Result<Ends, Error> {
         let plan = self.plan;
         let req = self.open_request(Access::Read, plan.params.codec, plan.remote_state.clone());
         let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
@@ -169,7 +204,7 @@ impl Session<'_> {
         if len == 0 {
             return Err(empty(Side::Remote, &plan.remote));
         }
-        let bitmap = self.load_bitmap(len)?;
+        let found = self.find_bitmap(len, Direction::Pull)?;
         let spec = ReceiverSpec {
             source_size: len,
             source: Some(opened.identity.clone()),
@@ -183,7 +218,7 @@ impl Session<'_> {
         if local.created() {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Pull)));
         }
-        let bitmap = bitmap.filter(|_| !self.renewed(local.created() || local.resized(), Direction::Pull));
+        self.note_larger(Direction::Pull, local.size(), len);
         let index = match local_index(&local, &plan.params, len, &plan.state, self.rep) {
             Ok(index) => index,
             // Nothing may be left behind by a refusal: a receiver this run created is
@@ -195,17 +230,8 @@ impl Session<'_> {
             Err(Error::Refused(f)) if local.resized() => return Err(f.transfer(&self.receiver_name(Direction::Pull))),
             Err(e) => return Err(e),
         };
-        Ok(Ends { local, index, len, remote_state: opened.state, bitmap })
-    }
-
-    /// A receiver just created or resized does not hold what a bitmap says: true (and
-    /// said) if so and a bitmap is in use.
-    fn renewed(&self, renewed: bool, dir: Direction) -> bool {
-        if renewed && self.plan.bitmap.as_ref().is_some_and(|b| !b.reset) {
-            let receiver = self.receiver_name(dir);
-            self.rep.log(format_args!("{receiver} was created or resized: the bitmap is not used, it is rebuilt"));
-        }
-        renewed
+        let basis = self.prepare_bitmap(found, local.created() || local.resized(), Direction::Pull, out)?;
+        Ok(Ends { local, index, len, remote_state: opened.state, basis })
     }
 
     /// The run's parameters with the refinement decided. Every state keeps its leaves'
@@ -230,7 +256,7 @@ impl Session<'_> {
     }
 
     /// COPY or SYNC in `dir`; returns the length synchronized.
-    fn transfer(&mut self, dir: Direction, mode: Mode, bitmap_out: &mut bitmap::Out) -> Result<u64, Error> {
+    fn transfer(&mut self, dir: Direction, mode: Mode, bitmap: &mut Option<Outcome>) -> Result<u64, Error> {
         let (source, receiver) = (self.source_name(dir), self.receiver_name(dir));
         let p = &self.plan.params;
         self.rep.log(format_args!(
@@ -241,8 +267,8 @@ impl Session<'_> {
             p.codec.describe()
         ));
         let mut ends = match dir {
-            Direction::Push => self.open_push()?,
-            Direction::Pull => self.open_pull()?,
+            Direction::Push => self.open_push(bitmap)?,
+            Direction::Pull => self.open_pull(bitmap)?,
         };
         if !ends.remote_state.note.is_empty() {
             self.rep.log(format_args!("remote {}", ends.remote_state.note));
@@ -252,7 +278,7 @@ impl Session<'_> {
         self.rep.log(format_args!("device size {len} bytes ({})", human(len as f64)));
         self.rep.start(&format!("{mode:?}").to_uppercase(), len);
         let params = self.run_params(dir, &ends);
-        let result = self.move_data(dir, mode, &mut ends, &params, bitmap_out);
+        let result = self.move_data(dir, mode, &mut ends, &params, bitmap);
         self.rep.finish();
         self.stats.local_read += ends.local.bytes_read();
         match result.map_err(|f| f.transfer(&receiver))? {
@@ -265,63 +291,65 @@ impl Session<'_> {
     }
 
     /// Moves the data, makes it durable on the receiver and finishes the local state;
-    /// `Ok(false)` if someone else wrote the local device meanwhile.
+    /// `Ok(false)` if someone else wrote the local device meanwhile. With a bitmap, the
+    /// source's block digests are left in `bitmap` for the end of the run.
     fn move_data(
         &mut self,
         dir: Direction,
         mode: Mode,
         ends: &mut Ends,
         params: &Params,
-        bitmap_out: &mut bitmap::Out,
+        bitmap: &mut Option<Outcome>,
     ) -> Result<bool, Fault> {
-        let Ends { local, index, remote_state, bitmap, .. } = ends;
-        let Session { plan, rep, stats, ep, .. } = self;
+        let Ends { local, index, remote_state, basis, .. } = ends;
+        let Session { rep, stats, ep, .. } = self;
         let (rep, ep) = (&**rep, ep.as_mut().ok_or(Fault::Internal("no endpoint"))?);
         let role = if dir == Direction::Pull { Role::Receiver } else { Role::Read };
         let ctx = Ctx { local, index, ep, params, rep };
-        let mut source_leaves = None;
-        let c = match mode {
-            Mode::Copy => Comparison { written: copy::run(ctx, dir)?, ..Comparison::default() },
-            Mode::Sync if bitmap.is_some() => {
-                rep.log("comparing the source with the bitmap: the receiver is not read");
-                let (c, leaves) = bitmap::sync(ctx, dir, bitmap.as_deref())?;
-                source_leaves = Some(leaves);
+        let c = match (mode, basis.as_ref(), bitmap.as_mut()) {
+            (Mode::Copy, ..) => Comparison { written: copy::run(ctx, dir)?, ..Comparison::default() },
+            (Mode::Sync, Some(b @ (Basis::File(_) | Basis::Nothing)), Some(out)) => {
+                rep.log(match b {
+                    Basis::File(_) => "comparing the source with the bitmap: the receiver is not read",
+                    _ => "the bitmap starts from scratch: every block is sent, the receiver is not read",
+                });
+                let (c, digests) = bitmap_sync::sync(ctx, dir, b, &mut out.file)?;
+                out.digests = Some(digests);
                 sync_done(rep, c)
             }
-            Mode::Sync if both_fresh(ctx.index, remote_state) && roots_equal(ctx.index, remote_state) => {
-                rep.log("both states are fresh and their roots are equal: nothing to read or send");
-                Comparison { nodes: 1, ..Comparison::default() }
-            }
-            Mode::Sync if both_fresh(ctx.index, remote_state) => {
-                rep.log("both states are fresh: walking the trees");
-                sync_done(rep, compare::walk(ctx, Purpose::Sync(dir))?)
-            }
-            Mode::Sync => sync_done(rep, compare::run(ctx, Purpose::Sync(dir))?),
+            (Mode::Sync, ..) => sync(ctx, dir, remote_state)?,
         };
         absorb(stats, &c);
         match dir {
             Direction::Push => ep.flush_device()?,
             Direction::Pull => index.settle(local, Role::Receiver)?,
         }
-        if plan.bitmap.is_some() {
-            // The receiver now holds the source's leaves. The local index knows them all,
-            // except leaves of a local receiver patched piece by piece: read those back.
-            let leaves = match source_leaves {
-                Some(l) => l,
-                None => bitmap::complete(index, local)?,
-            };
-            *bitmap_out = Some((*index.layout(), leaves));
+        if let (Some(Basis::Receiver), Some(out)) = (basis.as_ref(), bitmap.as_mut()) {
+            // The receiver now holds the source's blocks; the local device (the source of
+            // a PUSH, the synced receiver of a PULL) is read for their plain digests.
+            rep.log("reading the local device for the bitmap's block digests");
+            out.digests = Some(bitmap_sync::local_digests(local, index, false, None)?);
         }
         Ok(index.finish(local, role)?)
     }
+}
+
+/// A regular SYNC: by walking both fresh trees, or by comparing digests.
+fn sync(ctx: Ctx<'_>, dir: Direction, remote_state: &StateSummary) -> Result<Comparison, Fault> {
+    let rep = ctx.rep;
+    if both_fresh(ctx.index, remote_state) && roots_equal(ctx.index, remote_state) {
+        rep.log("both states are fresh and their roots are equal: nothing to read or send");
+        return Ok(Comparison { nodes: 1, ..Comparison::default() });
+    }
+    if both_fresh(ctx.index, remote_state) {
+        rep.log("both states are fresh: walking the trees");
+        return Ok(sync_done(rep, compare::walk(ctx, Purpose::Sync(dir))?));
+    }
+    Ok(sync_done(rep, compare::run(ctx, Purpose::Sync(dir))?))
 }
 
 /// Logs what a SYNC comparison did.
 fn sync_done(rep: &Reporter, c: Comparison) -> Comparison {
     rep.log(format_args!("{} of {} blocks differed; {} bytes written", c.differing, c.blocks, c.written));
     c
-}
-
-fn empty(side: Side, path: &Path) -> Error {
-    Fault::Device(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty }).refused()
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::window::Comparison;
 use super::{Direction, Error, Fault, Params, Plan};
 use crate::compress::Codec;
-use crate::device::{Device, Side};
+use crate::device::{Device, DeviceError, Problem, Side};
 use crate::digest_index::DigestIndex;
 use crate::endpoint::Endpoint;
 use crate::protocol::{Access, OpenRequest, StateOptions, StateSummary};
@@ -19,11 +19,16 @@ pub(super) fn name(side: Side, path: &Path) -> String {
     format!("{side} {}", path.display())
 }
 
-/// The receiver of a transfer in `dir`, as messages name it.
+/// The receiver of a transfer in `dir`, as messages name it: the bitmap when only it is
+/// refreshed (no receiver was given).
 pub(super) fn receiver_name(plan: &Plan, dir: Direction) -> String {
-    match dir {
-        Direction::Push => name(Side::Remote, &plan.remote),
-        Direction::Pull => name(Side::Local, &plan.local),
+    let (side, path) = match dir {
+        Direction::Push => (Side::Remote, &plan.remote),
+        Direction::Pull => (Side::Local, &plan.local),
+    };
+    match &plan.bitmap {
+        Some(b) if b.refresh_only => format!("bitmap {}", b.path.display()),
+        _ => name(side, path),
     }
 }
 
@@ -155,6 +160,11 @@ impl<'a> Session<'a> {
     pub fn receiver_name(&self, dir: Direction) -> String {
         receiver_name(self.plan, dir)
     }
+}
+
+/// The refusal of an empty source.
+pub(super) fn empty(side: Side, path: &Path) -> Error {
+    Fault::Device(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty }).refused()
 }
 
 /// Adds what a comparison did to the statistics.

@@ -93,6 +93,8 @@ impl Pending {
 pub(super) enum Request {
     /// Digests of the `block`-sized pieces of a range.
     Digests { offset: u64, len: u64, block: u32 },
+    /// Plain digests of the whole blocks of a range (the original's bitmap digests).
+    BlockDigests { offset: u64, len: u64 },
     /// Data of a range.
     Read { offset: u64, len: u32 },
     /// Durable writes and a checkpoint.
@@ -149,6 +151,8 @@ pub(super) struct Window<'a> {
     inflight: u64,
     batches_out: usize,
     next_batch: u64,
+    /// Digest batches are of plain block digests, not leaf digests.
+    plain: bool,
     checkpoints: Checkpoints,
 }
 
@@ -164,8 +168,16 @@ impl<'a> Window<'a> {
             inflight: 0,
             batches_out: 0,
             next_batch: 0,
+            plain: false,
             checkpoints: Checkpoints::new(),
         }
+    }
+
+    /// The same window, whose digest batches are the endpoint's plain block digests
+    /// (the hash of each whole block, as the original's bitmap holds them).
+    pub fn with_plain_batches(mut self) -> Window<'a> {
+        self.plain = true;
+        self
     }
 
     /// The direction data flows, for SYNC.
@@ -180,6 +192,7 @@ impl<'a> Window<'a> {
         let ep = &mut *self.ctx.ep;
         match request {
             Request::Digests { offset, len, block } => ep.ask_digests(offset, len, block)?,
+            Request::BlockDigests { offset, len } => ep.ask_block_digests(offset, len)?,
             Request::Read { offset, len } => ep.ask_read(offset, len)?,
             Request::Flush => ep.ask_flush()?,
         }
@@ -204,7 +217,11 @@ impl<'a> Window<'a> {
             let count = batch.min(layout.leaf_count() - first);
             let offset = first * layout.buffer;
             let len = ((first + count) * layout.buffer).min(layout.device_size) - offset;
-            self.ask(Request::Digests { offset, len, block: layout.buffer as u32 }, Pending::Digests { first, count })?;
+            let request = match self.plain {
+                true => Request::BlockDigests { offset, len },
+                false => Request::Digests { offset, len, block: layout.buffer as u32 },
+            };
+            self.ask(request, Pending::Digests { first, count })?;
             self.batches_out += 1;
             self.next_batch += 1;
         }

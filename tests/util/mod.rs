@@ -924,3 +924,111 @@ pub fn action(dir: Dir, mode: &str, source: &Path, receiver: &Path, extra: &[&st
     a.extend(extra.iter().map(|x| x.to_string()));
     a
 }
+
+// ---------------------------------------------------------------------------
+// Bitmap files as the original writes them
+// ---------------------------------------------------------------------------
+
+/// The original's bitmap magic number.
+pub const ORIGINAL_MAGIC: u64 = 239_840_023_593_485_091;
+
+/// The original's id of a `--hash` name (sha1 0 ... md5 7); `None` for BLAKE3.
+pub fn original_hash_id(hash: &str) -> Option<u8> {
+    let names = ["sha1", "sha224", "sha256", "sha384", "sha512", "blake2b", "blake2s", "md5"];
+    names.iter().position(|n| n.eq_ignore_ascii_case(hash)).map(|i| i as u8)
+}
+
+/// A bitmap FILE built byte by byte to the original's layout: a 25-byte little-endian
+/// header (magic, device size, buffer size, hash id), then the digests.
+pub fn original_bitmap(device_size: u64, buffer: u64, hash_id: u8, digests: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(25 + digests.len());
+    v.extend_from_slice(&ORIGINAL_MAGIC.to_le_bytes());
+    v.extend_from_slice(&device_size.to_le_bytes());
+    v.extend_from_slice(&buffer.to_le_bytes());
+    v.push(hash_id);
+    v.extend_from_slice(digests);
+    v
+}
+
+/// The coreutils program that computes `hash` (`sha256` → `sha256sum`, `blake2b` →
+/// `b2sum`); `None` for the hashes coreutils lacks (BLAKE2s, BLAKE3).
+pub fn digest_tool(hash: &str) -> Option<&'static str> {
+    match hash.to_ascii_lowercase().as_str() {
+        "sha1" => Some("sha1sum"),
+        "sha224" => Some("sha224sum"),
+        "sha256" => Some("sha256sum"),
+        "sha384" => Some("sha384sum"),
+        "sha512" => Some("sha512sum"),
+        "blake2b" => Some("b2sum"),
+        "md5" => Some("md5sum"),
+        _ => None,
+    }
+}
+
+/// The plain digest of each `block`-byte block of `path` (the last may be shorter), as
+/// the original's bitmap holds them: computed by the coreutils program for `hash`, over
+/// files holding the blocks, independently of basyn. Hashes coreutils lacks (BLAKE2s,
+/// BLAKE3) are computed with basyn's own hash module, whose known answers are unit tested.
+pub fn block_digests(hash: &str, path: &Path, block: usize) -> Vec<u8> {
+    let data = read(path);
+    let Some(program) = digest_tool(hash) else {
+        let algo = basyn::hash::HashAlgo::from_name(hash).unwrap_or_else(|| panic!("unknown hash {hash}"));
+        return data.chunks(block).flat_map(|b| algo.digest(b).as_bytes().to_vec()).collect();
+    };
+    assert!(require_tool(program), "{program} is needed to check bitmap digests");
+    let dir = tmp();
+    let names: Vec<String> = data
+        .chunks(block)
+        .enumerate()
+        .map(|(i, b)| {
+            let p = dir.path().join(format!("{i:08}"));
+            write(&p, b);
+            s(&p).to_string()
+        })
+        .collect();
+    let mut out = Vec::new();
+    for group in names.chunks(256) {
+        let args: Vec<&str> = group.iter().map(|n| n.as_str()).collect();
+        let text = tool(program, &args).unwrap_or_else(|e| panic!("{e}"));
+        for line in text.lines() {
+            let hex = line.split_whitespace().next().unwrap_or_default();
+            out.extend((0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digest")));
+        }
+    }
+    out
+}
+
+/// The FILE basyn must leave for `source` with `--buffer` `buffer` bytes and `--hash`
+/// `hash`: the original's layout for a hash the original knows, else basyn's own (magic
+/// `BASYNBMP`, BLAKE3 id 8, the same layout), each block's digest computed independently.
+pub fn expected_bitmap(source: &Path, buffer: u64, hash: &str) -> Vec<u8> {
+    let digests = block_digests(hash, source, buffer as usize);
+    match original_hash_id(hash) {
+        Some(id) => original_bitmap(size_of(source), buffer, id, &digests),
+        None => {
+            let mut v = b"BASYNBMP".to_vec();
+            v.extend_from_slice(&size_of(source).to_le_bytes());
+            v.extend_from_slice(&buffer.to_le_bytes());
+            v.push(8);
+            v.extend_from_slice(&digests);
+            v
+        }
+    }
+}
+
+/// Asserts that FILE `bm` holds exactly what [`expected_bitmap`] says for `source`.
+#[track_caller]
+pub fn assert_bitmap_of(bm: &Path, source: &Path, buffer: u64, hash: &str) {
+    let got = fs::read(bm).unwrap_or_else(|e| panic!("no bitmap {}: {e}", bm.display()));
+    let want = expected_bitmap(source, buffer, hash);
+    if got != want {
+        let at = first_difference(&got, &want).unwrap_or(0);
+        panic!(
+            "bitmap {} ({} bytes) is not the {hash} bitmap of {} ({} bytes): first difference at byte {at}",
+            bm.display(),
+            got.len(),
+            source.display(),
+            want.len()
+        );
+    }
+}
