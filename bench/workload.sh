@@ -49,7 +49,10 @@
 # - check: `cmp` of src.img against the receiver; any difference fails the benchmark.
 # - basyn's own --stat figures for the receiver ("Read ... remote", "Blocks ... bytes
 #   written") are shown beside the measured ones.
-# No state lands in /var/lib/basyn: basyn always gets --state/--remote-state under the work
+# The receiver's state is /var/lib/basyn/basyn-bench-$$.basyn-state (over SSH a chosen remote
+# state must be in the state directory or beside the device, and the device is /dev/loopN),
+# removed on exit; the source's is under the work dir.
+# Otherwise no state lands in /var/lib/basyn: basyn always gets --state/--remote-state under the work
 # dir (or --no-state). Everything (sshd, loop devices, mount, work dir under /var/tmp) is
 # removed on exit.
 set -euo pipefail
@@ -82,6 +85,7 @@ fi
 
 work=$(mktemp -d /var/tmp/basyn-workload.XXXXXX)
 recv_dev=  # the receiver's loop device, whose counters are read
+recv_state=  # the receiver's state (set below)
 cleanup() {
   set +e
   [ -f "$work/sshd.pid" ] && kill "$(cat "$work/sshd.pid")" 2>/dev/null
@@ -89,6 +93,7 @@ cleanup() {
   # Only our own loop device: a number once freed may be someone else's now.
   [ -n "$recv_dev" ] && losetup -nO BACK-FILE "$recv_dev" 2>/dev/null | grep -qF "$work/" \
     && losetup -d "$recv_dev"
+  rm -f "$recv_state"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -266,21 +271,23 @@ run() {
 count="dd bs=1M"
 wire_of() { echo "grep -oP '^[0-9]+(?= bytes)' $1 > $1.n"; }
 
-S=(--state "$work/state/src.state" --remote-state "$work/state/recv.state")
+recv_state=/var/lib/basyn/basyn-bench-$$.basyn-state
+mkdir -p /var/lib/basyn
+S=(--state "$work/state/src.state" --remote-state "$recv_state")
 H=(-h benchhost --remote-path "$work/rbasyn")
 
 # --- basyn
 host=1
-old_receiver; "$basyn" index "$recv" --state "$work/state/recv.state" >/dev/null
+old_receiver; "$basyn" index "$recv" --state "$recv_state" >/dev/null
 run "basyn SYNC, ssh, receiver state fresh" "$basyn" -l "$work/src.img" -r "$recv" --stat "${H[@]}" -a push -m sync "${S[@]}"
-old_receiver; "$basyn" index "$recv" --state "$work/state/recv.state" --chunk 4 >/dev/null
+old_receiver; "$basyn" index "$recv" --state "$recv_state" --chunk 4 >/dev/null
 run "basyn SYNC --chunk 4, ssh, receiver state fresh" "$basyn" -l "$work/src.img" -r "$recv" --stat "${H[@]}" -a push -m sync --chunk 4 "${S[@]}"
 old_receiver
 run "basyn SYNC, ssh, --no-state" "$basyn" -l "$work/src.img" -r "$recv" --stat "${H[@]}" -a push -m sync --no-state
 new_file_receiver
 run "basyn COPY, ssh, new file (builds states)" "$basyn" -l "$work/src.img" -r "$recv" --stat "${H[@]}" -a push -m copy "${S[@]}"
 host=
-old_receiver; "$basyn" index "$recv" --state "$work/state/recv.state" >/dev/null
+old_receiver; "$basyn" index "$recv" --state "$recv_state" >/dev/null
 run "basyn SYNC, local, receiver state fresh" "$basyn" -l "$work/src.img" -r "$recv" --stat -a push -m sync "${S[@]}"
 old_receiver
 run "basyn SYNC, local, --no-state" "$basyn" -l "$work/src.img" -r "$recv" --stat -a push -m sync --no-state

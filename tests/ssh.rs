@@ -53,6 +53,15 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Removes a file when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 fn sha256_hex(path: &Path) -> String {
     let out = tool("sha256sum", &[s(path)]).unwrap_or_else(|e| panic!("{e}"));
     out.split_whitespace().next().expect("sha256sum printed nothing").to_string()
@@ -812,7 +821,9 @@ fn scattered_small_changes_over_ssh_read_only_the_receivers_differing_pieces() {
     write(&local, &data);
     write(&img, &data);
     let Some(dev) = loop_dev(&img) else { return };
-    let remote_state = sshd.remote("rcv.basyn-state");
+    // Over SSH a chosen remote state must be in the state directory (or beside the device).
+    let remote_state = Path::new("/var/lib/basyn").join(format!("test-{}-rcv.basyn-state", std::process::id()));
+    let _cleanup = RemoveOnDrop(remote_state.clone());
     let args =
         over_ssh(&local, dev.path(), &["-a", "push", "-m", "sync", "--stat", "--remote-state", s(&remote_state)]);
     sshd.basyn(&args).ok();
@@ -900,4 +911,30 @@ fn a_remote_state_path_outside_the_state_dir_or_the_devices_directory_is_refused
     std::os::unix::fs::symlink(&target, sshd.remote("link.state")).unwrap();
     fast(|| sshd.basyn(&args(&sshd.remote("link.state")))).fails(1, &["remote state", "symbolic link"]);
     assert_eq!(fs::read(&target).unwrap(), b"not a state");
+}
+
+/// A remote `basyn serve` stopped with SIGSTOP (its ssh link alive, so ssh's keepalives
+/// still pass) stalled the client for as long as it stayed stopped. With `--timeout` the
+/// run ends with exit 2 soon after the endpoint falls silent, and a rerun repairs.
+#[test]
+fn a_stopped_remote_endpoint_ends_the_run_within_its_timeout() {
+    let Some(sshd) = Sshd::start() else { return };
+    let size = 300 * MIB;
+    let (local, remote) = (sshd.local("big.img"), sshd.remote("big.img"));
+    urandom_image(&local, size);
+    let tag = "serve-stopped";
+    let args = over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY", "--buffer", "1024", "--timeout", "5"]);
+    let mut child = sshd.spawn(&args);
+    let pids = wait_for_serve(&mut child, &remote);
+    wait_for_data(&mut child, &pids, "PUSH", tag);
+    assert!(child.running(), "{tag}: the copy ended before the stop; make the image bigger");
+    let stopped: Vec<KillOnDrop> = pids.iter().map(|&p| KillOnDrop(p)).collect();
+    let failed = Instant::now();
+    pids.iter().for_each(|&p| send_signal(p, libc::SIGSTOP));
+    let (code, took, err) = wait_end(child, tag, failed, FAST);
+    assert_transfer_error(tag, code, &err, &["remote", s(&remote), "nothing heard", "--timeout 5"]);
+    assert!(took >= Duration::from_secs(4), "{tag}: gave up after {took:.2?}, before its timeout");
+    drop(stopped);
+    sshd.basyn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "SYNC"])).ok();
+    assert_same(&local, &remote);
 }
