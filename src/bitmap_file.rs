@@ -36,17 +36,11 @@ pub const HEADER_LEN: u64 = 25;
 /// 2 MiB blocks with BLAKE3).
 pub const MAX_TABLE: u64 = 512 << 20;
 
-/// The hashes the original knows, in the order of their ids.
-const ORIGINAL_HASHES: [HashAlgo; 8] = [
-    HashAlgo::Sha1,
-    HashAlgo::Sha224,
-    HashAlgo::Sha256,
-    HashAlgo::Sha384,
-    HashAlgo::Sha512,
-    HashAlgo::Blake2b,
-    HashAlgo::Blake2s,
-    HashAlgo::Md5,
-];
+/// The hashes the original knows, in the order of their ids: every one basyn lists
+/// after its own BLAKE3 (`HashAlgo::ALL` keeps the original's order for them).
+fn original_hashes() -> &'static [HashAlgo] {
+    &HashAlgo::ALL[1..]
+}
 
 /// Which of the two formats a FILE is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +55,7 @@ impl Format {
     /// The format a new FILE gets: the original's when it knows the hash, so that the
     /// original can use the FILE too; basyn's otherwise.
     pub fn for_hash(hash: HashAlgo) -> Format {
-        if ORIGINAL_HASHES.contains(&hash) { Format::Original } else { Format::Basyn }
+        if original_hashes().contains(&hash) { Format::Original } else { Format::Basyn }
     }
 
     /// The magic number.
@@ -78,17 +72,17 @@ impl Format {
 
     /// The id this format gives `hash`, if it can hold it.
     pub fn hash_id(self, hash: HashAlgo) -> Option<u8> {
-        if let Some(i) = ORIGINAL_HASHES.iter().position(|h| *h == hash) {
+        if let Some(i) = original_hashes().iter().position(|h| *h == hash) {
             return Some(i as u8);
         }
-        (self == Format::Basyn && hash == HashAlgo::Blake3).then_some(ORIGINAL_HASHES.len() as u8)
+        (self == Format::Basyn && hash == HashAlgo::Blake3).then_some(original_hashes().len() as u8)
     }
 
     /// The hash that `id` names in this format.
     pub fn hash(self, id: u8) -> Option<HashAlgo> {
-        match ORIGINAL_HASHES.get(usize::from(id)) {
+        match original_hashes().get(usize::from(id)) {
             Some(h) => Some(*h),
-            None if self == Format::Basyn && usize::from(id) == ORIGINAL_HASHES.len() => Some(HashAlgo::Blake3),
+            None if self == Format::Basyn && usize::from(id) == original_hashes().len() => Some(HashAlgo::Blake3),
             None => None,
         }
     }

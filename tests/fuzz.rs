@@ -5,7 +5,8 @@
 //!
 //! - the frame decoder (what a peer sends),
 //! - `basyn serve` on whole hostile streams against a real image file,
-//! - the state parser (a `.basyn-state` file anyone with write access may have changed).
+//! - the state parser (a `.basyn-state` file anyone with write access may have changed),
+//! - the bitmap parser (a `-b` FILE, maybe written by the original or another tool).
 //!
 //! `BASYN_FUZZ_CASES=N` sets the cases per target (default 10000); a long run is, for
 //! example, `BASYN_FUZZ_CASES=200000 cargo test --release --test fuzz`.
@@ -109,6 +110,29 @@ fn the_state_parser_takes_any_bytes() {
     runner()
         .run(&inputs(golden), |bytes| {
             let _ = basyn::state::decode(&bytes);
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn the_bitmap_parser_takes_any_file() {
+    use basyn::bitmap_file::{Format, Geometry, load};
+    use basyn::hash::HashAlgo;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.bitmap");
+    let want = Geometry { device_size: 10 << 20, buffer: 1 << 20, hash: HashAlgo::Sha256 };
+    // A valid FILE in the original's format: the header, then ten digests.
+    let mut valid = want.header(Format::for_hash(HashAlgo::Sha256)).unwrap().to_vec();
+    valid.extend((0..10 * 32).map(|i| i as u8));
+    std::fs::write(&path, &valid).unwrap();
+    assert!(matches!(load(&path, &want, "local src"), Ok(Some(_))), "the valid FILE does not load");
+    runner()
+        .run(&inputs(valid), |bytes| {
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok(Some((_, digests))) = load(&path, &want, "local src") {
+                prop_assert_eq!(digests.len(), 10 * 32);
+            }
             Ok(())
         })
         .unwrap();
