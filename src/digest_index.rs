@@ -59,6 +59,9 @@ pub struct DigestIndex {
     fresh: bool,
     note: String,
     tree: Option<Tree>,
+    /// Why the state could not be saved, if it could not: a warning for a run, whose data
+    /// result stands, and an error for `basyn index`.
+    unsaved: Option<StateError>,
 }
 
 impl DigestIndex {
@@ -125,6 +128,7 @@ impl DigestIndex {
             fresh: false,
             note: "no state (--no-state)".into(),
             tree: None,
+            unsaved: None,
         };
         let (path, create_dir) = match &opts.mode {
             StateMode::Off => {
@@ -417,8 +421,10 @@ impl DigestIndex {
             return Ok(());
         }
         let now = self.stamp_now(device)?;
-        if !self.written_by_others(device, &now, role) {
-            self.save(now)?;
+        if !self.written_by_others(device, &now, role)
+            && let Err(e) = self.save(now)
+        {
+            self.unsaved = Some(e);
         }
         Ok(())
     }
@@ -440,12 +446,28 @@ impl DigestIndex {
             }
             return Ok(false);
         }
-        self.save(now)?;
-        if let Some(file) = &self.file {
+        // A state that cannot be saved costs the next run a read, nothing more: what is
+        // on disk is the old state (or a checkpoint), whose stamp no longer matches a
+        // device this run changed. The caller says so.
+        match self.save(now) {
+            Ok(()) => self.unsaved = None,
+            Err(e) => self.unsaved = Some(e),
+        }
+        if let (Some(file), None) = (&self.file, &self.unsaved) {
             let n = self.known.len();
             self.note = format!("state {} saved: {} of {n} leaves", file.path().display(), self.valid_prefix());
         }
         Ok(true)
+    }
+
+    /// Why the state could not be saved at the last checkpoint or at the end, if so.
+    pub fn unsaved(&self) -> Option<&StateError> {
+        self.unsaved.as_ref()
+    }
+
+    /// [`DigestIndex::unsaved`], taken.
+    pub fn take_unsaved(&mut self) -> Option<StateError> {
+        self.unsaved.take()
     }
 
     /// Reads every leaf not known yet; `progress` is told each leaf's length as it is

@@ -182,6 +182,8 @@ pub struct Closed {
     pub moved: bool,
     /// What happened to the state file, for `--verbose`.
     pub note: String,
+    /// Why the state could not be saved, if so (empty otherwise): a warning for the user.
+    pub warning: String,
 }
 
 /// Why a session was aborted; decides the exit code on the client.
@@ -737,6 +739,7 @@ mod tests {
                 bytes_written: 1 << 19,
                 moved: false,
                 note: "saved".into(),
+                warning: String::new(),
             })),
         ]
     }

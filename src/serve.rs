@@ -188,6 +188,9 @@ impl Server<'_> {
         self.totals.bytes_written += o.written;
         let unchanged = o.index.finish(&o.device, o.role)?;
         self.totals.moved |= !unchanged;
+        if let Some(e) = o.index.unsaved() {
+            self.totals.warning = format!("remote {e}");
+        }
         if !o.index.note().is_empty() {
             self.totals.note = o.index.note().to_string();
         }

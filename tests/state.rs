@@ -781,6 +781,42 @@ fn piece_digests_past_the_memory_budget_are_spilled_and_loaded_from_the_file_and
     }
 }
 
+/// A state that could not be saved failed every run with exit 2 and "the receiving device
+/// may be partly changed", even when nothing differed (an image in a directory nobody may
+/// create files in). The data result now stands: exit 0, one warning line per side on
+/// stderr, and the next run reads that device again. `basyn index`, whose whole point is
+/// the state, still fails.
+#[test]
+fn a_state_that_cannot_be_saved_is_a_warning_not_a_failed_run() {
+    let t = tmp();
+    let (locked, open) = (t.path().join("locked"), t.path().join("open"));
+    fs::create_dir_all(&locked).unwrap();
+    fs::create_dir_all(&open).unwrap();
+    let (a, b) = (locked.join("a.img"), open.join("b.img"));
+    let data = random_image(&a, 23, 4 * MIB);
+    let (a2, c) = (open.join("a2.img"), locked.join("c.img"));
+    write(&a2, &data);
+    random_image(&c, 24, 4 * MIB);
+    // chattr +i on a directory: its files may be written, no file created in it.
+    let Some(_frozen) = immutable(&locked) else { return };
+    for (what, source, receiver) in [("source", &a, &b), ("receiver", &a2, &c)] {
+        let r = run(&sync(Dir::Push, source, receiver, &[]));
+        r.ok();
+        let warnings: Vec<&str> = r.stderr.lines().filter(|l| l.starts_with("basyn: warning: ")).collect();
+        assert_eq!(warnings.len(), 1, "{what}: expected one warning{r:?}");
+        assert!(warnings[0].contains("the next run reads that device again"), "{what}{r:?}");
+        assert!(warnings[0].contains(if what == "source" { "local" } else { "remote" }), "{what}{r:?}");
+        assert_content(receiver, &data, what);
+        // Nothing was kept for that side: the next run reads it again, and still succeeds.
+        let r = run(&sync(Dir::Push, source, receiver, &[]));
+        r.ok();
+        let (source_read, receiver_read) = r.stat().reads(Dir::Push);
+        let read_again = if what == "source" { source_read } else { receiver_read };
+        assert!(read_again >= 4 * MIB as u64, "{what}: not read again{r:?}");
+    }
+    run(&index(&a, &[])).fails(1, &["local state", s(&a)]);
+}
+
 #[test]
 fn no_state_creates_no_state_file_and_reads_everything() {
     let size = 8 * MIB;

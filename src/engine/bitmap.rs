@@ -188,7 +188,11 @@ impl Session<'_> {
         self.rep.finish();
         self.stats.local_read += local.bytes_read();
         let digests = digests.map_err(refused)?;
-        if !index.finish(&local, Role::Read).map_err(|e| refused(e.into()))? {
+        let unchanged = index.finish(&local, Role::Read).map_err(|e| refused(e.into()))?;
+        if let Some(e) = index.unsaved() {
+            super::session::warn_unsaved(self.rep, format_args!("local {e}"));
+        }
+        if !unchanged {
             let receiver = format!("bitmap {}", b.path.display());
             return Err(Error::SourceMoved { device: name(Side::Local, &plan.local), receiver });
         }

@@ -5,8 +5,8 @@ use super::session::{check_side_files, layout, local_index, name};
 use super::{Error, Fault, IndexPlan};
 use crate::compress::Codec;
 use crate::device::{Device, Side};
-use crate::endpoint::{Endpoint, Transport};
-use crate::protocol::{Access, OpenRequest};
+use crate::endpoint::{Endpoint, EndpointError, Transport};
+use crate::protocol::{AbortCode, Access, OpenRequest};
 use crate::report::{Reporter, Stats};
 use crate::stamp::Role;
 
@@ -43,7 +43,11 @@ fn index_local(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Resul
     stats.blocks_compared = n;
     let shown = name(Side::Local, &plan.device);
     match index.finish(&device, Role::Read) {
+        // Saving the state is what `basyn index` is for.
         Ok(true) => {
+            if let Some(e) = index.take_unsaved() {
+                return Err(Fault::State(e).refused());
+            }
             rep.log(format_args!("indexed {shown}: {n} leaves, {read} read"));
             Ok(())
         }
@@ -88,6 +92,10 @@ fn index_remote(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Resu
     stats.blocks_compared = layout.leaf_count();
     if closed.moved {
         return Err(Error::IndexMoved { device: name(Side::Remote, &plan.device) });
+    }
+    if !closed.warning.is_empty() {
+        let failed = EndpointError::Abort { code: AbortCode::Failed, message: closed.warning };
+        return Err(Fault::Endpoint(failed).refused());
     }
     rep.log(format_args!("remote {}", closed.note));
     Ok(())

@@ -7,7 +7,9 @@ use std::path::Path;
 use super::bitmap::{self, Found, Outcome};
 use super::bitmap_sync::Basis;
 use super::compare::{self, Purpose};
-use super::session::{Session, absorb, both_fresh, check_side_files, empty, layout, local_index, name, roots_equal};
+use super::session::{
+    Session, absorb, both_fresh, check_side_files, empty, layout, local_index, name, roots_equal, warn_unsaved,
+};
 use super::window::{Comparison, Ctx};
 use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap_sync, copy};
 use crate::compress::Codec;
@@ -102,6 +104,9 @@ impl Session<'_> {
             (Err(err), Some(dir)) => return Err(Fault::from(err).transfer(&self.receiver_name(dir))),
         };
         self.stats.remote_read = closed.bytes_read;
+        if !closed.warning.is_empty() {
+            warn_unsaved(self.rep, &closed.warning);
+        }
         if action == Some(Direction::Push) {
             // What the receiver itself wrote, not what was sent to it.
             self.stats.bytes_written = closed.bytes_written;
@@ -330,7 +335,11 @@ impl Session<'_> {
             rep.log("reading the local device for the bitmap's block digests");
             out.digests = Some(bitmap_sync::local_digests(local, index, false, None)?);
         }
-        Ok(index.finish(local, role)?)
+        let unchanged = index.finish(local, role)?;
+        if let Some(e) = index.unsaved() {
+            warn_unsaved(rep, format_args!("local {e}"));
+        }
+        Ok(unchanged)
     }
 }
 

@@ -167,6 +167,12 @@ pub(super) fn empty(side: Side, path: &Path) -> Error {
     Fault::Device(DeviceError { side, path: path.display().to_string(), problem: Problem::Empty }).refused()
 }
 
+/// Warns that a side's state could not be saved: the run's result stands, and the next
+/// run reads that device again. `what` is the state as messages name it ("local ...").
+pub(super) fn warn_unsaved(rep: &Reporter, what: impl std::fmt::Display) {
+    rep.warn(format_args!("warning: {what}; this run's result stands, and the next run reads that device again"));
+}
+
 /// Adds what a comparison did to the statistics.
 pub(super) fn absorb(stats: &mut Stats, c: &Comparison) {
     stats.blocks_compared += c.blocks;
