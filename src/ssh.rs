@@ -90,7 +90,7 @@ pub fn connect(target: &Target, device: &Path, log: &dyn Fn(String)) -> Result<L
             return Err(e);
         }
     };
-    let process = SshProcess { kill: Some(kill), status, keeper: Some(keeper), ended: None };
+    let process = SshProcess { kill: Some(kill), status, keeper: Some(keeper), ended: None, relay: None };
     Ok(into_link(ends, process, target, device))
 }
 
@@ -158,8 +158,8 @@ fn wait_until_ready(events: &mpsc::Receiver<Event>, target: &Target, log: &dyn F
 
 /// The engine's view of the remote basyn: our ends of its pipes, the SSH thread as its
 /// process, and its stderr relayed to ours.
-fn into_link(ends: Ends, process: SshProcess, target: &Target, device: &Path) -> Link {
-    relay_stderr(ends.stderr, target.host.clone());
+fn into_link(ends: Ends, mut process: SshProcess, target: &Target, device: &Path) -> Link {
+    process.relay = relay_stderr(ends.stderr, target.host.clone());
     Link {
         reader: Box::new(ends.reader),
         writer: Box::new(ends.writer),
@@ -169,14 +169,17 @@ fn into_link(ends: Ends, process: SshProcess, target: &Target, device: &Path) ->
 }
 
 /// Copies the remote command's stderr to ours, each line prefixed with the host.
-fn relay_stderr(stderr: BufReader<io::PipeReader>, host: String) {
-    let _ = std::thread::Builder::new().name("basyn-ssh-stderr".into()).spawn(move || {
+/// The thread ends at the stream's end, and is waited for once the remote command has
+/// ended, so that its last words come before basyn's own.
+fn relay_stderr(stderr: BufReader<io::PipeReader>, host: String) -> Option<JoinHandle<()>> {
+    let spawned = std::thread::Builder::new().name("basyn-ssh-stderr".into()).spawn(move || {
         for line in stderr.lines() {
             let Ok(line) = line else { break };
             let mut err = io::stderr().lock();
             let _ = writeln!(err, "{host}: {line}");
         }
     });
+    spawned.ok()
 }
 
 /// The remote `basyn serve`, as seen through the SSH thread.
@@ -189,6 +192,24 @@ struct SshProcess {
     keeper: Option<JoinHandle<()>>,
     /// The status once received, so that waiting again gives the same answer.
     ended: Option<Option<String>>,
+    /// The thread relaying the remote stderr.
+    relay: Option<JoinHandle<()>>,
+}
+
+impl SshProcess {
+    /// Once the command has ended: its stderr relayed to the end (for at most a second,
+    /// should something else hold the stream open).
+    fn drain_relay(&mut self) {
+        if let Some(t) = self.relay.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
 }
 
 impl Process for SshProcess {
@@ -204,6 +225,7 @@ impl Process for SshProcess {
             if let Some(t) = self.keeper.take() {
                 let _ = t.join();
             }
+            self.drain_relay();
         }
         self.ended.clone().flatten()
     }
@@ -218,6 +240,7 @@ impl Process for SshProcess {
             if let Some(t) = self.keeper.take() {
                 let _ = t.join();
             }
+            self.drain_relay();
         }
         self.ended.clone()
     }
@@ -1506,7 +1529,7 @@ mod tests {
         let (kill, kill_rx) = oneshot::channel();
         let (status_tx, status) = mpsc::channel();
         let keeper = std::thread::spawn(|| {});
-        (SshProcess { kill: Some(kill), status, keeper: Some(keeper), ended: None }, status_tx, kill_rx)
+        (SshProcess { kill: Some(kill), status, keeper: Some(keeper), ended: None, relay: None }, status_tx, kill_rx)
     }
 
     /// The status arrives once and is kept, so that waiting again gives the same answer.
