@@ -25,7 +25,10 @@ pub const HOT_BUDGET: usize = 32 << 20;
 
 /// [`HOT_BUDGET`], or `BASYN_TEST_PIECE_BUDGET` bytes in tests.
 pub fn budget() -> usize {
-    std::env::var("BASYN_TEST_PIECE_BUDGET").ok().and_then(|v| v.parse().ok()).unwrap_or(HOT_BUDGET)
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        std::env::var("BASYN_TEST_PIECE_BUDGET").ok().and_then(|v| v.parse().ok()).unwrap_or(HOT_BUDGET)
+    })
 }
 
 /// What is known of one leaf's pieces.
