@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::block::VerifiedBlock;
 use crate::lease::{Lease, Taken};
 use crate::occupancy;
-use crate::sparse::{self, KnownZero};
+use crate::sparse::{self, Extents, KnownZero};
 use crate::sysfs;
 
 /// Which end of the transfer a device is on, as the user named it (`--local`/`--remote`).
@@ -199,6 +199,8 @@ pub struct Device {
     bytes_read: std::sync::atomic::AtomicU64,
     /// What of a receiver is known to hold zeros (written data excepted).
     known_zero: KnownZero,
+    /// What is known of a regular file's holes and data.
+    extents: Extents,
     /// A regular-file receiver's write lease: broken when another process opens it.
     lease: Lease,
 }
@@ -376,6 +378,7 @@ impl Device {
             resized: false,
             bytes_read: Default::default(),
             known_zero: KnownZero::none(),
+            extents: Extents::default(),
             lease: Lease::default(),
         })
     }
@@ -442,14 +445,14 @@ impl Device {
     /// True if `[offset, offset+len)` is known to read as zeros without reading it: a
     /// hole of a regular file.
     pub fn is_hole(&self, offset: u64, len: u64) -> bool {
-        self.kind == Kind::File && sparse::is_hole(&self.file, offset, len)
+        self.kind == Kind::File && sparse::is_hole(&self.file, &self.extents, offset, len)
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`. The holes of a regular file are not
     /// read (they read as zeros) and not counted in [`Device::bytes_read`].
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let read = match self.kind {
-            Kind::File => sparse::read_skipping_holes(&self.file, offset, buf),
+            Kind::File => sparse::read_skipping_holes(&self.file, &self.extents, offset, buf),
             Kind::Block => self.file.read_exact_at(buf, offset).map(|()| buf.len() as u64),
         };
         let read = read.map_err(|e| {
@@ -476,12 +479,14 @@ impl Device {
     /// counters, instead of hiding in basyn's own write-back. Returns the bytes written.
     pub fn write_at(&self, block: &VerifiedBlock) -> Result<u64, DeviceError> {
         let (offset, len) = (block.offset(), block.len() as u64);
+        self.extents.forget();
         let on_zeros = self.known_zero(offset, len);
         let Some(data) = block.bytes() else {
             if on_zeros {
                 return Ok(0);
             }
             sparse::zero_range(&self.file, self.kind == Kind::Block, offset, len).map_err(|e| self.error("zero", e))?;
+            self.extents.forget();
             return Ok(len);
         };
         let runs = if on_zeros { sparse::nonzero_runs(data) } else { vec![(0, data.len())] };
@@ -493,6 +498,7 @@ impl Device {
             self.start_write_back(at, (end - start) as u64)?;
             written += (end - start) as u64;
         }
+        self.extents.forget();
         Ok(written)
     }
 

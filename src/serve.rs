@@ -6,11 +6,13 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
-use crate::block::BlockFrame;
+use crate::block::{BlockFrame, VerifiedBlock};
 use crate::compress::Codec;
 use crate::device::{Device, DeviceError, Identity, ReceiverSpec, Side};
 use crate::digest_index::{DigestIndex, SaveError};
 use crate::hash::HashAlgo;
+use crate::leaf_reader::{self, Data};
+use crate::ordered::Ordered;
 use crate::protocol::{
     AbortCode, Access, Check, Closed, Counter, FEATURES, Frame, FrameReader, FrameWriter, HEARTBEAT, MAX_BLOCK,
     MAX_DIGESTS, Message, OpenRequest, Opened, ProtocolError, StateMode, StateOptions, StateSummary, VERSION,
@@ -18,7 +20,7 @@ use crate::protocol::{
 use crate::restrict::Config;
 use crate::stamp::Role;
 use crate::state::StateError;
-use crate::tree::{DEFAULT_FANOUT, Layout, leaf_digest};
+use crate::tree::{DEFAULT_FANOUT, Layout, leaf_digest, zero_leaf_digest};
 
 /// Why a session ended early.
 #[derive(Debug)]
@@ -123,20 +125,41 @@ fn session<R: Read, W: Write>(config: &Config, r: &mut FrameReader<R>, w: &Mutex
         Some(other) => return Err(ProtocolError::unexpected(&other, "waiting for Hello").into()),
     }
     let mut server = Server { config, open: None, totals: Closed::default(), buf: Vec::new() };
-    loop {
-        // The client went away: keep nothing a state file could misread.
-        let Some(frame) = r.recv()? else { return Ok(()) };
-        if let Some(reply) = server.handle(frame)? {
-            let close = matches!(reply, Frame::Control(Message::Closed(_)));
-            let mut w = lock(w);
-            w.send(&reply)?;
-            w.flush()?;
-            if close {
-                return Ok(());
+    std::thread::scope(|scope| {
+        // Blocks for the device are decoded and checked on every core while this thread
+        // reads the next frames; it writes them, in order.
+        let workers = leaf_reader::workers();
+        let mut checking = Ordered::spawn(scope, workers, 2, |(frame, limit, layout): (BlockFrame, u64, Layout)| {
+            frame.verify(limit, &layout)
+        });
+        loop {
+            // The client went away: keep nothing a state file could misread.
+            let Some(frame) = r.recv()? else { return server.write_checked(&mut checking, 0) };
+            let frame = match (frame, server.receiving()) {
+                (Frame::Block(block), Some((limit, layout))) => {
+                    checking.give((block, limit, layout));
+                    server.write_checked(&mut checking, 2 * workers)?;
+                    continue;
+                }
+                (frame, _) => frame,
+            };
+            // Whatever else comes sees every block before it written.
+            server.write_checked(&mut checking, 0)?;
+            if let Some(reply) = server.handle(frame)? {
+                let close = matches!(reply, Frame::Control(Message::Closed(_)));
+                let mut w = lock(w);
+                w.send(&reply)?;
+                w.flush()?;
+                if close {
+                    return Ok(());
+                }
             }
         }
-    }
+    })
 }
+
+/// Blocks given to be checked, not yet written.
+type Checking = Ordered<(BlockFrame, u64, Layout), Result<VerifiedBlock, crate::block::BlockError>>;
 
 /// One session's server: the device as the current `Open` left it, and what the
 /// session's opens added up to.
@@ -179,6 +202,24 @@ impl Server<'_> {
             }
         };
         Ok(Some(reply))
+    }
+
+    /// The bounds and layout blocks are checked against, while a receiver is open.
+    fn receiving(&self) -> Option<(u64, Layout)> {
+        self.open.as_ref().filter(|o| o.role == Role::Receiver).map(|o| (o.limit, *o.index.layout()))
+    }
+
+    /// Writes checked blocks, oldest first, until at most `keep` are outstanding.
+    fn write_checked(&mut self, checking: &mut Checking, keep: usize) -> Result<(), Abort> {
+        while checking.outstanding() > keep {
+            let Some(checked) = checking.take() else { break };
+            let o = self.open.as_mut().ok_or(invalid("a data block".into(), "no device is open"))?;
+            let block = checked
+                .map_err(|()| invalid("a data block".into(), "checking it (a worker failed)"))?
+                .map_err(|e| o.refused_block(e))?;
+            o.write(&block)?;
+        }
+        Ok(())
     }
 
     /// Finishes the device opened last, if any: its state is saved.
@@ -236,16 +277,17 @@ impl Served {
                 }
                 Ok(Some(Frame::Block(BlockFrame::encode(offset, buf, self.codec, Check::None))))
             }
-            Frame::Block(block) if self.role == Role::Receiver => {
-                let block = block.verify(self.limit, self.index.layout()).map_err(|e| self.refused_block(e))?;
-                let issued = self.device.write_at(&block)?;
-                self.index.wrote(&block, issued);
-                self.written += issued;
-                Ok(None)
-            }
             Frame::Block(b) => Err(invalid(format!("data block at offset {}", b.offset), "serving a device read-only")),
             other => Err(ProtocolError::unexpected(&other, "serving a device").into()),
         }
+    }
+
+    /// Writes a checked block and records it in the index.
+    fn write(&mut self, block: &VerifiedBlock) -> Result<(), Abort> {
+        let issued = self.device.write_at(block)?;
+        self.index.wrote(block, issued);
+        self.written += issued;
+        Ok(())
     }
 
     /// A block that may not be written: data that does not match the source's digest is
@@ -315,14 +357,31 @@ fn digest_range(
     let end = offset + len;
     let leaf_aligned = offset.is_multiple_of(b) && (end.is_multiple_of(b) || end == l.device_size);
     if block == b && leaf_aligned && end <= l.device_size {
-        for leaf in offset / b..end.div_ceil(b) {
-            let d = match index.leaf(leaf) {
-                Some(d) => d,
-                None => index.read_leaf(device, leaf, buf)?.0,
-            };
-            out.extend_from_slice(d.as_bytes());
-        }
-        return Ok(out);
+        // The leaves not known are read and hashed on every core.
+        let leaves = offset / b..end.div_ceil(b);
+        let skip: Vec<bool> = leaves.clone().map(|leaf| index.leaf(leaf).is_some()).collect();
+        return std::thread::scope(|scope| {
+            let read = leaf_reader::spawn(scope, device, l, leaves, skip, move |offset, data| match data {
+                Data::Skipped => None,
+                Data::Zero => Some(zero_leaf_digest(&l, l.leaf_len(offset / b))),
+                Data::Read(bytes) => Some(leaf_digest(&l, &bytes)),
+            });
+            for leaf in read {
+                let leaf = leaf?;
+                let d = match leaf.value {
+                    Some((d, pieces)) => {
+                        index.learn(leaf.index, &d, &pieces);
+                        d
+                    }
+                    None => {
+                        let forgotten = || device.error("hash", std::io::Error::other("a known leaf was forgotten"));
+                        index.leaf(leaf.index).ok_or_else(forgotten)?
+                    }
+                };
+                out.extend_from_slice(d.as_bytes());
+            }
+            Ok(out)
+        });
     }
     let leaf = offset / b;
     if l.piece() == block && offset.is_multiple_of(b) && len == l.leaf_len(leaf) {

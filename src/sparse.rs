@@ -14,49 +14,115 @@ use crate::hash::is_zero;
 /// Granularity at which zero data is left unwritten on a known-zero receiver: a page.
 pub const PAGE: usize = 4096;
 
+/// What `SEEK_DATA`/`SEEK_HOLE` last said about a regular file: one range known to be
+/// hole and one known to be data, so that a pass over the file asks once per extent,
+/// not twice for every block it reads. Whoever writes the file through basyn calls
+/// [`Extents::forget`]; writes by others during a run are caught by the run's stamps.
+#[derive(Debug, Default)]
+pub struct Extents(Mutex<Known>);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Known {
+    hole: (u64, u64),
+    data: (u64, u64),
+    /// Bumped by every [`Extents::forget`]: what was sought before it is not kept.
+    generation: u64,
+}
+
+/// What lies at a position of a regular file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Segment {
+    /// A hole up to the offset given (the end of the file for the last one).
+    Hole(u64),
+    /// Data up to the offset given.
+    Data(u64),
+    /// The file system cannot tell holes (`EINVAL`).
+    Unknown,
+}
+
+impl Extents {
+    /// Nothing is known: after a write, a hole punched or a resize.
+    pub fn forget(&self) {
+        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *known = Known { generation: known.generation + 1, ..Known::default() };
+    }
+
+    fn at(&self, file: &File, pos: u64) -> io::Result<Segment> {
+        let known = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let inside = |(s, e): (u64, u64)| s <= pos && pos < e;
+        if inside(known.data) {
+            return Ok(Segment::Data(known.data.1));
+        }
+        if inside(known.hole) {
+            return Ok(Segment::Hole(known.hole.1));
+        }
+        let (segment, range) = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(d) if d > pos => (Segment::Hole(d), (pos, d)),
+            Ok(_) => {
+                let h = seek(file, pos, libc::SEEK_HOLE)?;
+                (Segment::Data(h), (pos, h))
+            }
+            // No data from `pos` on: a hole to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                let size = file.metadata()?.len().max(pos);
+                (Segment::Hole(size), (pos, size))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Segment::Unknown),
+            Err(e) => return Err(e),
+        };
+        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if now.generation != known.generation {
+            return Ok(segment);
+        }
+        match segment {
+            Segment::Data(_) => now.data = range,
+            _ => now.hole = range,
+        }
+        Ok(segment)
+    }
+}
+
+fn ended(end: u64) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("device ended before offset {end}"))
+}
+
 /// Reads `buf.len()` bytes at `offset` of a regular file, reading only its data and
 /// filling its holes with zeros. Returns the bytes actually read. Falls back to one
 /// plain read where the file system cannot tell holes (`EINVAL` from `SEEK_DATA`).
-pub fn read_skipping_holes(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<u64> {
+pub fn read_skipping_holes(file: &File, extents: &Extents, offset: u64, buf: &mut [u8]) -> io::Result<u64> {
     let end = offset + buf.len() as u64;
     let mut pos = offset;
     let mut read = 0;
     while pos < end {
-        let data = match seek(file, pos, libc::SEEK_DATA) {
-            Ok(d) => d.min(end),
-            // No data from here on: the rest is a hole, if it lies inside the file.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && pos == offset => {
-                file.read_exact_at(buf, offset)?;
-                return Ok(buf.len() as u64);
+        let at = (pos - offset) as usize;
+        match extents.at(file, pos)? {
+            Segment::Unknown => {
+                file.read_exact_at(&mut buf[at..], pos)?;
+                return Ok(read + end - pos);
             }
-            Err(e) => return Err(e),
-        };
-        buf[(pos - offset) as usize..(data - offset) as usize].fill(0);
-        if data == end {
-            if file.metadata()?.len() < end {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("device ended before offset {end}")));
+            // A hole ending at `pos` is the end of the file.
+            Segment::Hole(until) if until <= pos => return Err(ended(end)),
+            Segment::Hole(until) => {
+                let to = until.min(end);
+                buf[at..(to - offset) as usize].fill(0);
+                pos = to;
             }
-            break;
+            Segment::Data(until) => {
+                let to = until.min(end);
+                file.read_exact_at(&mut buf[at..(to - offset) as usize], pos)?;
+                read += to - pos;
+                pos = to;
+            }
         }
-        let hole = seek(file, data, libc::SEEK_HOLE)?.min(end);
-        file.read_exact_at(&mut buf[(data - offset) as usize..(hole - offset) as usize], data)?;
-        read += hole - data;
-        pos = hole;
     }
     Ok(read)
 }
 
 /// True if `[offset, offset+len)` of a regular file is all hole, so it reads as zeros
 /// without being read. False where the file system cannot tell, or past the end.
-pub fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+pub fn is_hole(file: &File, extents: &Extents, offset: u64, len: u64) -> bool {
     let end = offset.saturating_add(len);
-    match seek(file, offset, libc::SEEK_DATA) {
-        Ok(data) => data >= end && file.metadata().is_ok_and(|m| m.len() >= end),
-        // No data from `offset` to the end of the file.
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => file.metadata().is_ok_and(|m| m.len() >= end),
-        Err(_) => false,
-    }
+    matches!(extents.at(file, offset), Ok(Segment::Hole(until)) if until >= end)
 }
 
 fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<u64> {
@@ -187,16 +253,24 @@ mod tests {
         f.write_all_at(&[7u8; 8192], 1 << 20).unwrap();
         f.sync_all().unwrap();
         let mut buf = vec![1u8; 4 << 20];
-        let read = read_skipping_holes(&f, 0, &mut buf).unwrap();
+        let x = Extents::default();
+        let read = read_skipping_holes(&f, &x, 0, &mut buf).unwrap();
         let mut expected = vec![0u8; 4 << 20];
         expected[1 << 20..(1 << 20) + 8192].fill(7);
         assert!(buf == expected, "the holes did not read as zeros");
         // File systems allocate in blocks of up to 64 KiB: only about the data is read.
         assert!((8192..=128 << 10).contains(&read), "{read} bytes read for 8 KiB of data");
-        assert!(is_hole(&f, 0, 1 << 20) && is_hole(&f, 2 << 20, 2 << 20));
-        assert!(!is_hole(&f, 0, (1 << 20) + 1) && !is_hole(&f, 3 << 20, 2 << 20), "data or the end is no hole");
+        assert!(is_hole(&f, &x, 0, 1 << 20) && is_hole(&f, &x, 2 << 20, 2 << 20));
+        assert!(!is_hole(&f, &x, 0, (1 << 20) + 1) && !is_hole(&f, &x, 3 << 20, 2 << 20), "data or the end is no hole");
         let mut past = vec![0u8; 100];
-        assert!(read_skipping_holes(&f, (4 << 20) - 50, &mut past).is_err(), "a read past the end must fail");
+        assert!(read_skipping_holes(&f, &x, (4 << 20) - 50, &mut past).is_err(), "a read past the end must fail");
+        // What was learnt is forgotten on a write: the hole that became data reads as it.
+        f.write_all_at(&[9u8; 4096], 0).unwrap();
+        x.forget();
+        assert!(!is_hole(&f, &x, 0, 4096));
+        let mut head = vec![0u8; 8192];
+        read_skipping_holes(&f, &x, 0, &mut head).unwrap();
+        assert!(head[..4096].iter().all(|&b| b == 9) && head[4096..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! the source's digests alone, for a refresh of FILE and for `--update-bitmap`.
 
 use super::compare::Purpose;
-use super::reader::{self, Data};
 use super::window::{Comparison, Ctx, WINDOW, Window};
 use super::{Direction, Fault, Params};
 use crate::bitmap_file::{BitmapFile, Geometry};
@@ -14,6 +13,7 @@ use crate::device::Device;
 use crate::digest_index::DigestIndex;
 use crate::endpoint::Endpoint;
 use crate::hash::Digest;
+use crate::leaf_reader::{self, Buf, Data};
 use crate::report::Reporter;
 use crate::tree::{leaf_digest, zero_leaf_digest};
 
@@ -51,7 +51,7 @@ struct Differing {
     offset: u64,
     len: usize,
     /// PUSH: the data, when it was read.
-    data: Option<Vec<u8>>,
+    data: Option<Buf>,
     /// The source's digest the receiver checks the data against.
     check: Check,
 }
@@ -116,7 +116,7 @@ pub(super) fn sync(
 struct Block {
     leaf: (Digest, Vec<Digest>),
     plain: Digest,
-    data: Option<Vec<u8>>,
+    data: Option<Buf>,
 }
 
 fn push(ctx: Ctx<'_>, basis: &Basis, mut file: Option<&mut BitmapFile>) -> Result<(Comparison, Vec<u8>), Fault> {
@@ -127,7 +127,7 @@ fn push(ctx: Ctx<'_>, basis: &Basis, mut file: Option<&mut BitmapFile>) -> Resul
     // Every block is read: the plain digests are in no state.
     let skip = vec![false; layout.leaf_count() as usize];
     std::thread::scope(|scope| {
-        let rx = reader::spawn(scope, local, layout, skip, move |offset, data| {
+        let rx = leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| {
             let leaf = offset / layout.buffer;
             let len = layout.leaf_len(leaf);
             match data {
@@ -207,7 +207,7 @@ pub(super) fn local_digests(
     let mut out = Vec::with_capacity((layout.leaf_count() as usize).saturating_mul(hash.digest_len()));
     let skip = vec![false; layout.leaf_count() as usize];
     std::thread::scope(|scope| {
-        let rx = reader::spawn(scope, local, layout, skip, move |offset, data| {
+        let rx = leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| {
             let len = layout.leaf_len(offset / layout.buffer);
             match data {
                 Data::Read(d) => (hash.digest(&d), learn.then(|| leaf_digest(&layout, &d))),

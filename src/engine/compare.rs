@@ -4,10 +4,10 @@
 //! fresh, the trees are walked instead, one round trip per level, and nothing that is
 //! equal is ever read.
 
-use super::reader::{self, Data, Leaf};
 use super::window::{Comparison, Ctx, WINDOW, Window};
 use super::{Direction, Fault};
 use crate::hash::Digest;
+use crate::leaf_reader::{self, Buf, Data, Leaf};
 use crate::tree::{leaf_digest, zero_leaf_digest};
 
 /// What to do with differing blocks.
@@ -24,7 +24,7 @@ struct Local {
     /// Digest and piece digests, if the leaf was read (else the index knows them).
     read: Option<(Digest, Vec<Digest>)>,
     /// The data, when it may be needed and was read.
-    data: Option<Vec<u8>>,
+    data: Option<Buf>,
 }
 
 /// Compares the local device with the endpoint's over the run's leaves, reading only
@@ -38,24 +38,26 @@ pub fn run(ctx: Ctx<'_>, purpose: Purpose) -> Result<Comparison, Fault> {
     let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| ctx.index.leaf(i).is_some()).collect();
     let local = ctx.local;
     std::thread::scope(|scope| {
-        let local_rx = reader::spawn(scope, local, layout, skip, move |offset, data| match data {
-            Data::Skipped => Local { read: None, data: None },
-            // A hole: its digests are those of zeros, and its data is read again (as the
-            // hole it is) only if it must be sent.
-            Data::Zero => {
-                Local { read: Some(zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer))), data: None }
-            }
-            Data::Read(data) => {
-                let (d, pieces) = leaf_digest(&layout, &data);
-                Local { read: Some((d, pieces)), data: keep_data.then_some(data) }
-            }
-        });
+        let mut local_rx =
+            leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| match data {
+                Data::Skipped => Local { read: None, data: None },
+                // A hole: its digests are those of zeros, and its data is read again (as the
+                // hole it is) only if it must be sent.
+                Data::Zero => {
+                    Local { read: Some(zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer))), data: None }
+                }
+                Data::Read(data) => {
+                    let (d, pieces) = leaf_digest(&layout, &data);
+                    Local { read: Some((d, pieces)), data: keep_data.then_some(data) }
+                }
+            });
         let mut w = Window::new(ctx, purpose);
         while let Some((first, remote)) = w.next_digest_batch()? {
             for (k, theirs) in remote.into_iter().enumerate() {
-                let leaf = local_rx.recv().map_err(|_| Fault::Internal("local reader stopped"))??;
+                let leaf = local_rx.next().ok_or(Fault::Internal("local reader stopped"))??;
                 debug_assert_eq!(leaf.index, first + k as u64);
                 compare_leaf(&mut w, leaf, theirs)?;
+                w.make_room()?;
             }
             w.maybe_checkpoint()?;
         }

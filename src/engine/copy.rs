@@ -5,12 +5,12 @@
 
 use std::collections::VecDeque;
 
-use super::reader::{self, Data};
 use super::window::{Checkpoints, Ctx};
 use super::{Direction, Fault};
 use crate::block::{BlockFrame, Check};
 use crate::compress::Codec;
 use crate::hash::is_zero;
+use crate::leaf_reader::{self, Data};
 use crate::stamp::Role;
 use crate::tree::{leaf_digest, zero_leaf_digest};
 
@@ -31,17 +31,25 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
     let track = ctx.index.enabled();
     let local = ctx.local;
     std::thread::scope(|scope| {
-        let rx = reader::spawn(scope, local, layout, Vec::new(), move |offset, data| match data {
-            Data::Read(data) => {
-                let digests = track.then(|| leaf_digest(&layout, &data));
-                (frames(offset, &data, layout.piece() as usize, codec), digests)
-            }
-            _ => {
-                let len = layout.leaf_len(offset / layout.buffer);
-                let digests = track.then(|| zero_leaf_digest(&layout, len));
-                (vec![BlockFrame::zeros(offset, len as u32, Check::None)], digests)
-            }
-        });
+        let rx =
+            leaf_reader::spawn(
+                scope,
+                local,
+                layout,
+                0..layout.leaf_count(),
+                Vec::new(),
+                move |offset, data| match data {
+                    Data::Read(data) => {
+                        let digests = track.then(|| leaf_digest(&layout, &data));
+                        (frames(offset, &data, layout.piece() as usize, codec), digests)
+                    }
+                    _ => {
+                        let len = layout.leaf_len(offset / layout.buffer);
+                        let digests = track.then(|| zero_leaf_digest(&layout, len));
+                        (vec![BlockFrame::zeros(offset, len as u32, Check::None)], digests)
+                    }
+                },
+            );
         let mut written = 0;
         let mut checkpoints = Checkpoints::new();
         for leaf in rx {

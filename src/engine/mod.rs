@@ -8,14 +8,13 @@
 //! - `refine`: a differing block narrowed to the pieces that differ;
 //! - `copy`: COPY; `bitmap`: the original's `-b/--bitmap` workflow, `bitmap_sync` its
 //!   transfers against the bitmap FILE;
-//! - `recheck`, `index`; `reader`: sequential reading of the local device.
+//! - `recheck`, `index`.
 
 mod bitmap;
 mod bitmap_sync;
 mod compare;
 mod copy;
 mod index;
-mod reader;
 mod recheck;
 mod refine;
 mod run;

@@ -7,6 +7,7 @@ use super::window::{Pending, Request, Window};
 use super::{Direction, Fault};
 use crate::block::{Check, MAX_BLOCK};
 use crate::hash::Digest;
+use crate::leaf_reader::Buf;
 use crate::tree::pieces_root;
 
 impl Window<'_> {
@@ -18,7 +19,7 @@ impl Window<'_> {
         leaf: u64,
         offset: u64,
         len: usize,
-        data: Option<Vec<u8>>,
+        data: Option<Buf>,
         source: Digest,
     ) -> Result<(), Fault> {
         self.out.differing += 1;
@@ -65,7 +66,7 @@ impl Window<'_> {
         len: usize,
         unit: usize,
         (ours, theirs): (&[Digest], &[Digest]),
-        data: Option<Vec<u8>>,
+        data: Option<Buf>,
         leaf: Option<Digest>,
     ) -> Result<(), Fault> {
         let target = self.ctx.params.refine.ok_or(Fault::Internal("refinement size missing"))?;
@@ -96,7 +97,7 @@ impl Window<'_> {
         for j in differing {
             let (start, end) = (j * unit, ((j + 1) * unit).min(len));
             let piece_data = match &data {
-                Some(d) => d[start..end].to_vec(),
+                Some(d) => Buf::from(d[start..end].to_vec()),
                 None => {
                     let mut buf = vec![0u8; end - start];
                     self.ctx.local.read_at(offset + start as u64, &mut buf)?;
@@ -104,7 +105,7 @@ impl Window<'_> {
                     if self.direction() == Some(Direction::Push) && self.ctx.params.hash.digest(&buf) != ours[j] {
                         return Err(self.changed(offset + start as u64, end - start));
                     }
-                    buf
+                    Buf::from(buf)
                 }
             };
             let sub = self.ctx.params.hash.digest_pieces(&piece_data, target);

@@ -12,6 +12,7 @@ use crate::device::Device;
 use crate::digest_index::DigestIndex;
 use crate::endpoint::Endpoint;
 use crate::hash::{Digest, is_zero};
+use crate::leaf_reader::Buf;
 use crate::report::Reporter;
 use crate::stamp::Role;
 use crate::tree::{Layout, pieces_root};
@@ -71,7 +72,7 @@ pub(super) enum Pending {
     /// Digests of the `unit`-sized pieces of a differing range (a leaf, or a piece of it),
     /// with ours to compare, for PUSH the range's data when it is at hand, and for a
     /// whole leaf the source's leaf digest that its pieces must make up.
-    Pieces { offset: u64, len: usize, unit: usize, ours: Vec<Digest>, data: Option<Vec<u8>>, leaf: Option<Digest> },
+    Pieces { offset: u64, len: usize, unit: usize, ours: Vec<Digest>, data: Option<Buf>, leaf: Option<Digest> },
     /// Data the local receiver (PULL) must check against the source's digests and write.
     Data { offset: u64, len: usize, check: Check },
     /// A checkpoint on the endpoint.
@@ -106,7 +107,7 @@ pub(super) const WINDOW: usize = 4;
 /// Bytes of device data covered by one digest batch.
 const BATCH_BYTES: u64 = 16 << 20;
 /// Memory that pending replies and kept data may hold.
-const BUDGET: u64 = 64 << 20;
+const BUDGET: u64 = 16 << 20;
 /// How often long runs make their progress durable and save checkpoints.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
@@ -148,6 +149,10 @@ pub(super) struct Window<'a> {
     pub out: Comparison,
     pending: VecDeque<Pending>,
     follow: VecDeque<(Request, Pending)>,
+    /// What the queued follow-ups cost.
+    queued: u64,
+    /// Digest batches read to make room, not yet taken by the main loop.
+    ready: VecDeque<(u64, Vec<Digest>)>,
     inflight: u64,
     batches_out: usize,
     next_batch: u64,
@@ -165,6 +170,8 @@ impl<'a> Window<'a> {
             out: Comparison::default(),
             pending: VecDeque::new(),
             follow: VecDeque::new(),
+            queued: 0,
+            ready: VecDeque::new(),
             inflight: 0,
             batches_out: 0,
             next_batch: 0,
@@ -203,7 +210,31 @@ impl<'a> Window<'a> {
 
     /// Queues a request that follows from a reply (piece digests, reads, a flush).
     pub fn follow_up(&mut self, request: Request, p: Pending) {
+        self.queued += p.cost();
         self.follow.push_back((request, p));
+    }
+
+    /// Handles replies until what waits to be sent and what is in flight fit in the
+    /// budget again (or nothing is in flight): a comparison that finds many differing
+    /// leaves in a row holds no more of their data than [`BUDGET`]. Digest batches
+    /// answered on the way are kept for [`Window::next_digest_batch`].
+    pub fn make_room(&mut self) -> Result<(), Fault> {
+        loop {
+            self.send_follow_ups()?;
+            if self.inflight + self.queued <= BUDGET {
+                return Ok(());
+            }
+            let Some(p) = self.pending.pop_front() else { return Ok(()) };
+            self.inflight -= p.cost();
+            if let Pending::Digests { first, count } = p {
+                self.batches_out -= 1;
+                let digests = self.ctx.ep.digests(self.ctx.params.hash, count as usize)?;
+                self.ready.push_back((first, digests));
+                continue;
+            }
+            self.handle(p)?;
+            self.maybe_checkpoint()?;
+        }
     }
 
     /// Keeps up to [`WINDOW`] batches of leaf digests requested from the endpoint, once
@@ -233,6 +264,9 @@ impl<'a> Window<'a> {
     /// everything is answered.
     pub fn next_digest_batch(&mut self) -> Result<Option<(u64, Vec<Digest>)>, Fault> {
         loop {
+            if let Some(batch) = self.ready.pop_front() {
+                return Ok(Some(batch));
+            }
             self.send_follow_ups()?;
             self.ask_digest_batches()?;
             let Some(p) = self.pending.pop_front() else { return Ok(None) };
@@ -254,6 +288,7 @@ impl<'a> Window<'a> {
                 break;
             }
             let Some((request, p)) = self.follow.pop_front() else { break };
+            self.queued -= p.cost();
             self.ask(request, p)?;
         }
         Ok(())

@@ -1,0 +1,240 @@
+//! Reading a device's leaves in order on worker threads, so that reading, hashing,
+//! zero detection and compressing (whatever work is attached to each leaf) use every
+//! core and overlap with the protocol traffic of the thread that consumes them. Leaves
+//! the caller already knows (from a fresh state) are skipped, not read; holes of a
+//! regular file are not read either.
+//!
+//! Worker `t` of `K` takes leaves `t, t+K, t+2K, …` and delivers them through its own
+//! bounded channel; the consumer takes them round-robin, so it sees them in order, and
+//! at most [`DEPTH`] leaves (plus one per worker being read) are held at a time. Leaf
+//! buffers come back to a small pool when dropped, so that a long run does not fault in
+//! fresh pages for every leaf.
+
+use std::ops::{Deref, Range};
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::Scope;
+
+use crate::device::{Device, DeviceError};
+use crate::tree::Layout;
+
+/// Leaves read ahead of the consumer, over all workers.
+pub const DEPTH: usize = 4;
+/// Idle buffers a pool keeps at most.
+const MAX_IDLE: usize = 64;
+/// Most worker threads one reader uses.
+const MAX_WORKERS: usize = 4;
+
+/// The worker threads a reader uses: one per core, at most [`MAX_WORKERS`].
+pub fn workers() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WORKERS))
+}
+
+/// Idle buffers kept for reuse.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        // Every byte is overwritten by the read: only a first use pays for zeroing.
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        // Consumers hand buffers back in bursts (a window of replies at once): keeping
+        // them all costs no more than the peak that was live, and spares faulting in
+        // fresh pages for the next burst.
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(buf);
+        }
+    }
+}
+
+/// A leaf's bytes (or part of them), in a buffer that goes back to its reader's pool
+/// when dropped.
+pub struct Buf {
+    bytes: Vec<u8>,
+    pool: Option<Arc<Pool>>,
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl From<Vec<u8>> for Buf {
+    /// A buffer of its own, not pooled.
+    fn from(bytes: Vec<u8>) -> Buf {
+        Buf { bytes, pool: None }
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.give(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+/// What the reader has of one leaf for the per-leaf work.
+pub enum Data {
+    /// Not read: the caller knows it already.
+    Skipped,
+    /// A hole of a regular file: zeros, not read.
+    Zero,
+    /// The leaf's bytes.
+    Read(Buf),
+}
+
+/// One leaf: its index, offset, length and the result of the per-leaf work.
+pub struct Leaf<T> {
+    /// Leaf index.
+    pub index: u64,
+    /// Device offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: usize,
+    /// What the work function made of the leaf.
+    pub value: T,
+}
+
+/// The leaves, in order, as the workers deliver them. Ends after the last leaf, or
+/// after the first read error (which it delivers).
+pub struct Leaves<T> {
+    workers: Vec<Receiver<Result<Leaf<T>, DeviceError>>>,
+    next: usize,
+    failed: bool,
+}
+
+impl<T> Iterator for Leaves<T> {
+    type Item = Result<Leaf<T>, DeviceError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.workers.is_empty() {
+            return None;
+        }
+        let item = self.workers[self.next % self.workers.len()].recv().ok()?;
+        self.next += 1;
+        self.failed = item.is_err();
+        Some(item)
+    }
+}
+
+/// Reads the leaves `leaves` of `layout` from `device` on scoped worker threads, except
+/// those whose entry in `skip` (indexed from `leaves.start`; missing entries mean
+/// "read") is true and holes, applies `work(offset, data)` to each and delivers them in
+/// order. A worker stops at its first read error, which it delivers, or when the
+/// consumer goes.
+pub fn spawn<'scope, 'env, T, F>(
+    scope: &'scope Scope<'scope, 'env>,
+    device: &'env Device,
+    layout: Layout,
+    leaves: Range<u64>,
+    skip: Vec<bool>,
+    work: F,
+) -> Leaves<T>
+where
+    T: Send + 'scope,
+    F: Fn(u64, Data) -> T + Send + Sync + 'scope,
+{
+    let count = leaves.end.saturating_sub(leaves.start);
+    let k = (workers() as u64).min(count).max(1) as usize;
+    let depth = DEPTH.div_ceil(k);
+    let skip = Arc::new(skip);
+    let work = Arc::new(work);
+    let pool = Arc::new(Pool::default());
+    let mut rxs = Vec::with_capacity(k);
+    for t in 0..k {
+        let (tx, rx) = sync_channel(depth);
+        rxs.push(rx);
+        let (skip, work, pool) = (Arc::clone(&skip), Arc::clone(&work), Arc::clone(&pool));
+        let start = leaves.start + t as u64;
+        let end = leaves.end;
+        scope.spawn(move || {
+            for index in (start..end).step_by(k) {
+                let (offset, len) = layout.leaf_span(index);
+                let len = len as usize;
+                let leaf = if skip.get((index - leaves.start) as usize).copied().unwrap_or(false) {
+                    Ok(Leaf { index, offset, len, value: work(offset, Data::Skipped) })
+                } else if device.is_hole(offset, len as u64) {
+                    Ok(Leaf { index, offset, len, value: work(offset, Data::Zero) })
+                } else {
+                    let mut bytes = pool.take(len);
+                    device.read_at(offset, &mut bytes).map(|()| {
+                        let buf = Buf { bytes, pool: Some(Arc::clone(&pool)) };
+                        Leaf { index, offset, len, value: work(offset, Data::Read(buf)) }
+                    })
+                };
+                let failed = leaf.is_err();
+                if tx.send(leaf).is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }
+    Leaves { workers: rxs, next: 0, failed: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Side;
+    use crate::hash::HashAlgo;
+
+    fn layout(size: u64, buffer: u64) -> Layout {
+        Layout { hash: HashAlgo::Blake3, buffer, chunk: None, fanout: 4, device_size: size }
+    }
+
+    #[test]
+    fn leaves_arrive_in_order_with_their_bytes_skipped_ones_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let dev = Device::open_read(&p, Side::Local).unwrap();
+        let l = layout(data.len() as u64, 4096);
+        let mut skip = vec![false; 25];
+        skip[3] = true;
+        let got: Vec<(u64, Option<Vec<u8>>)> = std::thread::scope(|s| {
+            let leaves = spawn(s, &dev, l, 0..25, skip, |_, d| match d {
+                Data::Read(b) => Some(b.to_vec()),
+                _ => None,
+            });
+            leaves.map(|leaf| leaf.map(|leaf| (leaf.index, leaf.value)).unwrap()).collect()
+        });
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), (0..25).collect::<Vec<_>>());
+        for (i, bytes) in got {
+            let (o, n) = l.leaf_span(i);
+            match bytes {
+                Some(b) => assert_eq!(b, data[o as usize..(o + n) as usize], "leaf {i}"),
+                None => assert_eq!(i, 3, "only the skipped leaf is unread"),
+            }
+        }
+        assert_eq!(dev.bytes_read(), data.len() as u64 - 4096, "the skipped leaf was read");
+    }
+
+    #[test]
+    fn a_read_error_ends_the_leaves_after_the_ones_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev");
+        std::fs::write(&p, vec![1u8; 40_000]).unwrap();
+        let dev = Device::open_read(&p, Side::Local).unwrap();
+        // The layout claims more than the file holds: leaf 9 and later cannot be read.
+        let l = layout(60_000, 4096);
+        let got: Vec<Result<u64, String>> = std::thread::scope(|s| {
+            spawn(s, &dev, l, 0..15, Vec::new(), |_, _| ())
+                .map(|r| r.map(|l| l.index).map_err(|e| e.to_string()))
+                .collect()
+        });
+        assert_eq!(got.len(), 10, "{got:?}");
+        assert!(got[..9].iter().all(Result::is_ok));
+        assert!(got[9].as_ref().is_err_and(|e| e.contains("ended before")), "{got:?}");
+    }
+}

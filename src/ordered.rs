@@ -1,0 +1,102 @@
+//! Work done on worker threads with the results taken in the order the items were
+//! given: the serving side decodes and checks blocks on every core while one thread
+//! reads the stream and writes the device in order.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
+use std::thread::Scope;
+
+/// A pool of workers applying one function; item `n` goes to worker `n % K`, and results
+/// are taken back round-robin, so in order.
+pub struct Ordered<I, O> {
+    lanes: Vec<(SyncSender<I>, Receiver<O>)>,
+    given: usize,
+    taken: usize,
+}
+
+impl<I: Send, O: Send> Ordered<I, O> {
+    /// Starts `workers` scoped threads applying `work`; each holds at most `depth` items
+    /// waiting.
+    pub fn spawn<'scope, 'env, F>(scope: &'scope Scope<'scope, 'env>, workers: usize, depth: usize, work: F) -> Self
+    where
+        I: 'scope,
+        O: 'scope,
+        F: Fn(I) -> O + Send + Sync + 'scope,
+    {
+        let work = Arc::new(work);
+        let lanes = (0..workers.max(1))
+            .map(|_| {
+                let (give, items) = sync_channel::<I>(depth.max(1));
+                let (done, results) = channel::<O>();
+                let work = Arc::clone(&work);
+                scope.spawn(move || {
+                    for item in items {
+                        if done.send(work(item)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                (give, results)
+            })
+            .collect();
+        Ordered { lanes, given: 0, taken: 0 }
+    }
+
+    /// Items given and not taken back yet.
+    pub fn outstanding(&self) -> usize {
+        self.given - self.taken
+    }
+
+    /// The workers (at least one).
+    pub fn workers(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Gives an item to the next worker (blocking while its queue is full).
+    pub fn give(&mut self, item: I) {
+        let lane = &self.lanes[self.given % self.lanes.len()];
+        // A worker only goes when its function panicked: `take` then reports it gone.
+        let _ = lane.0.send(item);
+        self.given += 1;
+    }
+
+    /// The result of the oldest item not taken yet, waiting for it; `None` when nothing
+    /// is outstanding. A worker whose function panicked yields `Err(())` in place of its
+    /// result.
+    pub fn take(&mut self) -> Option<Result<O, ()>> {
+        if self.outstanding() == 0 {
+            return None;
+        }
+        let lane = &self.lanes[self.taken % self.lanes.len()];
+        self.taken += 1;
+        Some(lane.1.recv().map_err(|_| ()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_come_back_in_the_order_given_whatever_each_item_costs() {
+        let out: Vec<u64> = std::thread::scope(|s| {
+            let mut pool = Ordered::spawn(s, 3, 2, |n: u64| {
+                std::thread::sleep(std::time::Duration::from_micros((n * 7919) % 500));
+                n * n
+            });
+            let mut out = Vec::new();
+            for n in 0..50 {
+                pool.give(n);
+                while pool.outstanding() > 4 {
+                    out.push(pool.take().unwrap().unwrap());
+                }
+            }
+            while let Some(r) = pool.take() {
+                out.push(r.unwrap());
+            }
+            assert!(pool.take().is_none());
+            out
+        });
+        assert_eq!(out, (0..50).map(|n| n * n).collect::<Vec<_>>());
+    }
+}
