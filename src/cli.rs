@@ -72,7 +72,8 @@ struct RawArgs {
     #[command(flatten)]
     tree: TreeArgs,
 
-    /// Compression level (0 disables compression).
+    /// Compression level, fixed (0 disables compression; without it zstd starts at 1
+    /// and adapts to the link)
     #[arg(long, value_name = "N")]
     zlevel: Option<u32>,
 
@@ -159,9 +160,12 @@ impl SshArgs {
 
 impl TreeArgs {
     /// Hash, buffer and chunk, validated, in bytes.
-    fn params(&self, codec: Codec) -> Result<Params, String> {
+    /// `adapt`: the codec's level was not chosen, and may follow the link.
+    fn params(&self, codec: Codec, adapt: bool) -> Result<Params, String> {
         let (buffer, chunk) = geometry(self.buffer, self.chunk)?;
-        Ok(Params { hash: self.hash, buffer, chunk, refine: chunk, codec })
+        // zstd without a chosen level follows the link (see `compress::Adaptive`).
+        let adapt = adapt && matches!(codec, Codec::Zstd(_));
+        Ok(Params { hash: self.hash, buffer, chunk, refine: chunk, codec, adapt })
     }
 }
 
@@ -406,7 +410,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         )),
     };
     let over_ssh = !matches!(transport, Transport::Local);
-    let params = raw.tree.params(codec(raw.compress, raw.zlevel, over_ssh)?)?;
+    let params = raw.tree.params(codec(raw.compress, raw.zlevel, over_ssh)?, raw.zlevel.is_none())?;
     let given = (raw.local.is_some(), raw.remote.is_some());
     let bitmap = bitmap_plan(&raw.bitmap, given, action, raw.recheck)?;
     // Only a bitmap refresh goes without its receiver.
@@ -477,7 +481,7 @@ fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
         device: a.device,
         transport,
         timeout,
-        params: a.tree.params(Codec::None)?,
+        params: a.tree.params(Codec::None, false)?,
         state: options(false, a.state, a.trust_state),
         output: Output { stat: a.stat, verbose: a.verbose, progress: a.progress, debug: false },
     })
@@ -490,7 +494,8 @@ fn hash_parser() -> impl clap::builder::TypedValueParser<Value = HashAlgo> {
         .map(|name: String| HashAlgo::from_name(&name).unwrap_or(HashAlgo::Blake3))
 }
 
-/// zstd level 3 over SSH by default, nothing locally unless asked; `--zlevel 0` disables.
+/// zstd over SSH by default (from level 1, adapting to the link), nothing locally
+/// unless asked; `--zlevel 0` disables.
 fn codec(compress: Option<CompressArg>, zlevel: Option<u32>, over_ssh: bool) -> Result<Codec, String> {
     let chosen = match compress {
         Some(c) => c,
@@ -499,7 +504,7 @@ fn codec(compress: Option<CompressArg>, zlevel: Option<u32>, over_ssh: bool) -> 
     };
     match (chosen, zlevel) {
         (_, Some(0)) | (CompressArg::None, _) => Ok(Codec::None),
-        (CompressArg::Zstd, None) => Ok(Codec::Zstd(3)),
+        (CompressArg::Zstd, None) => Ok(Codec::Zstd(crate::compress::ADAPTIVE_START)),
         (CompressArg::Zstd, Some(l)) if l <= 19 => Ok(Codec::Zstd(l as i32)),
         (CompressArg::Zstd, Some(l)) => Err(format!("--zlevel {l}: zstd levels are 0 to 19")),
         (CompressArg::Zlib, None) => Ok(Codec::Zlib(6)),
@@ -570,7 +575,7 @@ mod tests {
 
     #[test]
     fn compression_choices() {
-        assert_eq!(codec(None, None, true), Ok(Codec::Zstd(3)));
+        assert_eq!(codec(None, None, true), Ok(Codec::Zstd(1)));
         assert_eq!(codec(None, Some(0), true), Ok(Codec::None));
         assert_eq!(codec(None, None, false), Ok(Codec::None));
         assert_eq!(codec(None, Some(5), false), Ok(Codec::Zstd(5)));
@@ -585,7 +590,7 @@ mod tests {
             p.transport,
             Transport::Ssh(Target { host: "example.org".into(), port: None, user: None, remote_path: None })
         );
-        assert_eq!(p.params.codec, Codec::Zstd(3));
+        assert_eq!((p.params.codec, p.params.adapt), (Codec::Zstd(1), true), "zstd from level 1, adapting");
         let p = run_plan(&["-l", "a", "-r", "b", "-h", "x", "-p", "2222", "-u", "bob", "--remote-path", "/opt/basyn"]);
         assert_eq!(
             p.transport,

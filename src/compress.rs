@@ -7,10 +7,96 @@ use std::io::{self, Read, Write};
 pub enum Codec {
     /// Raw bytes.
     None,
-    /// zstd at the given level (1..=19).
+    /// zstd at the given level (1..=19; an adapting level also takes the fast ones,
+    /// below 0).
     Zstd(i32),
     /// zlib (deflate) at the given level (1..=9), as the original tool uses.
     Zlib(u32),
+}
+
+/// The zstd level a transfer starts from when no level was chosen.
+pub const ADAPTIVE_START: i32 = 1;
+/// The range an adapting level moves in: zstd's fast levels, when compressing is what
+/// holds the transfer back, up to where more effort stops paying on a slow link.
+const ADAPTIVE_RANGE: std::ops::RangeInclusive<i32> = -5..=12;
+
+/// A zstd level that follows the link, as `zstd --adapt` does: raised while sending is
+/// what the transfer waits for (the link is the limit: fewer bytes go faster), lowered
+/// while it waits for compressed data (the CPU is the limit). Shared by the threads that
+/// compress; the thread that sends says how long it waited for what.
+#[derive(Debug)]
+pub struct Adaptive {
+    level: std::sync::atomic::AtomicI32,
+    period: std::sync::Mutex<Period>,
+}
+
+/// What the sender waited for since the last decision, and the levels used.
+#[derive(Debug, Default)]
+struct Period {
+    for_data: std::time::Duration,
+    to_send: std::time::Duration,
+    lowest: i32,
+    highest: i32,
+}
+
+impl Adaptive {
+    /// Starts at `level`.
+    pub fn new(level: i32) -> Adaptive {
+        let period = Period { lowest: level, highest: level, ..Period::default() };
+        Adaptive { level: level.into(), period: std::sync::Mutex::new(period) }
+    }
+
+    fn period(&self) -> std::sync::MutexGuard<'_, Period> {
+        self.period.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The codec to compress the next block with.
+    pub fn codec(&self) -> Codec {
+        Codec::Zstd(self.level.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Time the sender spent waiting for compressed data, and waiting to send it.
+    pub fn waited(&self, for_data: std::time::Duration, to_send: std::time::Duration) {
+        let mut p = self.period();
+        p.for_data += for_data;
+        p.to_send += to_send;
+    }
+
+    /// Moves the level one step if one wait clearly dominated since the last decision
+    /// (by half again), and starts a new period. Returns the new level when it moved.
+    pub fn decide(&self) -> Option<i32> {
+        let mut p = self.period();
+        let (data, send) = (p.for_data.as_secs_f64(), p.to_send.as_secs_f64());
+        p.for_data = Default::default();
+        p.to_send = Default::default();
+        let now = self.level.load(std::sync::atomic::Ordering::Relaxed);
+        // Level 0 is zstd's default (3), not a step: it is skipped both ways.
+        let next = if send > 1.5 * data {
+            if now == -1 { 1 } else { now + 1 }
+        } else if data > 1.5 * send {
+            if now == 1 { -1 } else { now - 1 }
+        } else {
+            now
+        };
+        let next = next.clamp(*ADAPTIVE_RANGE.start(), *ADAPTIVE_RANGE.end());
+        if next == now {
+            return None;
+        }
+        self.level.store(next, std::sync::atomic::Ordering::Relaxed);
+        p.lowest = p.lowest.min(next);
+        p.highest = p.highest.max(next);
+        Some(next)
+    }
+
+    /// "zstd level 1 at the end (adapted between -2 and 3)".
+    pub fn describe(&self) -> String {
+        let now = self.codec().describe();
+        let p = self.period();
+        if p.lowest == p.highest {
+            return format!("{now} (kept)");
+        }
+        format!("{now} at the end (adapted between {} and {})", p.lowest, p.highest)
+    }
 }
 
 /// Wire identifier of the codec that a particular payload was encoded with.
@@ -59,7 +145,8 @@ impl Codec {
         }
         let packed = match self {
             Codec::None => None,
-            Codec::Zstd(level) => zstd::bulk::compress(raw, level).ok().map(|v| (PayloadCodec::Zstd, v)),
+            Codec::Zstd(_) | Codec::Zlib(_) if !worth_compressing(self, raw) => None,
+            Codec::Zstd(level) => zstd_compress(raw, level).map(|v| (PayloadCodec::Zstd, v)),
             Codec::Zlib(level) => {
                 let mut enc =
                     flate2::write::ZlibEncoder::new(Vec::with_capacity(raw.len() / 2), flate2::Compression::new(level));
@@ -73,6 +160,57 @@ impl Codec {
     }
 }
 
+/// Blocks larger than this are sampled before they are compressed.
+const SAMPLE: usize = 64 << 10;
+
+/// False when a sample from the start of a large block does not shrink by at least 3%
+/// (encrypted or already compressed data): the whole block would not either, and
+/// compressing it would only spend CPU.
+fn worth_compressing(codec: Codec, raw: &[u8]) -> bool {
+    if raw.len() < 4 * SAMPLE {
+        return true;
+    }
+    let sample = &raw[..SAMPLE];
+    let packed = match codec {
+        Codec::Zstd(level) => zstd_compress(sample, level.min(1)).map(|v| v.len()),
+        _ => return true,
+    };
+    packed.is_some_and(|n| n * 100 < SAMPLE * 97)
+}
+
+/// A thread's zstd contexts: the compressor with its level, and the decompressor.
+type Contexts = (Option<(i32, zstd::bulk::Compressor<'static>)>, Option<zstd::bulk::Decompressor<'static>>);
+
+thread_local! {
+    /// Each thread's zstd contexts, kept from block to block: making one costs more
+    /// than compressing a small block.
+    static ZSTD: std::cell::RefCell<Contexts> = const { std::cell::RefCell::new((None, None)) };
+}
+
+fn zstd_compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
+    ZSTD.with_borrow_mut(|(c, _)| {
+        match c {
+            Some((l, _)) if *l == level => {}
+            Some((l, ctx)) => {
+                ctx.set_compression_level(level).ok()?;
+                *l = level;
+            }
+            None => *c = Some((level, zstd::bulk::Compressor::new(level).ok()?)),
+        }
+        c.as_mut()?.1.compress(raw).ok()
+    })
+}
+
+fn zstd_decompress(payload: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
+    ZSTD.with_borrow_mut(|(_, d)| {
+        let ctx = match d {
+            Some(ctx) => ctx,
+            None => d.insert(zstd::bulk::Decompressor::new()?),
+        };
+        ctx.decompress(payload, raw_len)
+    })
+}
+
 /// Decodes a payload that must expand to exactly `raw_len` bytes; anything else
 /// (corrupt data, a decompression bomb) is an error, and at most `raw_len` bytes are
 /// ever allocated.
@@ -82,9 +220,7 @@ pub fn decode(codec: PayloadCodec, payload: &[u8], raw_len: usize) -> io::Result
         PayloadCodec::Zero if payload.is_empty() => vec![0u8; raw_len],
         PayloadCodec::Zero => return Err(bad("a zero token with a payload")),
         PayloadCodec::Raw => payload.to_vec(),
-        PayloadCodec::Zstd => {
-            zstd::bulk::decompress(payload, raw_len).map_err(|e| bad(&format!("bad zstd block: {e}")))?
-        }
+        PayloadCodec::Zstd => zstd_decompress(payload, raw_len).map_err(|e| bad(&format!("bad zstd block: {e}")))?,
         PayloadCodec::Zlib => {
             let mut out = Vec::with_capacity(raw_len);
             flate2::read::ZlibDecoder::new(payload)
@@ -114,6 +250,48 @@ mod tests {
                 prop_assert_eq!(decode(pc, &payload, data.len()).unwrap(), data.clone());
             }
         }
+    }
+
+    #[test]
+    fn an_adapting_level_rises_while_sending_waits_and_falls_while_compressing_does() {
+        use std::time::Duration;
+        let a = Adaptive::new(ADAPTIVE_START);
+        let ms = Duration::from_millis;
+        a.waited(ms(1), ms(10));
+        assert_eq!(a.decide(), Some(2), "the link is the limit: compress harder");
+        a.waited(ms(10), ms(9));
+        assert_eq!(a.decide(), None, "neither clearly: stay");
+        for _ in 0..3 {
+            a.waited(ms(10), ms(1));
+            a.decide();
+        }
+        assert_eq!(a.codec(), Codec::Zstd(-2), "down past 1 to the fast levels, skipping 0");
+        for _ in 0..40 {
+            a.waited(ms(0), ms(5));
+            a.decide();
+        }
+        assert_eq!(a.codec(), Codec::Zstd(12), "capped");
+        assert_eq!(a.describe(), "zstd level 12 at the end (adapted between -2 and 12)");
+        // Negative levels compress and decode like any other.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i / 7 % 13) as u8).collect();
+        let (pc, payload) = Codec::Zstd(-5).encode(&data);
+        assert_eq!(pc, PayloadCodec::Zstd);
+        assert_eq!(decode(pc, &payload, data.len()).unwrap(), data);
+    }
+
+    #[test]
+    fn a_large_block_that_does_not_shrink_is_sent_raw() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let noise: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let (pc, payload) = Codec::Zstd(3).encode(&noise);
+        assert_eq!((pc, payload.len()), (PayloadCodec::Raw, noise.len()));
     }
 
     #[test]

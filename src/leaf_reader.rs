@@ -167,7 +167,9 @@ where
                     Ok(Leaf { index, offset, len, value: work(offset, Data::Zero) })
                 } else {
                     let mut bytes = pool.take(len);
-                    device.read_at(offset, &mut bytes).map(|()| {
+                    let read = device.read_at(offset, &mut bytes);
+                    device.done_with(offset, len as u64);
+                    read.map(|()| {
                         let buf = Buf { bytes, pool: Some(Arc::clone(&pool)) };
                         Leaf { index, offset, len, value: work(offset, Data::Read(buf)) }
                     })

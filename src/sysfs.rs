@@ -131,6 +131,16 @@ pub fn fs_type(dev: u64) -> Option<String> {
     })
 }
 
+/// The machine's memory in bytes (`MemTotal` of `/proc/meminfo`), 0 if unknown.
+pub fn memory_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

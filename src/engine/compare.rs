@@ -152,7 +152,7 @@ mod property_tests {
         };
         std::fs::write(&lp, local_bytes).unwrap();
         std::fs::write(&rp, remote_bytes).unwrap();
-        let params = Params { hash: HashAlgo::Blake3, buffer, chunk, refine, codec: Codec::Zstd(1) };
+        let params = Params { hash: HashAlgo::Blake3, buffer, chunk, refine, codec: Codec::Zstd(1), adapt: false };
         let mut ep = Endpoint::over(crate::serve::in_process(&rp)).unwrap();
         let spec = ReceiverSpec {
             source_size: src.len() as u64,
@@ -266,7 +266,14 @@ mod property_tests {
         dst[8192..16384].fill(0);
         std::fs::write(&lp, &src).unwrap();
         std::fs::write(&rp, &dst).unwrap();
-        let params = Params { hash: HashAlgo::Blake3, buffer: 8192, chunk: None, refine: None, codec: Codec::None };
+        let params = Params {
+            hash: HashAlgo::Blake3,
+            buffer: 8192,
+            chunk: None,
+            refine: None,
+            codec: Codec::None,
+            adapt: false,
+        };
         let mut ep = Endpoint::over(crate::serve::in_process(&rp)).unwrap();
         let access = Access::Write {
             source_size: 24576,
@@ -316,7 +323,14 @@ mod property_tests {
         let (lp, rp) = (tmp.path().join("local"), tmp.path().join("remote"));
         std::fs::write(&lp, vec![0u8; 16384]).unwrap();
         std::fs::write(&rp, vec![3u8; 16384]).unwrap();
-        let params = Params { hash: HashAlgo::Blake3, buffer: 8192, chunk: None, refine: None, codec: Codec::None };
+        let params = Params {
+            hash: HashAlgo::Blake3,
+            buffer: 8192,
+            chunk: None,
+            refine: None,
+            codec: Codec::None,
+            adapt: false,
+        };
         let mut ep = Endpoint::over(crate::serve::in_process(&rp)).unwrap();
         let local = Device::open_receiver(
             &lp,

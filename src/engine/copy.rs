@@ -4,11 +4,12 @@
 //! writes.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use super::window::{Checkpoints, Ctx};
 use super::{Direction, Fault};
 use crate::block::{BlockFrame, Check};
-use crate::compress::Codec;
+use crate::compress::{Adaptive, Codec, PayloadCodec};
 use crate::hash::is_zero;
 use crate::leaf_reader::{self, Data};
 use crate::stamp::Role;
@@ -25,41 +26,59 @@ pub fn run(ctx: Ctx<'_>, dir: Direction) -> Result<u64, Fault> {
     }
 }
 
+/// Source bytes between two decisions of an adapting compression level.
+const ADAPT_EVERY: u64 = 32 << 20;
+
 fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
-    let codec = ctx.params.codec;
+    let fixed = ctx.params.codec;
+    let adaptive = match fixed {
+        Codec::Zstd(level) if ctx.params.adapt => Some(Adaptive::new(level)),
+        _ => None,
+    };
+    let adaptive = adaptive.as_ref();
     let layout = ctx.layout();
     let track = ctx.index.enabled();
     let local = ctx.local;
-    std::thread::scope(|scope| {
-        let rx =
-            leaf_reader::spawn(
-                scope,
-                local,
-                layout,
-                0..layout.leaf_count(),
-                Vec::new(),
-                move |offset, data| match data {
-                    Data::Read(data) => {
-                        let digests = track.then(|| leaf_digest(&layout, &data));
-                        (frames(offset, &data, layout.piece() as usize, codec), digests)
-                    }
-                    _ => {
-                        let len = layout.leaf_len(offset / layout.buffer);
-                        let digests = track.then(|| zero_leaf_digest(&layout, len));
-                        (vec![BlockFrame::zeros(offset, len as u32, Check::None)], digests)
-                    }
-                },
-            );
+    let work = move |offset: u64, data: Data| match data {
+        Data::Read(data) => {
+            let digests = track.then(|| leaf_digest(&layout, &data));
+            let codec = adaptive.map_or(fixed, Adaptive::codec);
+            (frames(offset, &data, layout.piece() as usize, codec), digests)
+        }
+        _ => {
+            let len = layout.leaf_len(offset / layout.buffer);
+            let digests = track.then(|| zero_leaf_digest(&layout, len));
+            (vec![BlockFrame::zeros(offset, len as u32, Check::None)], digests)
+        }
+    };
+    let result = std::thread::scope(|scope| {
+        let mut rx = leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), Vec::new(), work);
         let mut written = 0;
         let mut checkpoints = Checkpoints::new();
-        for leaf in rx {
+        let mut since_decision = 0;
+        loop {
+            let asked = Instant::now();
+            let Some(leaf) = rx.next() else { break };
             let leaf = leaf?;
+            let got = Instant::now();
             let (frames, digests) = leaf.value;
             if let Some((d, pieces)) = digests {
                 ctx.index.learn(leaf.index, &d, &pieces);
             }
+            // Only leaves with data to compress say anything about the level.
+            let compressed = frames.iter().any(|f| f.codec != PayloadCodec::Zero);
             for frame in frames {
                 ctx.ep.write(frame)?;
+            }
+            if let Some(a) = adaptive.filter(|_| compressed) {
+                a.waited(got - asked, got.elapsed());
+                since_decision += leaf.len as u64;
+                if since_decision >= ADAPT_EVERY {
+                    since_decision = 0;
+                    if let Some(level) = a.decide() {
+                        ctx.rep.debug(format_args!("compression: zstd level {level} from block {}", leaf.index + 1));
+                    }
+                }
             }
             ctx.rep.advance(leaf.len as u64);
             written += leaf.len as u64;
@@ -71,7 +90,11 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
             }
         }
         Ok(written)
-    })
+    });
+    if let Some(a) = adaptive {
+        ctx.rep.log(format_args!("compression: {}", a.describe()));
+    }
+    result
 }
 
 /// A leaf's data at `offset` as frames: runs of all-zero pieces become zero tokens, the

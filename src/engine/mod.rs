@@ -72,6 +72,8 @@ pub struct Params {
     pub refine: Option<usize>,
     /// Wire codec for data.
     pub codec: Codec,
+    /// The zstd level was not chosen: a COPY adapts it to the link as it goes.
+    pub adapt: bool,
 }
 
 /// What a differing block is refined to by default, when the receiver is read anyway:
