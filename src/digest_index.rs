@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::block::VerifiedBlock;
 use crate::device::{Device, DeviceError};
 use crate::hash::Digest;
+use crate::leaf_reader::{self, Data};
 use crate::piece_table::PieceTable;
 use crate::protocol::{StateMode, StateOptions};
 use crate::stamp::{self, Freshness, Role, Stamp};
@@ -473,16 +474,33 @@ impl DigestIndex {
     /// Reads every leaf not known yet; `progress` is told each leaf's length as it is
     /// passed. Returns the number of leaves read.
     pub fn fill(&mut self, device: &Device, mut progress: impl FnMut(u64)) -> Result<u64, DeviceError> {
-        let mut buf = Vec::new();
-        let mut read = 0;
-        for leaf in 0..self.layout.leaf_count() {
-            if self.leaf(leaf).is_none() {
-                self.read_leaf(device, leaf, &mut buf)?;
-                read += 1;
+        let layout = self.layout;
+        let skip: Vec<bool> = (0..layout.leaf_count()).map(|leaf| self.leaf(leaf).is_some()).collect();
+        std::thread::scope(|scope| {
+            // Read and hashed on every core, learnt in order.
+            let leaves = leaf_reader::spawn(
+                scope,
+                device,
+                layout,
+                0..layout.leaf_count(),
+                skip,
+                move |offset, data| match data {
+                    Data::Skipped => None,
+                    Data::Zero => Some(zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer))),
+                    Data::Read(bytes) => Some(leaf_digest(&layout, &bytes)),
+                },
+            );
+            let mut read = 0;
+            for leaf in leaves {
+                let leaf = leaf?;
+                if let Some((d, pieces)) = leaf.value {
+                    self.learn(leaf.index, &d, &pieces);
+                    read += 1;
+                }
+                progress(leaf.len as u64);
             }
-            progress(self.layout.leaf_len(leaf));
-        }
-        Ok(read)
+            Ok(read)
+        })
     }
 
     fn stamp_now(&self, device: &Device) -> Result<Stamp, StateError> {

@@ -179,6 +179,11 @@ where
                     return;
                 }
             }
+            // Read-ahead may have cached more than the leaves (into holes, past the
+            // last one): the pass drops all of its span.
+            let (first, _) = layout.leaf_span(leaves.start);
+            let (last, last_len) = layout.leaf_span(leaves.end.max(1) - 1);
+            device.done_with(first, (last + last_len).saturating_sub(first));
         });
     }
     Leaves { workers: rxs, next: 0, failed: false }
