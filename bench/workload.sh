@@ -8,16 +8,16 @@
 # Needs root (sshd, loop devices, mount), openssh-server, rsync, e2fsprogs, python3,
 # /usr/bin/time. blocksync-fast is built from $BSF_TARBALL (default
 # /work/shared/peers/blocksync-fast-1.07.tar.gz) into $PEERS_DIR (default /var/tmp/peers)
-# with its own ./configure && make (needs build-essential libgcrypt20-dev, optionally
-# libxxhash-dev); $BSF names an existing binary instead. If it cannot be built, its rows
-# are skipped.
+# with its own ./configure && make (bench_blocksync_fast in bench/lib.sh; needs
+# build-essential libgcrypt20-dev libxxhash-dev, installed with apt-get when missing);
+# $BSF names an existing binary instead. If it cannot be built, its rows are skipped.
 #
-# Data: `mke2fs -q -t ext4 -d TREE old.img SIZE`, TREE being the first files of /usr (in
-# sorted walk order) that fit in 60% of SIZE; so about a third of the 4 KiB blocks are
-# zero (the header line gives the measured share). The changed source src.img is old.img
-# with CHANGED_BLOCKS random 4 KiB blocks (anywhere in the image, data or free space) and
-# one REGION_MIB MiB region overwritten with random data, all from random.Random(42):
-# the same every run.
+# Data (bench_make_images in bench/lib.sh): `mke2fs -q -t ext4 -d TREE old.img SIZE`,
+# TREE being the first files of /usr (in sorted walk order) that fit in 60% of SIZE; so
+# about a third of the 4 KiB blocks are zero (the header line gives the measured share).
+# The changed source src.img is old.img with CHANGED_BLOCKS random 4 KiB blocks (anywhere
+# in the image, data or free space) and one REGION_MIB MiB region overwritten with random
+# data, all from random.Random(42): the same every run.
 #
 # Every SYNC-like run starts from a receiver that is a fresh copy of old.img attached as a
 # loop device (`losetup --find --show`); the tools write to /dev/loopN. Untimed per-run
@@ -55,6 +55,7 @@
 # Otherwise no state lands in /var/lib/basyn: basyn always gets --state/--remote-state under the work
 # dir (or --no-state). Everything (sshd, loop devices, mount, work dir under /var/tmp) is
 # removed on exit.
+# shellcheck disable=SC2154  # ssh_cmd, size_bytes, ...: set by the functions of bench/lib.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-2G}
@@ -66,22 +67,6 @@ done
 [ "$(id -u)" = 0 ] || { echo "bench needs root (loop devices, mount, sshd)" >&2; exit 1; }
 nice -n 10 cargo build --release --quiet
 basyn="$PWD/target/release/basyn"
-
-# --- blocksync-fast, built from its tarball with its own build system, outside the repo
-bsf=${BSF:-}
-if [ -z "$bsf" ]; then
-  peers=${PEERS_DIR:-/var/tmp/peers}
-  tarball=${BSF_TARBALL:-/work/shared/peers/blocksync-fast-1.07.tar.gz}
-  bsf="$peers/blocksync-fast/src/blocksync-fast"
-  if [ ! -x "$bsf" ] && [ -f "$tarball" ]; then
-    echo "building blocksync-fast in $peers ..." >&2
-    mkdir -p "$peers"
-    (cd "$peers" && tar -xzf "$tarball" && cd blocksync-fast && ./configure >configure.log 2>&1 \
-      && nice -n 10 make >make.log 2>&1) \
-      || echo "blocksync-fast did not build (see $peers/blocksync-fast/*.log; needs libgcrypt20-dev)" >&2
-  fi
-fi
-[ -x "$bsf" ] || { echo "blocksync-fast not available: its rows are skipped" >&2; bsf=; }
 
 work=$(mktemp -d /var/tmp/basyn-workload.XXXXXX)
 recv_dev=  # the receiver's loop device, whose counters are read
@@ -99,8 +84,12 @@ cleanup() {
 trap cleanup EXIT
 
 # --- a private sshd on a free loopback port (host "benchhost"; sets ssh_cmd)
+# shellcheck source=bench/lib.sh disable=SC1091  # followed with shellcheck -x
 . bench/lib.sh
 bench_sshd "$work"
+
+# --- blocksync-fast, built from its tarball with its own build system, outside the repo
+bench_blocksync_fast
 
 # Remote commands run under /usr/bin/time, to see the receiver's RSS.
 cat > "$work/rtimed" <<SH
@@ -116,73 +105,7 @@ chmod +x "$work/rtimed" "$work/rbasyn"
 
 # --- data: an ext4 image over part of /usr, and the same image changed
 echo "preparing a $size ext4 image from /usr in $work ..." >&2
-size_bytes=$(numfmt --from=iec "$size")
-mkdir "$work/tree"
-python3 - "$size_bytes" > "$work/files" <<'PY'
-import os, sys
-budget = int(sys.argv[1]) * 6 // 10
-used = 0
-out = sys.stdout.buffer
-for root, dirs, files in os.walk("/usr"):
-    dirs.sort()
-    for name in sorted(files):
-        p = os.path.join(root, name)
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        if not (os.path.isfile(p) or os.path.islink(p)) or not os.access(p, os.R_OK):
-            continue
-        cost = -(-st.st_size // 4096) * 4096 if not os.path.islink(p) else 0
-        if used + cost > budget:
-            if budget - used < 65536:
-                sys.exit(0)
-            continue  # too big for what is left: smaller files may still fit
-        used += cost
-        out.write(p[1:].encode("utf-8", "surrogateescape") + b"\0")
-PY
-tar -C / --null --no-recursion -T "$work/files" -cf - | tar -C "$work/tree" -xf -
-tree_bytes=$(du -sb "$work/tree" | cut -f1)
-mke2fs -q -t ext4 -U 6f1c1a3e-0b5c-4b8e-9d39-0e3c5a1b2c4d -E hash_seed=0d5e3f1a-2b4c-4d6e-8f10-213243546576 \
-  -d "$work/tree" "$work/old.img" "$size" >&2
-rm -rf "$work/tree" "$work/files"
-cp --sparse=always "$work/old.img" "$work/src.img"
-python3 - "$work/src.img" "$nchanged" "$region_mib" <<'PY'
-import os, random, sys
-path, n, region_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-blocks = os.path.getsize(path) // 4096
-rng = random.Random(42)
-with open(path, "r+b") as f:
-    for b in rng.sample(range(blocks), n):
-        f.seek(b * 4096)
-        f.write(rng.randbytes(4096))
-    rb = region_mib * 256
-    start = rng.randrange(0, blocks - rb + 1)
-    f.seek(start * 4096)
-    f.write(rng.randbytes(rb * 4096))
-print(f"changed {n} blocks of 4 KiB and {region_mib} MiB at block {start}", file=sys.stderr)
-PY
-# Non-zero data of the source, in 4 KiB blocks; zero share of the image.
-read -r src_nonzero zero_pct < <(python3 - "$work/src.img" <<'PY'
-import sys
-z = n = 0
-zero = bytes(1 << 20)
-with open(sys.argv[1], "rb") as f:
-    while True:
-        buf = f.read(1 << 20)
-        if not buf:
-            break
-        if buf == zero[:len(buf)]:
-            z += len(buf) // 4096; n += len(buf) // 4096
-            continue
-        for i in range(0, len(buf), 4096):
-            n += 1
-            if buf[i:i + 4096] == zero[:4096]:
-                z += 1
-print((n - z) * 4096, round(100 * z / n))
-PY
-)
-src_alloc=$(($(stat -c '%b*%B' "$work/src.img")))
+bench_make_images "$work" "$size" "$nchanged" "$region_mib"
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 echo "image: $(mib "$size_bytes") MiB, /usr files $(mib "$tree_bytes") MiB, source non-zero $(mib "$src_nonzero") MiB (${zero_pct}% zero blocks), allocated $(mib "$src_alloc") MiB" >&2
 mkdir "$work/state" "$work/mnt"
