@@ -129,7 +129,7 @@ impl BlockFrame {
         let data = match self.codec {
             PayloadCodec::Zero if self.payload.is_empty() => Data::Zero(self.raw_len as usize),
             _ => Data::Bytes(
-                compress::decode(self.codec, &self.payload, self.raw_len as usize)
+                compress::decode(self.codec, self.payload, self.raw_len as usize)
                     .map_err(|e| BlockError::Undecodable { offset, reason: e.to_string() })?,
             ),
         };

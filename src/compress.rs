@@ -214,16 +214,16 @@ fn zstd_decompress(payload: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
 /// Decodes a payload that must expand to exactly `raw_len` bytes; anything else
 /// (corrupt data, a decompression bomb) is an error, and at most `raw_len` bytes are
 /// ever allocated.
-pub fn decode(codec: PayloadCodec, payload: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
+pub fn decode(codec: PayloadCodec, payload: Vec<u8>, raw_len: usize) -> io::Result<Vec<u8>> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let out = match codec {
         PayloadCodec::Zero if payload.is_empty() => vec![0u8; raw_len],
         PayloadCodec::Zero => return Err(bad("a zero token with a payload")),
-        PayloadCodec::Raw => payload.to_vec(),
-        PayloadCodec::Zstd => zstd_decompress(payload, raw_len).map_err(|e| bad(&format!("bad zstd block: {e}")))?,
+        PayloadCodec::Raw => payload,
+        PayloadCodec::Zstd => zstd_decompress(&payload, raw_len).map_err(|e| bad(&format!("bad zstd block: {e}")))?,
         PayloadCodec::Zlib => {
             let mut out = Vec::with_capacity(raw_len);
-            flate2::read::ZlibDecoder::new(payload)
+            flate2::read::ZlibDecoder::new(&payload[..])
                 .take(raw_len as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| bad(&format!("bad zlib block: {e}")))?;
@@ -247,7 +247,7 @@ mod tests {
             for codec in [Codec::None, Codec::Zstd(level), Codec::Zlib(level as u32)] {
                 let (pc, payload) = codec.encode(&data);
                 prop_assert!(payload.len() <= data.len());
-                prop_assert_eq!(decode(pc, &payload, data.len()).unwrap(), data.clone());
+                prop_assert_eq!(decode(pc, payload.clone(), data.len()).unwrap(), data.clone());
             }
         }
     }
@@ -276,7 +276,7 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i / 7 % 13) as u8).collect();
         let (pc, payload) = Codec::Zstd(-5).encode(&data);
         assert_eq!(pc, PayloadCodec::Zstd);
-        assert_eq!(decode(pc, &payload, data.len()).unwrap(), data);
+        assert_eq!(decode(pc, payload.clone(), data.len()).unwrap(), data);
     }
 
     #[test]
@@ -307,10 +307,10 @@ mod tests {
         let data = vec![1u8; 1 << 20];
         for codec in [Codec::Zstd(3), Codec::Zlib(6)] {
             let (pc, payload) = codec.encode(&data);
-            assert!(decode(pc, &payload, 4096).is_err());
-            assert!(decode(pc, &payload, (1 << 20) + 1).is_err());
+            assert!(decode(pc, payload.clone(), 4096).is_err());
+            assert!(decode(pc, payload.clone(), (1 << 20) + 1).is_err());
         }
-        assert!(decode(PayloadCodec::Raw, &[1, 2, 3], 4).is_err());
+        assert!(decode(PayloadCodec::Raw, vec![1, 2, 3], 4).is_err());
     }
 
     #[test]
@@ -321,9 +321,9 @@ mod tests {
             last[65535] = 1;
             let (pc, payload) = codec.encode(&last);
             assert_ne!(pc, PayloadCodec::Zero);
-            assert_eq!(decode(pc, &payload, 65536).unwrap(), last);
+            assert_eq!(decode(pc, payload.clone(), 65536).unwrap(), last);
         }
-        assert_eq!(decode(PayloadCodec::Zero, &[], 5).unwrap(), vec![0u8; 5]);
-        assert!(decode(PayloadCodec::Zero, &[0], 5).is_err());
+        assert_eq!(decode(PayloadCodec::Zero, vec![], 5).unwrap(), vec![0u8; 5]);
+        assert!(decode(PayloadCodec::Zero, vec![0], 5).is_err());
     }
 }

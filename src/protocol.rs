@@ -524,6 +524,24 @@ impl<R: Read> FrameReader<R> {
         if len > max {
             return Err(ProtocolError::TooLong { kind, len, max });
         }
+        if kind == KIND_BLOCK && len >= BLOCK_HEADER {
+            // The header and digests first, then the payload straight into a buffer of
+            // its own: a block's data is not copied out of the frame again.
+            let mut meta = vec![0u8; BLOCK_HEADER];
+            if read_full(&mut self.inner, &mut meta)? != BLOCK_HEADER {
+                return Err(ProtocolError::Closed);
+            }
+            let digests = block_digests_len(&meta)?.min(len - BLOCK_HEADER);
+            meta.resize(BLOCK_HEADER + digests, 0);
+            let mut payload = vec![0u8; len - meta.len()];
+            if read_full(&mut self.inner, &mut meta[BLOCK_HEADER..])? != digests
+                || read_full(&mut self.inner, &mut payload)? != payload.len()
+            {
+                return Err(ProtocolError::Closed);
+            }
+            self.count.add(FRAME_HEADER + len);
+            return decode_block(&meta, payload).map(|b| Some(Frame::Block(b)));
+        }
         let mut body = vec![0u8; len];
         if read_full(&mut self.inner, &mut body)? != len {
             return Err(ProtocolError::Closed);
@@ -544,13 +562,32 @@ pub fn decode_body(kind: u8, body: Vec<u8>) -> Result<Frame, ProtocolError> {
             }
             Ok(Frame::Control(m))
         }
-        KIND_BLOCK => decode_block(body).map(Frame::Block),
+        KIND_BLOCK => {
+            if body.len() < BLOCK_HEADER {
+                return Err(ProtocolError::BadBlockHeader("shorter than its header"));
+            }
+            let split = (BLOCK_HEADER + block_digests_len(&body[..BLOCK_HEADER])?).min(body.len());
+            decode_block(&body[..split], body[split..].to_vec()).map(Frame::Block)
+        }
         KIND_DIGESTS => Ok(Frame::Digests(body)),
         other => Err(ProtocolError::BadKind(other)),
     }
 }
 
-fn decode_block(body: Vec<u8>) -> Result<BlockFrame, ProtocolError> {
+/// The bytes of digests a block header announces, checked against what a block may
+/// carry (the count is untrusted and each digest is allocated).
+fn block_digests_len(header: &[u8]) -> Result<usize, ProtocolError> {
+    let bad = ProtocolError::BadBlockHeader;
+    let count = header[18..22].try_into().map(u32::from_le_bytes).map_err(|_| bad("header"))? as usize;
+    let digest_len = header[22] as usize;
+    if count > 0 && !HashAlgo::ALL.iter().any(|a| a.digest_len() == digest_len) {
+        return Err(bad("digest length"));
+    }
+    count.checked_mul(digest_len).filter(|&n| n <= MAX_DIGESTS).ok_or(bad("more digests than a block may carry"))
+}
+
+/// A block from its header and digests (`body`) and its payload.
+fn decode_block(body: &[u8], payload: Vec<u8>) -> Result<BlockFrame, ProtocolError> {
     let bad = ProtocolError::BadBlockHeader;
     if body.len() < BLOCK_HEADER {
         return Err(bad("shorter than its header"));
@@ -580,7 +617,9 @@ fn decode_block(body: Vec<u8>) -> Result<BlockFrame, ProtocolError> {
         CHECK_PIECES if unit > 0 => Check::Pieces { unit, digests },
         _ => return Err(bad("unknown check")),
     };
-    let payload = body[digests_end..].to_vec();
+    if digests_end != body.len() {
+        return Err(bad("more digests than a block may carry"));
+    }
     Ok(BlockFrame { offset, raw_len, codec, check, payload })
 }
 
