@@ -73,6 +73,51 @@ impl<I: Send, O: Send> Ordered<I, O> {
     }
 }
 
+/// The giving half of a split [`Ordered`].
+pub struct Giver<I> {
+    lanes: Vec<SyncSender<I>>,
+    given: usize,
+}
+
+/// The taking half of a split [`Ordered`], for another thread.
+pub struct Taker<O> {
+    lanes: Vec<Receiver<O>>,
+    taken: usize,
+}
+
+impl<I: Send, O: Send> Ordered<I, O> {
+    /// Splits the pool so that one thread gives items and another takes the results.
+    pub fn split(self) -> (Giver<I>, Taker<O>) {
+        let (give, take) = self.lanes.into_iter().unzip();
+        (Giver { lanes: give, given: self.given }, Taker { lanes: take, taken: self.taken })
+    }
+}
+
+impl<I> Giver<I> {
+    /// Gives an item to the next worker (blocking while its queue is full).
+    pub fn give(&mut self, item: I) {
+        let lane = &self.lanes[self.given % self.lanes.len()];
+        let _ = lane.send(item);
+        self.given += 1;
+    }
+
+    /// Items given so far.
+    pub fn given(&self) -> usize {
+        self.given
+    }
+}
+
+impl<O> Taker<O> {
+    /// The next result in order, waiting for it; `None` once the giver is gone and
+    /// every result was taken (or a worker's function panicked).
+    pub fn take(&mut self) -> Option<O> {
+        let lane = &self.lanes[self.taken % self.lanes.len()];
+        let result = lane.recv().ok()?;
+        self.taken += 1;
+        Some(result)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +143,20 @@ mod tests {
             out
         });
         assert_eq!(out, (0..50).map(|n| n * n).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_split_pool_gives_on_one_thread_and_takes_in_order_on_another() {
+        let out: Vec<u64> = std::thread::scope(|s| {
+            let (mut give, mut take) = Ordered::spawn(s, 2, 1, |n: u64| n + 1).split();
+            let taker = s.spawn(move || std::iter::from_fn(|| take.take()).collect::<Vec<_>>());
+            for n in 0..20 {
+                give.give(n);
+            }
+            assert_eq!(give.given(), 20);
+            drop(give);
+            taker.join().unwrap()
+        });
+        assert_eq!(out, (1..21).collect::<Vec<_>>());
     }
 }

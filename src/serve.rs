@@ -10,7 +10,7 @@ use crate::block::{BlockFrame, VerifiedBlock};
 use crate::compress::Codec;
 use crate::device::{Device, DeviceError, Identity, ReceiverSpec, Side};
 use crate::digest_index::{DigestIndex, SaveError};
-use crate::hash::HashAlgo;
+use crate::hash::{Digest, HashAlgo};
 use crate::leaf_reader::{self, Data};
 use crate::ordered::Ordered;
 use crate::protocol::{
@@ -114,7 +114,7 @@ fn keep_alive<W: Write>(w: &Mutex<FrameWriter<W>>, stop: mpsc::Receiver<()>) {
     }
 }
 
-fn session<R: Read, W: Write>(config: &Config, r: &mut FrameReader<R>, w: &Mutex<FrameWriter<W>>) -> Result<(), Abort> {
+fn session<R: Read, W: Write + Send>(config: &Config, r: &mut FrameReader<R>, w: &Mutex<FrameWriter<W>>) -> Result<(), Abort> {
     r.start()?;
     match r.recv()? {
         Some(Frame::Control(Message::Hello { version, .. })) if version == u32::from(VERSION) => {}
@@ -132,6 +132,31 @@ fn session<R: Read, W: Write>(config: &Config, r: &mut FrameReader<R>, w: &Mutex
         let mut checking = Ordered::spawn(scope, workers, 2, |(frame, limit, layout): (BlockFrame, u64, Layout)| {
             frame.verify(limit, &layout)
         });
+        // Reads of a source are read, hashed and compressed there too, and a thread of
+        // their own sends the replies in order as they are ready (this one may be
+        // waiting for the next request meanwhile); the leaves they read come back here
+        // for the source's index.
+        let (mut reads, mut replies) = Ordered::spawn(scope, workers, 2, |job: ReadJob| job.run()).split();
+        let (answered, answers) = mpsc::channel::<Result<Vec<Learnt>, Abort>>();
+        scope.spawn(move || {
+            let mut failed = false;
+            while let Some(done) = replies.take() {
+                let answer = match done {
+                    // After a failure nothing more is sent: the abort says why.
+                    Ok(_) if failed => Ok(Vec::new()),
+                    Ok((reply, leaves)) => {
+                        let mut w = lock(w);
+                        w.send(&reply).and_then(|()| w.flush()).map(|()| leaves).map_err(Abort::from)
+                    }
+                    Err(e) => Err(Abort::from(e)),
+                };
+                failed |= answer.is_err();
+                if answered.send(answer).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answers = Answers { rx: answers, count: 0 };
         loop {
             // The client went away: keep nothing a state file could misread.
             let Some(frame) = r.recv()? else { return server.write_checked(&mut checking, 0) };
@@ -143,8 +168,17 @@ fn session<R: Read, W: Write>(config: &Config, r: &mut FrameReader<R>, w: &Mutex
                 }
                 (frame, _) => frame,
             };
-            // Whatever else comes sees every block before it written.
+            if let Frame::Control(Message::Read { offset, len }) = frame
+                && let Some(job) = server.read_job(offset, len)?
+            {
+                reads.give(job);
+                answers.settle(&mut server, reads.given(), 2 * workers)?;
+                continue;
+            }
+            // Whatever else comes sees every block before it written, and its reply
+            // comes after those of every read before it.
             server.write_checked(&mut checking, 0)?;
+            answers.settle(&mut server, reads.given(), 0)?;
             if let Some(reply) = server.handle(frame)? {
                 let close = matches!(reply, Frame::Control(Message::Closed(_)));
                 let mut w = lock(w);
@@ -160,6 +194,70 @@ fn session<R: Read, W: Write>(config: &Config, r: &mut FrameReader<R>, w: &Mutex
 
 /// Blocks given to be checked, not yet written.
 type Checking = Ordered<(BlockFrame, u64, Layout), Result<VerifiedBlock, crate::block::BlockError>>;
+
+/// A read of a source device's range, done on a worker: its reply, and the digests of
+/// the whole leaves it covers (for the source's state).
+struct ReadJob {
+    device: Arc<Device>,
+    offset: u64,
+    len: u32,
+    codec: Codec,
+    /// The layout, when the leaves read are to be learnt.
+    learn: Option<Layout>,
+}
+
+/// A leaf read by a `Read`: its index, digest and piece digests.
+type Learnt = (u64, Digest, Vec<Digest>);
+
+/// A read's reply and the leaves it learnt.
+type ReadDone = Result<(Frame, Vec<Learnt>), DeviceError>;
+
+/// What the reply thread says of each read it answered, counted.
+struct Answers {
+    rx: mpsc::Receiver<Result<Vec<Learnt>, Abort>>,
+    count: usize,
+}
+
+impl Answers {
+    /// Takes what the reply thread said so far, and waits until at most `keep` of the
+    /// `given` reads are unanswered; the source's index learns their leaves.
+    fn settle(&mut self, server: &mut Server<'_>, given: usize, keep: usize) -> Result<(), Abort> {
+        loop {
+            let waiting = given - self.count > keep;
+            let answer = if waiting { self.rx.recv().ok() } else { self.rx.try_recv().ok() };
+            let Some(answer) = answer else {
+                return match waiting {
+                    true => Err(invalid("a read".into(), "answering it (its thread failed)")),
+                    false => Ok(()),
+                };
+            };
+            self.count += 1;
+            server.learn(answer?);
+        }
+    }
+}
+
+impl ReadJob {
+    fn run(self) -> ReadDone {
+        let ReadJob { device, offset, len, codec, learn } = self;
+        if device.is_hole(offset, u64::from(len)) {
+            return Ok((Frame::Block(BlockFrame::zeros(offset, len, Check::None)), Vec::new()));
+        }
+        let mut buf = vec![0u8; len as usize];
+        device.read_at(offset, &mut buf)?;
+        let mut leaves = Vec::new();
+        if let Some(l) = learn.filter(|l| offset.is_multiple_of(l.buffer)) {
+            for (k, piece) in buf.chunks(l.buffer as usize).enumerate() {
+                let leaf = offset / l.buffer + k as u64;
+                if piece.len() as u64 == l.leaf_len(leaf) {
+                    let (d, pieces) = leaf_digest(&l, piece);
+                    leaves.push((leaf, d, pieces));
+                }
+            }
+        }
+        Ok((Frame::Block(BlockFrame::encode(offset, &buf, codec, Check::None)), leaves))
+    }
+}
 
 /// One session's server: the device as the current `Open` left it, and what the
 /// session's opens added up to.
@@ -209,6 +307,25 @@ impl Server<'_> {
         self.open.as_ref().filter(|o| o.role == Role::Receiver).map(|o| (o.limit, *o.index.layout()))
     }
 
+    /// A `Read` of the open device, checked, to be done on a worker; `None` when no
+    /// device is open (the frame is then refused as usual).
+    fn read_job(&mut self, offset: u64, len: u32) -> Result<Option<ReadJob>, Abort> {
+        let Some(o) = self.open.as_ref() else { return Ok(None) };
+        check_range(o.limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
+        let learn = (o.role == Role::Read).then(|| *o.index.layout());
+        Ok(Some(ReadJob { device: Arc::clone(&o.device), offset, len, codec: o.codec, learn }))
+    }
+
+    /// The source's index learns the leaves a read read (those it does not know).
+    fn learn(&mut self, leaves: Vec<Learnt>) {
+        let Some(o) = self.open.as_mut() else { return };
+        for (leaf, d, pieces) in leaves {
+            if o.index.leaf(leaf).is_none() {
+                o.index.learn(leaf, &d, &pieces);
+            }
+        }
+    }
+
     /// Writes checked blocks, oldest first, until at most `keep` are outstanding.
     fn write_checked(&mut self, checking: &mut Checking, keep: usize) -> Result<(), Abort> {
         while checking.outstanding() > keep {
@@ -241,7 +358,7 @@ impl Server<'_> {
 
 /// The device as the current `Open` left it.
 struct Served {
-    device: Device,
+    device: Arc<Device>,
     /// Bytes that may be touched: the device size, or the source size for a receiver.
     limit: u64,
     role: Role,
@@ -264,18 +381,6 @@ impl Served {
             }
             Frame::Control(Message::BlockDigests { offset, len }) => {
                 Ok(Some(Frame::Digests(self.block_digests(offset, len, buf)?)))
-            }
-            Frame::Control(Message::Read { offset, len }) => {
-                check_range(self.limit, offset, u64::from(len), len as usize <= MAX_BLOCK)?;
-                if self.device.is_hole(offset, u64::from(len)) {
-                    return Ok(Some(Frame::Block(BlockFrame::zeros(offset, len, Check::None))));
-                }
-                buf.resize(len as usize, 0);
-                self.device.read_at(offset, buf)?;
-                if self.role == Role::Read {
-                    self.index.observe(offset, buf);
-                }
-                Ok(Some(Frame::Block(BlockFrame::encode(offset, buf, self.codec, Check::None))))
             }
             Frame::Block(b) => Err(invalid(format!("data block at offset {}", b.offset), "serving a device read-only")),
             other => Err(ProtocolError::unexpected(&other, "serving a device").into()),
@@ -554,6 +659,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
         resized: device.resized(),
         state: summary,
     };
+    let device = Arc::new(device);
     Ok((opened, Some(Served { device, limit, role, hash: req.hash, codec: req.codec, index, written: 0 })))
 }
 
