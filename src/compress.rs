@@ -18,31 +18,33 @@ pub enum Codec {
 pub const ADAPTIVE_START: i32 = 1;
 /// The range an adapting level moves in: zstd's fast levels, when compressing is what
 /// holds the transfer back, up to where more effort stops paying on a slow link.
-const ADAPTIVE_RANGE: std::ops::RangeInclusive<i32> = -5..=12;
+const ADAPTIVE_RANGE: std::ops::RangeInclusive<i32> = -5..=9;
 
-/// A zstd level that follows the link, as `zstd --adapt` does: raised while sending is
-/// what the transfer waits for (the link is the limit: fewer bytes go faster), lowered
-/// while it waits for compressed data (the CPU is the limit). Shared by the threads that
-/// compress; the thread that sends says how long it waited for what.
+/// A zstd level that follows the transfer's own speed: after each period the sender
+/// says how much source data it sent and how long that took, and the level moves one
+/// step, on in the same direction while that made the transfer faster, back while it
+/// made it slower. Slow links climb to levels that send fewer bytes, a CPU that the link
+/// (ssh) shares settles on fast levels: whatever is the limit, the rate is what counts.
+/// Shared by the threads that compress.
 #[derive(Debug)]
 pub struct Adaptive {
     level: std::sync::atomic::AtomicI32,
     period: std::sync::Mutex<Period>,
 }
 
-/// What the sender waited for since the last decision, and the levels used.
+/// The rate of the last period, the way the level moves, and the levels used.
 #[derive(Debug, Default)]
 struct Period {
-    for_data: std::time::Duration,
-    to_send: std::time::Duration,
+    last_rate: Option<f64>,
+    up: bool,
     lowest: i32,
     highest: i32,
 }
 
 impl Adaptive {
-    /// Starts at `level`.
+    /// Starts at `level`, trying a higher one first.
     pub fn new(level: i32) -> Adaptive {
-        let period = Period { lowest: level, highest: level, ..Period::default() };
+        let period = Period { last_rate: None, up: true, lowest: level, highest: level };
         Adaptive { level: level.into(), period: std::sync::Mutex::new(period) }
     }
 
@@ -55,31 +57,27 @@ impl Adaptive {
         Codec::Zstd(self.level.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Time the sender spent waiting for compressed data, and waiting to send it.
-    pub fn waited(&self, for_data: std::time::Duration, to_send: std::time::Duration) {
+    /// A period ended: `bytes` of source data went in `elapsed`. Moves the level one
+    /// step (on while the rate rose, back when it fell by 2% or more) and returns it.
+    pub fn decide(&self, bytes: u64, elapsed: std::time::Duration) -> Option<i32> {
+        let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-6);
         let mut p = self.period();
-        p.for_data += for_data;
-        p.to_send += to_send;
-    }
-
-    /// Moves the level one step if one wait clearly dominated since the last decision
-    /// (by half again), and starts a new period. Returns the new level when it moved.
-    pub fn decide(&self) -> Option<i32> {
-        let mut p = self.period();
-        let (data, send) = (p.for_data.as_secs_f64(), p.to_send.as_secs_f64());
-        p.for_data = Default::default();
-        p.to_send = Default::default();
+        if p.last_rate.is_some_and(|last| rate < 0.98 * last) {
+            p.up = !p.up;
+        }
+        p.last_rate = Some(rate);
         let now = self.level.load(std::sync::atomic::Ordering::Relaxed);
         // Level 0 is zstd's default (3), not a step: it is skipped both ways.
-        let next = if send > 1.5 * data {
-            if now == -1 { 1 } else { now + 1 }
-        } else if data > 1.5 * send {
-            if now == 1 { -1 } else { now - 1 }
-        } else {
-            now
+        let next = match (p.up, now) {
+            (true, -1) => 1,
+            (true, l) => l + 1,
+            (false, 1) => -1,
+            (false, l) => l - 1,
         };
         let next = next.clamp(*ADAPTIVE_RANGE.start(), *ADAPTIVE_RANGE.end());
         if next == now {
+            // At an end of the range: the next step goes back.
+            p.up = !p.up;
             return None;
         }
         self.level.store(next, std::sync::atomic::Ordering::Relaxed);
@@ -253,25 +251,25 @@ mod tests {
     }
 
     #[test]
-    fn an_adapting_level_rises_while_sending_waits_and_falls_while_compressing_does() {
+    fn an_adapting_level_climbs_while_the_rate_rises_and_turns_back_when_it_falls() {
         use std::time::Duration;
         let a = Adaptive::new(ADAPTIVE_START);
-        let ms = Duration::from_millis;
-        a.waited(ms(1), ms(10));
-        assert_eq!(a.decide(), Some(2), "the link is the limit: compress harder");
-        a.waited(ms(10), ms(9));
-        assert_eq!(a.decide(), None, "neither clearly: stay");
-        for _ in 0..3 {
-            a.waited(ms(10), ms(1));
-            a.decide();
+        let s = Duration::from_secs(1);
+        assert_eq!(a.decide(100, s), Some(2), "the first step goes up");
+        assert_eq!(a.decide(120, s), Some(3), "faster: on up");
+        assert_eq!(a.decide(90, s), Some(2), "slower: back down");
+        assert_eq!(a.decide(95, s), Some(1), "faster again: on down");
+        assert_eq!(a.decide(96, s), Some(-1), "past 1 to the fast levels, skipping 0");
+        for _ in 0..4 {
+            a.decide(96, s);
         }
-        assert_eq!(a.codec(), Codec::Zstd(-2), "down past 1 to the fast levels, skipping 0");
-        for _ in 0..40 {
-            a.waited(ms(0), ms(5));
-            a.decide();
+        assert_eq!(a.codec(), Codec::Zstd(-5), "on down while the rate holds");
+        assert_eq!(a.decide(96, s), None, "the end of the range: no step, and the next goes back");
+        for k in 0..13 {
+            a.decide(1000 + k, s);
         }
-        assert_eq!(a.codec(), Codec::Zstd(12), "capped");
-        assert_eq!(a.describe(), "zstd level 12 at the end (adapted between -2 and 12)");
+        assert_eq!(a.codec(), Codec::Zstd(9), "up while the rate rises, to the top");
+        assert!(a.describe().ends_with("(adapted between -5 and 9)"), "{}", a.describe());
         // Negative levels compress and decode like any other.
         let data: Vec<u8> = (0..300_000u32).map(|i| (i / 7 % 13) as u8).collect();
         let (pc, payload) = Codec::Zstd(-5).encode(&data);

@@ -114,7 +114,11 @@ fn keep_alive<W: Write>(w: &Mutex<FrameWriter<W>>, stop: mpsc::Receiver<()>) {
     }
 }
 
-fn session<R: Read, W: Write + Send>(config: &Config, r: &mut FrameReader<R>, w: &Mutex<FrameWriter<W>>) -> Result<(), Abort> {
+fn session<R: Read, W: Write + Send>(
+    config: &Config,
+    r: &mut FrameReader<R>,
+    w: &Mutex<FrameWriter<W>>,
+) -> Result<(), Abort> {
     r.start()?;
     match r.recv()? {
         Some(Frame::Control(Message::Hello { version, .. })) if version == u32::from(VERSION) => {}

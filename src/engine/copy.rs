@@ -52,15 +52,15 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
         }
     };
     let result = std::thread::scope(|scope| {
-        let mut rx = leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), Vec::new(), work);
+        let rx = leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), Vec::new(), work);
         let mut written = 0;
         let mut checkpoints = Checkpoints::new();
+        // Bytes with data to compress sent since the period began (zero leaves cost
+        // little and say nothing of the level).
         let mut since_decision = 0;
-        loop {
-            let asked = Instant::now();
-            let Some(leaf) = rx.next() else { break };
+        let mut period = Instant::now();
+        for leaf in rx {
             let leaf = leaf?;
-            let got = Instant::now();
             let (frames, digests) = leaf.value;
             if let Some((d, pieces)) = digests {
                 ctx.index.learn(leaf.index, &d, &pieces);
@@ -71,11 +71,10 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
                 ctx.ep.write(frame)?;
             }
             if let Some(a) = adaptive.filter(|_| compressed) {
-                a.waited(got - asked, got.elapsed());
                 since_decision += leaf.len as u64;
                 if since_decision >= ADAPT_EVERY {
-                    since_decision = 0;
-                    if let Some(level) = a.decide() {
+                    let took = std::mem::replace(&mut period, Instant::now()).elapsed();
+                    if let Some(level) = a.decide(std::mem::take(&mut since_decision), took) {
                         ctx.rep.debug(format_args!("compression: zstd level {level} from block {}", leaf.index + 1));
                     }
                 }
