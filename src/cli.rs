@@ -72,10 +72,13 @@ struct RawArgs {
     #[command(flatten)]
     tree: TreeArgs,
 
-    /// Compression level, fixed (0 disables compression; without it zstd starts at 1
-    /// and adapts to the link)
+    /// Compression level (0 disables compression; default: zstd 1)
     #[arg(long, value_name = "N")]
     zlevel: Option<u32>,
+
+    /// In a COPY, move the zstd level with the transfer's rate, from --zlevel (or 1)
+    #[arg(long)]
+    adapt: bool,
 
     /// Compression codec (default: zstd over SSH, none locally).
     #[arg(long, value_enum, ignore_case = true, value_name = "CODEC")]
@@ -410,7 +413,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         )),
     };
     let over_ssh = !matches!(transport, Transport::Local);
-    let params = raw.tree.params(codec(raw.compress, raw.zlevel, over_ssh)?, raw.zlevel.is_none())?;
+    let params = raw.tree.params(codec(raw.compress, raw.zlevel, over_ssh)?, raw.adapt)?;
     let given = (raw.local.is_some(), raw.remote.is_some());
     let bitmap = bitmap_plan(&raw.bitmap, given, action, raw.recheck)?;
     // Only a bitmap refresh goes without its receiver.
@@ -494,8 +497,8 @@ fn hash_parser() -> impl clap::builder::TypedValueParser<Value = HashAlgo> {
         .map(|name: String| HashAlgo::from_name(&name).unwrap_or(HashAlgo::Blake3))
 }
 
-/// zstd over SSH by default (from level 1, adapting to the link), nothing locally
-/// unless asked; `--zlevel 0` disables.
+/// zstd level 1 over SSH by default, nothing locally unless asked; `--zlevel 0`
+/// disables.
 fn codec(compress: Option<CompressArg>, zlevel: Option<u32>, over_ssh: bool) -> Result<Codec, String> {
     let chosen = match compress {
         Some(c) => c,
@@ -590,7 +593,7 @@ mod tests {
             p.transport,
             Transport::Ssh(Target { host: "example.org".into(), port: None, user: None, remote_path: None })
         );
-        assert_eq!((p.params.codec, p.params.adapt), (Codec::Zstd(1), true), "zstd from level 1, adapting");
+        assert_eq!((p.params.codec, p.params.adapt), (Codec::Zstd(1), false), "zstd level 1");
         let p = run_plan(&["-l", "a", "-r", "b", "-h", "x", "-p", "2222", "-u", "bob", "--remote-path", "/opt/basyn"]);
         assert_eq!(
             p.transport,

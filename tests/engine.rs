@@ -1,6 +1,6 @@
 //! The engine as a whole, on real files: a pass over a device larger than a quarter of
-//! memory leaves no page cache behind while a small one stays cached, and zstd without a
-//! chosen level adapts (and says so) while a chosen level is kept.
+//! memory leaves no page cache behind while a small one stays cached, and `--adapt`
+//! moves the zstd level (and says so) while without it the level is kept.
 
 mod util;
 
@@ -59,14 +59,26 @@ fn a_pass_over_a_device_larger_than_a_quarter_of_memory_leaves_its_pages_out_of_
 }
 
 #[test]
-fn zstd_without_a_level_adapts_and_says_where_it_ended_while_a_chosen_level_is_kept() {
+fn an_adapting_zstd_level_says_where_it_ended_and_without_adapt_the_level_is_kept() {
     let dir = tmp();
     let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
     let mut data = compressible_data(48 << 20);
     data.extend(random_data(3, 16 << 20));
     write(&src, &data);
-    let adapting =
-        basyn(&["-l", s(&src), "-r", s(&dst), "-a", "PUSH", "-m", "COPY", "--compress", "zstd", "--verbose"]);
+    let adapting = basyn(&[
+        "-l",
+        s(&src),
+        "-r",
+        s(&dst),
+        "-a",
+        "PUSH",
+        "-m",
+        "COPY",
+        "--compress",
+        "zstd",
+        "--adapt",
+        "--verbose",
+    ]);
     adapting.ok();
     assert_eq!(read(&dst), data);
     let line = adapting.stdout.lines().find(|l| l.contains("compression: zstd level")).unwrap_or_else(|| {
