@@ -247,6 +247,11 @@ mod property_tests {
         (blocks, bytes)
     }
 
+    /// BLAKE3, `buffer`-byte leaves, no chunks, no refinement, no compression.
+    fn uncompressed(buffer: usize) -> Params {
+        Params { hash: HashAlgo::Blake3, buffer, chunk: None, refine: None, codec: Codec::None, adapt: false }
+    }
+
     fn layout(size: usize, buffer: usize) -> crate::tree::Layout {
         crate::tree::Layout {
             hash: HashAlgo::Blake3,
@@ -266,14 +271,7 @@ mod property_tests {
         dst[8192..16384].fill(0);
         std::fs::write(&lp, &src).unwrap();
         std::fs::write(&rp, &dst).unwrap();
-        let params = Params {
-            hash: HashAlgo::Blake3,
-            buffer: 8192,
-            chunk: None,
-            refine: None,
-            codec: Codec::None,
-            adapt: false,
-        };
+        let params = uncompressed(8192);
         let mut ep = Endpoint::over(crate::serve::in_process(&rp)).unwrap();
         let access = Access::Write {
             source_size: 24576,
@@ -323,14 +321,7 @@ mod property_tests {
         let (lp, rp) = (tmp.path().join("local"), tmp.path().join("remote"));
         std::fs::write(&lp, vec![0u8; 16384]).unwrap();
         std::fs::write(&rp, vec![3u8; 16384]).unwrap();
-        let params = Params {
-            hash: HashAlgo::Blake3,
-            buffer: 8192,
-            chunk: None,
-            refine: None,
-            codec: Codec::None,
-            adapt: false,
-        };
+        let params = uncompressed(8192);
         let mut ep = Endpoint::over(crate::serve::in_process(&rp)).unwrap();
         let local = Device::open_receiver(
             &lp,
