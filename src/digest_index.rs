@@ -242,15 +242,16 @@ impl DigestIndex {
 
     /// Learns the leaves that `data`, just read at `offset`, covers entirely.
     pub fn observe(&mut self, offset: u64, data: &[u8]) {
-        let b = self.layout.buffer;
-        if !offset.is_multiple_of(b) {
-            return;
-        }
-        for (k, piece) in data.chunks(b as usize).enumerate() {
-            let leaf = offset / b + k as u64;
-            if piece.len() as u64 == self.layout.leaf_len(leaf) && self.leaf(leaf).is_none() {
-                let (d, chunks) = leaf_digest(&self.layout, piece);
-                self.learn(leaf, &d, &chunks);
+        let layout = self.layout;
+        let read = whole_leaves(&layout, offset, data, |leaf| self.leaf(leaf).is_none());
+        self.learn_new(read);
+    }
+
+    /// Learns those of `leaves` (index, digest, piece digests) it does not know yet.
+    pub fn learn_new(&mut self, leaves: Vec<(u64, Digest, Vec<Digest>)>) {
+        for (leaf, d, pieces) in leaves {
+            if self.leaf(leaf).is_none() {
+                self.learn(leaf, &d, &pieces);
             }
         }
     }
@@ -530,6 +531,29 @@ impl DigestIndex {
         self.learn(leaf, &d, &chunks);
         Ok((d, chunks))
     }
+}
+
+/// The digests of the leaves that `data`, read at `offset`, covers entirely, for those
+/// `wanted` says: what a read teaches a source's index.
+pub fn whole_leaves(
+    layout: &Layout,
+    offset: u64,
+    data: &[u8],
+    wanted: impl Fn(u64) -> bool,
+) -> Vec<(u64, Digest, Vec<Digest>)> {
+    let b = layout.buffer;
+    if !offset.is_multiple_of(b) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (k, piece) in data.chunks(b as usize).enumerate() {
+        let leaf = offset / b + k as u64;
+        if piece.len() as u64 == layout.leaf_len(leaf) && wanted(leaf) {
+            let (d, pieces) = leaf_digest(layout, piece);
+            out.push((leaf, d, pieces));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -150,11 +150,13 @@ where
     let skip = Arc::new(skip);
     let work = Arc::new(work);
     let pool = Arc::new(Pool::default());
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(k));
     let mut rxs = Vec::with_capacity(k);
     for t in 0..k {
         let (tx, rx) = sync_channel(depth);
         rxs.push(rx);
-        let (skip, work, pool) = (Arc::clone(&skip), Arc::clone(&work), Arc::clone(&pool));
+        let (skip, work, pool, running) =
+            (Arc::clone(&skip), Arc::clone(&work), Arc::clone(&pool), Arc::clone(&running));
         let start = leaves.start + t as u64;
         let end = leaves.end;
         scope.spawn(move || {
@@ -180,7 +182,10 @@ where
                 }
             }
             // Read-ahead may have cached more than the leaves (into holes, past the
-            // last one): the pass drops all of its span.
+            // last one): the last worker to finish drops the pass's whole span.
+            if running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) != 1 {
+                return;
+            }
             let (first, _) = layout.leaf_span(leaves.start);
             let (last, last_len) = layout.leaf_span(leaves.end.max(1) - 1);
             device.done_with(first, (last + last_len).saturating_sub(first));

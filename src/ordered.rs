@@ -9,68 +9,8 @@ use std::thread::Scope;
 /// A pool of workers applying one function; item `n` goes to worker `n % K`, and results
 /// are taken back round-robin, so in order.
 pub struct Ordered<I, O> {
-    lanes: Vec<(SyncSender<I>, Receiver<O>)>,
-    given: usize,
-    taken: usize,
-}
-
-impl<I: Send, O: Send> Ordered<I, O> {
-    /// Starts `workers` scoped threads applying `work`; each holds at most `depth` items
-    /// waiting.
-    pub fn spawn<'scope, 'env, F>(scope: &'scope Scope<'scope, 'env>, workers: usize, depth: usize, work: F) -> Self
-    where
-        I: 'scope,
-        O: 'scope,
-        F: Fn(I) -> O + Send + Sync + 'scope,
-    {
-        let work = Arc::new(work);
-        let lanes = (0..workers.max(1))
-            .map(|_| {
-                let (give, items) = sync_channel::<I>(depth.max(1));
-                let (done, results) = channel::<O>();
-                let work = Arc::clone(&work);
-                scope.spawn(move || {
-                    for item in items {
-                        if done.send(work(item)).is_err() {
-                            return;
-                        }
-                    }
-                });
-                (give, results)
-            })
-            .collect();
-        Ordered { lanes, given: 0, taken: 0 }
-    }
-
-    /// Items given and not taken back yet.
-    pub fn outstanding(&self) -> usize {
-        self.given - self.taken
-    }
-
-    /// The workers (at least one).
-    pub fn workers(&self) -> usize {
-        self.lanes.len()
-    }
-
-    /// Gives an item to the next worker (blocking while its queue is full).
-    pub fn give(&mut self, item: I) {
-        let lane = &self.lanes[self.given % self.lanes.len()];
-        // A worker only goes when its function panicked: `take` then reports it gone.
-        let _ = lane.0.send(item);
-        self.given += 1;
-    }
-
-    /// The result of the oldest item not taken yet, waiting for it; `None` when nothing
-    /// is outstanding. A worker whose function panicked yields `Err(())` in place of its
-    /// result.
-    pub fn take(&mut self) -> Option<Result<O, ()>> {
-        if self.outstanding() == 0 {
-            return None;
-        }
-        let lane = &self.lanes[self.taken % self.lanes.len()];
-        self.taken += 1;
-        Some(lane.1.recv().map_err(|_| ()))
-    }
+    giver: Giver<I>,
+    taker: Taker<O>,
 }
 
 /// The giving half of a split [`Ordered`].
@@ -86,10 +26,53 @@ pub struct Taker<O> {
 }
 
 impl<I: Send, O: Send> Ordered<I, O> {
+    /// Starts `workers` scoped threads applying `work`; each holds at most `depth` items
+    /// waiting.
+    pub fn spawn<'scope, 'env, F>(scope: &'scope Scope<'scope, 'env>, workers: usize, depth: usize, work: F) -> Self
+    where
+        I: 'scope,
+        O: 'scope,
+        F: Fn(I) -> O + Send + Sync + 'scope,
+    {
+        let work = Arc::new(work);
+        let (give, take) = (0..workers.max(1))
+            .map(|_| {
+                let (give, items) = sync_channel::<I>(depth.max(1));
+                let (done, results) = channel::<O>();
+                let work = Arc::clone(&work);
+                scope.spawn(move || {
+                    for item in items {
+                        if done.send(work(item)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                (give, results)
+            })
+            .unzip();
+        Ordered { giver: Giver { lanes: give, given: 0 }, taker: Taker { lanes: take, taken: 0 } }
+    }
+
+    /// Items given and not taken back yet.
+    pub fn outstanding(&self) -> usize {
+        self.giver.given - self.taker.taken
+    }
+
+    /// Gives an item to the next worker (blocking while its queue is full).
+    pub fn give(&mut self, item: I) {
+        self.giver.give(item);
+    }
+
+    /// The result of the oldest item not taken yet, waiting for it; `None` when nothing
+    /// is outstanding. A worker whose function panicked yields `Err(())` in place of its
+    /// result.
+    pub fn take(&mut self) -> Option<Result<O, ()>> {
+        (self.outstanding() > 0).then(|| self.taker.take().ok_or(()))
+    }
+
     /// Splits the pool so that one thread gives items and another takes the results.
     pub fn split(self) -> (Giver<I>, Taker<O>) {
-        let (give, take) = self.lanes.into_iter().unzip();
-        (Giver { lanes: give, given: self.given }, Taker { lanes: take, taken: self.taken })
+        (self.giver, self.taker)
     }
 }
 
@@ -97,6 +80,7 @@ impl<I> Giver<I> {
     /// Gives an item to the next worker (blocking while its queue is full).
     pub fn give(&mut self, item: I) {
         let lane = &self.lanes[self.given % self.lanes.len()];
+        // A worker only goes when its function panicked: the taker then reports it gone.
         let _ = lane.send(item);
         self.given += 1;
     }

@@ -221,20 +221,26 @@ impl<'a> Window<'a> {
     pub fn make_room(&mut self) -> Result<(), Fault> {
         loop {
             self.send_follow_ups()?;
-            if self.inflight + self.queued <= BUDGET {
+            if self.inflight + self.queued <= BUDGET || !self.take_reply()? {
                 return Ok(());
             }
-            let Some(p) = self.pending.pop_front() else { return Ok(()) };
-            self.inflight -= p.cost();
-            if let Pending::Digests { first, count } = p {
-                self.batches_out -= 1;
-                let digests = self.ctx.ep.digests(self.ctx.params.hash, count as usize)?;
-                self.ready.push_back((first, digests));
-                continue;
-            }
-            self.handle(p)?;
-            self.maybe_checkpoint()?;
         }
+    }
+
+    /// Takes the oldest reply, if any request is outstanding (false if none is): a
+    /// digest batch is kept for [`Window::next_digest_batch`], anything else is acted on.
+    fn take_reply(&mut self) -> Result<bool, Fault> {
+        let Some(p) = self.pending.pop_front() else { return Ok(false) };
+        self.inflight -= p.cost();
+        if let Pending::Digests { first, count } = p {
+            self.batches_out -= 1;
+            let digests = self.ctx.ep.digests(self.ctx.params.hash, count as usize)?;
+            self.ready.push_back((first, digests));
+            return Ok(true);
+        }
+        self.handle(p)?;
+        self.maybe_checkpoint()?;
+        Ok(true)
     }
 
     /// Keeps up to [`WINDOW`] batches of leaf digests requested from the endpoint, once
@@ -269,15 +275,9 @@ impl<'a> Window<'a> {
             }
             self.send_follow_ups()?;
             self.ask_digest_batches()?;
-            let Some(p) = self.pending.pop_front() else { return Ok(None) };
-            self.inflight -= p.cost();
-            if let Pending::Digests { first, count } = p {
-                self.batches_out -= 1;
-                let digests = self.ctx.ep.digests(self.ctx.params.hash, count as usize)?;
-                return Ok(Some((first, digests)));
+            if !self.take_reply()? {
+                return Ok(None);
             }
-            self.handle(p)?;
-            self.maybe_checkpoint()?;
         }
     }
 
@@ -298,20 +298,16 @@ impl<'a> Window<'a> {
     pub fn drain(&mut self, keep: usize) -> Result<(), Fault> {
         loop {
             self.send_follow_ups()?;
-            if self.pending.len() + self.follow.len() <= keep {
+            if self.pending.len() + self.follow.len() <= keep || !self.take_reply()? {
                 return Ok(());
             }
-            let Some(p) = self.pending.pop_front() else { return Ok(()) };
-            self.inflight -= p.cost();
-            self.handle(p)?;
-            self.maybe_checkpoint()?;
         }
     }
 
     /// Takes the reply to `p` from the endpoint and acts on it.
     fn handle(&mut self, p: Pending) -> Result<(), Fault> {
         match p {
-            Pending::Digests { .. } => Err(Fault::Internal("digest batch outside the main loop")),
+            Pending::Digests { .. } => Err(Fault::Internal("digest batch handled as a follow-up")),
             Pending::Flushed => Ok(self.ctx.ep.flushed()?),
             Pending::Pieces { offset, len, unit, ours, data, leaf } => {
                 let theirs = self.ctx.ep.digests(self.ctx.params.hash, ours.len())?;

@@ -1,26 +1,31 @@
 //! `basyn serve PATH`: the far endpoint, the mirror image of the client in `endpoint`.
 //! Speaks the protocol's types on stdin/stdout and touches only the device named on its
-//! command line and that device's state file.
+//! command line and that device's state file. `work`: what a session does on worker
+//! threads (checking blocks, answering reads) and the digests it answers.
+
+mod work;
+
+use work::{Answers, Checking, Learnt, ReadJob, check_block, digest_range, plain_digests, send_replies};
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
-use crate::block::{BlockFrame, VerifiedBlock};
+use crate::block::VerifiedBlock;
 use crate::compress::Codec;
 use crate::device::{Device, DeviceError, Identity, ReceiverSpec, Side};
 use crate::digest_index::{DigestIndex, SaveError};
-use crate::hash::{Digest, HashAlgo};
-use crate::leaf_reader::{self, Data};
+use crate::hash::HashAlgo;
+use crate::leaf_reader;
 use crate::ordered::Ordered;
 use crate::protocol::{
-    AbortCode, Access, Check, Closed, Counter, FEATURES, Frame, FrameReader, FrameWriter, HEARTBEAT, MAX_BLOCK,
-    MAX_DIGESTS, Message, OpenRequest, Opened, ProtocolError, StateMode, StateOptions, StateSummary, VERSION,
+    AbortCode, Access, Closed, Counter, FEATURES, Frame, FrameReader, FrameWriter, HEARTBEAT, MAX_BLOCK, MAX_DIGESTS,
+    Message, OpenRequest, Opened, ProtocolError, StateMode, StateOptions, StateSummary, VERSION,
 };
 use crate::restrict::Config;
 use crate::stamp::Role;
 use crate::state::StateError;
-use crate::tree::{DEFAULT_FANOUT, Layout, leaf_digest, zero_leaf_digest};
+use crate::tree::{DEFAULT_FANOUT, Layout};
 
 /// Why a session ended early.
 #[derive(Debug)]
@@ -133,34 +138,15 @@ fn session<R: Read, W: Write + Send>(
         // Blocks for the device are decoded and checked on every core while this thread
         // reads the next frames; it writes them, in order.
         let workers = leaf_reader::workers();
-        let mut checking = Ordered::spawn(scope, workers, 2, |(frame, limit, layout): (BlockFrame, u64, Layout)| {
-            frame.verify(limit, &layout)
-        });
+        let mut checking = Ordered::spawn(scope, workers, 2, check_block);
         // Reads of a source are read, hashed and compressed there too, and a thread of
         // their own sends the replies in order as they are ready (this one may be
         // waiting for the next request meanwhile); the leaves they read come back here
         // for the source's index.
-        let (mut reads, mut replies) = Ordered::spawn(scope, workers, 2, |job: ReadJob| job.run()).split();
-        let (answered, answers) = mpsc::channel::<Result<Vec<Learnt>, Abort>>();
-        scope.spawn(move || {
-            let mut failed = false;
-            while let Some(done) = replies.take() {
-                let answer = match done {
-                    // After a failure nothing more is sent: the abort says why.
-                    Ok(_) if failed => Ok(Vec::new()),
-                    Ok((reply, leaves)) => {
-                        let mut w = lock(w);
-                        w.send(&reply).and_then(|()| w.flush()).map(|()| leaves).map_err(Abort::from)
-                    }
-                    Err(e) => Err(Abort::from(e)),
-                };
-                failed |= answer.is_err();
-                if answered.send(answer).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut answers = Answers { rx: answers, count: 0 };
+        let (mut reads, replies) = Ordered::spawn(scope, workers, 2, |job: ReadJob| job.run()).split();
+        let (answered, answers) = mpsc::channel();
+        scope.spawn(move || send_replies(replies, w, answered));
+        let mut answers = Answers::new(answers);
         loop {
             // The client went away: keep nothing a state file could misread.
             let Some(frame) = r.recv()? else { return server.write_checked(&mut checking, 0) };
@@ -194,73 +180,6 @@ fn session<R: Read, W: Write + Send>(
             }
         }
     })
-}
-
-/// Blocks given to be checked, not yet written.
-type Checking = Ordered<(BlockFrame, u64, Layout), Result<VerifiedBlock, crate::block::BlockError>>;
-
-/// A read of a source device's range, done on a worker: its reply, and the digests of
-/// the whole leaves it covers (for the source's state).
-struct ReadJob {
-    device: Arc<Device>,
-    offset: u64,
-    len: u32,
-    codec: Codec,
-    /// The layout, when the leaves read are to be learnt.
-    learn: Option<Layout>,
-}
-
-/// A leaf read by a `Read`: its index, digest and piece digests.
-type Learnt = (u64, Digest, Vec<Digest>);
-
-/// A read's reply and the leaves it learnt.
-type ReadDone = Result<(Frame, Vec<Learnt>), DeviceError>;
-
-/// What the reply thread says of each read it answered, counted.
-struct Answers {
-    rx: mpsc::Receiver<Result<Vec<Learnt>, Abort>>,
-    count: usize,
-}
-
-impl Answers {
-    /// Takes what the reply thread said so far, and waits until at most `keep` of the
-    /// `given` reads are unanswered; the source's index learns their leaves.
-    fn settle(&mut self, server: &mut Server<'_>, given: usize, keep: usize) -> Result<(), Abort> {
-        loop {
-            let waiting = given - self.count > keep;
-            let answer = if waiting { self.rx.recv().ok() } else { self.rx.try_recv().ok() };
-            let Some(answer) = answer else {
-                return match waiting {
-                    true => Err(invalid("a read".into(), "answering it (its thread failed)")),
-                    false => Ok(()),
-                };
-            };
-            self.count += 1;
-            server.learn(answer?);
-        }
-    }
-}
-
-impl ReadJob {
-    fn run(self) -> ReadDone {
-        let ReadJob { device, offset, len, codec, learn } = self;
-        if device.is_hole(offset, u64::from(len)) {
-            return Ok((Frame::Block(BlockFrame::zeros(offset, len, Check::None)), Vec::new()));
-        }
-        let mut buf = vec![0u8; len as usize];
-        device.read_at(offset, &mut buf)?;
-        let mut leaves = Vec::new();
-        if let Some(l) = learn.filter(|l| offset.is_multiple_of(l.buffer)) {
-            for (k, piece) in buf.chunks(l.buffer as usize).enumerate() {
-                let leaf = offset / l.buffer + k as u64;
-                if piece.len() as u64 == l.leaf_len(leaf) {
-                    let (d, pieces) = leaf_digest(&l, piece);
-                    leaves.push((leaf, d, pieces));
-                }
-            }
-        }
-        Ok((Frame::Block(BlockFrame::encode(offset, &buf, codec, Check::None)), leaves))
-    }
 }
 
 /// One session's server: the device as the current `Open` left it, and what the
@@ -322,11 +241,8 @@ impl Server<'_> {
 
     /// The source's index learns the leaves a read read (those it does not know).
     fn learn(&mut self, leaves: Vec<Learnt>) {
-        let Some(o) = self.open.as_mut() else { return };
-        for (leaf, d, pieces) in leaves {
-            if o.index.leaf(leaf).is_none() {
-                o.index.learn(leaf, &d, &pieces);
-            }
+        if let Some(o) = self.open.as_mut() {
+            o.index.learn_new(leaves);
         }
     }
 
@@ -448,110 +364,6 @@ impl Served {
     }
 }
 
-/// Digests of every `block`-sized piece of `[offset, offset+len)`, read only where the
-/// index does not already know them: leaf-aligned leaf requests and whole-leaf piece
-/// requests are answered (and remembered) through the index. Pieces of the leaf size
-/// follow the leaf rule, all others are plain digests of their data.
-fn digest_range(
-    index: &mut DigestIndex,
-    device: &Device,
-    offset: u64,
-    len: u64,
-    block: u64,
-    buf: &mut Vec<u8>,
-) -> Result<Vec<u8>, DeviceError> {
-    let l = *index.layout();
-    let b = l.buffer;
-    let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize * l.hash.digest_len());
-    let end = offset + len;
-    let leaf_aligned = offset.is_multiple_of(b) && (end.is_multiple_of(b) || end == l.device_size);
-    if block == b && leaf_aligned && end <= l.device_size {
-        // The leaves not known are read and hashed on every core.
-        let leaves = offset / b..end.div_ceil(b);
-        let skip: Vec<bool> = leaves.clone().map(|leaf| index.leaf(leaf).is_some()).collect();
-        return std::thread::scope(|scope| {
-            let read = leaf_reader::spawn(scope, device, l, leaves, skip, move |offset, data| match data {
-                Data::Skipped => None,
-                Data::Zero => Some(zero_leaf_digest(&l, l.leaf_len(offset / b))),
-                Data::Read(bytes) => Some(leaf_digest(&l, &bytes)),
-            });
-            for leaf in read {
-                let leaf = leaf?;
-                let d = match leaf.value {
-                    Some((d, pieces)) => {
-                        index.learn(leaf.index, &d, &pieces);
-                        d
-                    }
-                    None => {
-                        let forgotten = || device.error("hash", std::io::Error::other("a known leaf was forgotten"));
-                        index.leaf(leaf.index).ok_or_else(forgotten)?
-                    }
-                };
-                out.extend_from_slice(d.as_bytes());
-            }
-            Ok(out)
-        });
-    }
-    let leaf = offset / b;
-    if l.piece() == block && offset.is_multiple_of(b) && len == l.leaf_len(leaf) {
-        let pieces = match index.pieces(leaf) {
-            Some(p) => p,
-            None => index.read_leaf(device, leaf, buf)?.1,
-        };
-        for p in pieces {
-            out.extend_from_slice(p.as_bytes());
-        }
-        return Ok(out);
-    }
-    // Anything else is read and hashed as asked; leaf-sized pieces follow the leaf rule,
-    // so that a range cut short (a recheck over the synced length of a larger device)
-    // still compares with the other side's leaves.
-    let step = block * ((4u64 << 20) / block).max(1);
-    let mut at = offset;
-    while at < end {
-        let n = step.min(end - at) as usize;
-        buf.resize(n, 0);
-        device.read_at(at, buf)?;
-        for piece in buf.chunks(block as usize) {
-            let d = if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
-            out.extend_from_slice(d.as_bytes());
-        }
-        at += n as u64;
-    }
-    Ok(out)
-}
-
-/// The plain digest of each whole block of `range` (the hash of its bytes, as the
-/// original's bitmap holds them), read from the device; a hole is not read. With
-/// `learn`, the index learns the leaves read on the way, so that the source's state is
-/// built from the same read.
-fn plain_digests(
-    index: &mut DigestIndex,
-    device: &Device,
-    (offset, len): (u64, u64),
-    buf: &mut Vec<u8>,
-    learn: bool,
-) -> Result<Vec<u8>, DeviceError> {
-    let l = *index.layout();
-    let mut out = Vec::with_capacity(len.div_ceil(l.buffer) as usize * l.hash.digest_len());
-    let mut at = offset;
-    while at < offset + len {
-        let n = l.buffer.min(offset + len - at);
-        if device.is_hole(at, n) {
-            out.extend_from_slice(l.hash.zero_digest(n as usize).as_bytes());
-        } else {
-            buf.resize(n as usize, 0);
-            device.read_at(at, buf)?;
-            out.extend_from_slice(l.hash.digest(buf).as_bytes());
-            if learn {
-                index.observe(at, buf);
-            }
-        }
-        at += n;
-    }
-    Ok(out)
-}
-
 /// Refuses parameters no basyn client sends: they would divide by zero, allocate without
 /// bound, or write state files outside basyn's own.
 /// The smallest block or chunk an `Open` may ask for, in bytes.
@@ -584,6 +396,24 @@ fn check_state_path(p: &Path) -> Result<(), Abort> {
     crate::state::check_path(p).map_err(|e| Abort { code: AbortCode::Precondition, message: format!("remote {e}") })
 }
 
+/// The layout of an open of `size` bytes.
+fn layout_of(req: &OpenRequest, size: u64) -> Layout {
+    Layout { hash: req.hash, buffer: req.buffer, chunk: req.chunk, fanout: DEFAULT_FANOUT as u32, device_size: size }
+}
+
+/// What the client learns of the device's state: its note, and its root if fresh.
+fn summary_of(index: &mut DigestIndex) -> StateSummary {
+    let mut summary = StateSummary { note: index.note().to_string(), ..StateSummary::default() };
+    if index.fresh()
+        && let Some(t) = index.tree()
+    {
+        summary.fresh = true;
+        summary.root = t.root().map(|d| d.as_bytes().to_vec());
+        summary.height = t.height() as u32;
+    }
+    summary
+}
+
 /// Opens the served device as asked; a refusal is an `Abort` with the precondition code.
 fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>), Abort> {
     check_request(&req)?;
@@ -602,14 +432,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
             (d, size, Role::Read)
         }
         Access::Write { source_size, source, source_name, force, known_zero } => {
-            let layout = Layout {
-                hash: req.hash,
-                buffer: req.buffer,
-                chunk: req.chunk,
-                fanout: DEFAULT_FANOUT as u32,
-                device_size: *source_size,
-            };
-            DigestIndex::check_size(&layout, path)
+            DigestIndex::check_size(&layout_of(&req, *source_size), path)
                 .map_err(|e| Abort { code: AbortCode::Precondition, message: format!("remote {e}") })?;
             let spec = ReceiverSpec {
                 source_size: *source_size,
@@ -621,13 +444,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
             (Device::open_receiver(path, Side::Remote, &spec).map_err(refused)?, *source_size, Role::Receiver)
         }
     };
-    let layout = Layout {
-        hash: req.hash,
-        buffer: req.buffer,
-        chunk: req.chunk,
-        fanout: DEFAULT_FANOUT as u32,
-        device_size: limit,
-    };
+    let layout = layout_of(&req, limit);
     // Even without a state file the index applies the leaf rule and remembers the
     // digests of this session.
     let bad = |e: StateError| Abort { code: AbortCode::Precondition, message: format!("remote {e}") };
@@ -647,14 +464,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
             return Err(abort);
         }
     };
-    let mut summary = StateSummary { note: index.note().to_string(), ..StateSummary::default() };
-    if index.fresh()
-        && let Some(t) = index.tree()
-    {
-        summary.fresh = true;
-        summary.root = t.root().map(|d| d.as_bytes().to_vec());
-        summary.height = t.height() as u32;
-    }
+    let summary = summary_of(&mut index);
     let opened = Opened {
         size: device.size(),
         kind: device.kind(),
@@ -706,7 +516,8 @@ fn check_range(limit: u64, offset: u64, len: u64, ok: bool) -> Result<(), Abort>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::Check;
+    use crate::block::{BlockFrame, Check};
+    use crate::tree::leaf_digest;
 
     /// Runs one session against `path` with `frames` after the handshake; returns the
     /// exit code and every frame the server sent after its Hello.
