@@ -108,10 +108,20 @@ pub struct Leaf<T> {
 /// The leaves, in order, as the workers deliver them. Ends after the last leaf, or
 /// after the first read error (which it delivers).
 pub struct Leaves<T> {
-    workers: Vec<Receiver<Result<Leaf<T>, DeviceError>>>,
+    workers: Vec<Receiver<Batch<T>>>,
+    /// What each worker delivered and the consumer has not taken yet.
+    taken: Vec<std::collections::VecDeque<Result<Leaf<T>, DeviceError>>>,
     next: usize,
     failed: bool,
 }
+
+/// Leaves a worker hands over at once: a leaf it read ends a batch, leaves it did not
+/// read (skipped, holes) go up to [`CHEAP_BATCH`] at a time, so that a sparse terabyte
+/// does not cost two thread wake-ups per leaf.
+type Batch<T> = Vec<Result<Leaf<T>, DeviceError>>;
+
+/// The most leaves without data in one batch.
+const CHEAP_BATCH: usize = 256;
 
 impl<T> Iterator for Leaves<T> {
     type Item = Result<Leaf<T>, DeviceError>;
@@ -120,7 +130,11 @@ impl<T> Iterator for Leaves<T> {
         if self.failed || self.workers.is_empty() {
             return None;
         }
-        let item = self.workers[self.next % self.workers.len()].recv().ok()?;
+        let lane = self.next % self.workers.len();
+        if self.taken[lane].is_empty() {
+            self.taken[lane].extend(self.workers[lane].recv().ok()?);
+        }
+        let item = self.taken[lane].pop_front()?;
         self.next += 1;
         self.failed = item.is_err();
         Some(item)
@@ -160,26 +174,35 @@ where
         let start = leaves.start + t as u64;
         let end = leaves.end;
         scope.spawn(move || {
+            let mut batch = Vec::new();
             for index in (start..end).step_by(k) {
                 let (offset, len) = layout.leaf_span(index);
                 let len = len as usize;
+                let mut read = false;
                 let leaf = if skip.get((index - leaves.start) as usize).copied().unwrap_or(false) {
                     Ok(Leaf { index, offset, len, value: work(offset, Data::Skipped) })
                 } else if device.is_hole(offset, len as u64) {
                     Ok(Leaf { index, offset, len, value: work(offset, Data::Zero) })
                 } else {
+                    read = true;
                     let mut bytes = pool.take(len);
-                    let read = device.read_at(offset, &mut bytes);
+                    let got = device.read_at(offset, &mut bytes);
                     device.done_with(offset, len as u64);
-                    read.map(|()| {
+                    got.map(|()| {
                         let buf = Buf { bytes, pool: Some(Arc::clone(&pool)) };
                         Leaf { index, offset, len, value: work(offset, Data::Read(buf)) }
                     })
                 };
                 let failed = leaf.is_err();
-                if tx.send(leaf).is_err() || failed {
+                batch.push(leaf);
+                if (read || failed || batch.len() >= CHEAP_BATCH) && tx.send(std::mem::take(&mut batch)).is_err()
+                    || failed
+                {
                     return;
                 }
+            }
+            if !batch.is_empty() && tx.send(batch).is_err() {
+                return;
             }
             // Read-ahead may have cached more than the leaves (into holes, past the
             // last one): the last worker to finish drops the pass's whole span.
@@ -191,7 +214,7 @@ where
             device.done_with(first, (last + last_len).saturating_sub(first));
         });
     }
-    Leaves { workers: rxs, next: 0, failed: false }
+    Leaves { taken: rxs.iter().map(|_| Default::default()).collect(), workers: rxs, next: 0, failed: false }
 }
 
 #[cfg(test)]
