@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::block::VerifiedBlock;
-use crate::lease::{Lease, Taken};
+use crate::lease::{BackingWatch, Lease, Taken, Unwatched};
 use crate::occupancy;
 use crate::sparse::{self, Extents, KnownZero};
 use crate::sysfs;
@@ -203,6 +203,8 @@ pub struct Device {
     extents: Extents,
     /// A regular-file receiver's write lease: broken when another process opens it.
     lease: Lease,
+    /// A loop-device receiver's watch on its backing file, for the same.
+    backing_watch: Option<BackingWatch>,
 }
 
 impl Device {
@@ -270,8 +272,9 @@ impl Device {
         }
         // Nothing may be changed (resized) before basyn owns the device.
         lock(&dev.file).map_err(err)?;
-        if kind == Kind::File {
-            dev.lease_receiver(spec.force).map_err(err)?;
+        match kind {
+            Kind::File => dev.lease_receiver(spec.force).map_err(err)?,
+            Kind::Block => dev.watch_backing(spec.force).map_err(err)?,
         }
         dev.fit_size(spec)?;
         Ok(dev)
@@ -345,11 +348,33 @@ impl Device {
         Ok(())
     }
 
-    /// True if another process opened this (regular-file) receiver since it was opened,
-    /// so may have written it: basyn's own writes and another writer's look the same in
-    /// a file's timestamps.
+    /// Watches the backing file of a loop-device receiver for other openers: writes to
+    /// it bypass the loop device, and its timestamps move with basyn's own writes too.
+    /// One that has it open already makes the receiver in use, unless `--force`.
+    fn watch_backing(&mut self, force: bool) -> Result<(), Problem> {
+        let Some(key) = self.identity.backing else { return Ok(()) };
+        let Some(path) = sysfs::block_name(self.identity.rdev).and_then(|n| sysfs::loop_backing_file(&n)) else {
+            return Ok(());
+        };
+        match BackingWatch::take(&path, key) {
+            Ok(watch) => self.backing_watch = Some(watch),
+            Err(Unwatched::Busy(pid)) if !force => {
+                let name = sysfs::process_name(pid);
+                return Err(Problem::InUse(format!(
+                    "process {pid} ({name}) has its backing file {} open",
+                    path.display()
+                )));
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// True if another process opened this receiver since it was opened (a regular file,
+    /// or a loop device's backing file), so may have written it: basyn's own writes and
+    /// another writer's look the same in a file's timestamps.
     pub fn opened_by_others(&self) -> bool {
-        self.lease.broken(&self.file)
+        self.lease.broken(&self.file) || self.backing_watch.as_ref().is_some_and(BackingWatch::opened)
     }
 
     fn finish_open(file: File, path: &Path, side: Side, kind: Kind, created: bool) -> Result<Device, DeviceError> {
@@ -380,6 +405,7 @@ impl Device {
             known_zero: KnownZero::none(),
             extents: Extents::default(),
             lease: Lease::default(),
+            backing_watch: None,
         })
     }
 

@@ -9,9 +9,20 @@
 //! kernel's notification goes to SIGURG, which is ignored by default. A broken lease is
 //! released within 20 ms, so that the other process is not kept waiting for the kernel's
 //! break timeout (`/proc/sys/fs/lease-break-time`, 45 s).
+//!
+//! A loop device's backing file cannot be leased (the loop driver holds it open for
+//! writing), so a loop-device receiver is watched differently ([`BackingWatch`]): an
+//! inotify watch for `IN_OPEN` on the backing file, taken before looking through `/proc`
+//! for processes that already have it open. The loop driver never opens the file again
+//! and its own I/O raises no open event, so any event is another process.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::sysfs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -112,6 +123,78 @@ fn check(file: &File, state: &State) -> bool {
     // SAFETY: as above; releasing lets the other process's open go on at once.
     unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
     false
+}
+
+/// An inotify watch for opens of a loop device's backing file.
+#[derive(Debug)]
+pub struct BackingWatch {
+    fd: OwnedFd,
+    opened: AtomicBool,
+}
+
+/// Why a backing file is not watched.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unwatched {
+    /// This process has the file open now.
+    Busy(u32),
+    /// No watch can be set, or `/proc` cannot be read whole (not root).
+    Unsupported,
+}
+
+/// `IN_OPEN` and `IN_Q_OVERFLOW` (`<sys/inotify.h>`): a lost event counts as an open.
+const IN_OPEN: u32 = 0x20;
+const IN_Q_OVERFLOW: u32 = 0x4000;
+
+impl BackingWatch {
+    /// Starts watching `backing` (identified by `key`, `st_dev` and `st_ino`).
+    pub fn take(backing: &Path, key: (u64, u64)) -> Result<BackingWatch, Unwatched> {
+        // SAFETY: a plain syscall; the descriptor is owned at once.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(Unwatched::Unsupported);
+        }
+        // SAFETY: `raw` is a new descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let Ok(c_path) = std::ffi::CString::new(backing.as_os_str().as_bytes()) else {
+            return Err(Unwatched::Unsupported);
+        };
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c_path.as_ptr(), IN_OPEN) } < 0 {
+            return Err(Unwatched::Unsupported);
+        }
+        // The file is the one meant (not replaced under its name), and nobody had it open
+        // before the watch began.
+        if std::fs::metadata(backing).map(|m| (m.dev(), m.ino())).ok() != Some(key) {
+            return Err(Unwatched::Unsupported);
+        }
+        match sysfs::opener(key) {
+            Ok(None) => Ok(BackingWatch { fd, opened: AtomicBool::new(false) }),
+            Ok(Some(pid)) => Err(Unwatched::Busy(pid)),
+            Err(_) => Err(Unwatched::Unsupported),
+        }
+    }
+
+    /// True if another process has opened the backing file since the watch began.
+    pub fn opened(&self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reading into a buffer of the given length.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            let mut at = 0;
+            // Each event: wd (4), mask (4), cookie (4), len (4), then len bytes of name.
+            while at + 16 <= n as usize {
+                let field = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+                if field(at + 4) & (IN_OPEN | IN_Q_OVERFLOW) != 0 {
+                    self.opened.store(true, Ordering::SeqCst);
+                }
+                at += 16 + field(at + 12) as usize;
+            }
+        }
+        self.opened.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

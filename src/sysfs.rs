@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Environment variable that replaces the boot id, so tests can simulate a reboot.
@@ -15,6 +16,35 @@ pub fn boot_id() -> String {
         return id.to_string_lossy().into_owned();
     }
     fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// A process (other than this one) with the file `key` open, found through
+/// `/proc/PID/fd`; an error if some process's descriptors could not be looked at.
+pub fn opener(key: (u64, u64)) -> io::Result<Option<u32>> {
+    let me = std::process::id();
+    let procs = fs::read_dir("/proc")?;
+    for pid in procs.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            // The process ended meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for fd in fds.filter_map(|e| e.ok()) {
+            if fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == key) {
+                return Ok(Some(pid));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The command name of process `pid` (`/proc/PID/comm`), or `?`.
+pub fn process_name(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
 }
 
 /// Major and minor number of a device number.

@@ -836,3 +836,56 @@ fn a_regular_file_receiver_open_in_another_process_is_in_use() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// Another process writing the backing file of a loop-device receiver during a run went
+/// unseen: the write bypasses the loop device (its counters do not move), and the backing
+/// file's timestamps move with basyn's own writes too, so the run ended with exit 0 and a
+/// fresh state over data that differed. basyn now watches the backing file for other
+/// openers (inotify `IN_OPEN`): the run ends with exit 2, no state is kept, and a rerun
+/// converges.
+#[test]
+fn a_loop_receivers_backing_file_written_by_another_process_during_the_run_is_reported() {
+    let _l = loops();
+    let t = tmp();
+    let (a, backing) = (t.path().join("a.img"), t.path().join("b.img"));
+    random_image(&a, 93, 256 * MIB);
+    random_image(&backing, 94, 256 * MIB);
+    let Some(dev) = Loop::attach(&backing) else { return };
+    let args = sv(&["-l", s(&a), "-r", dev.s(), "-a", "push", "-m", "sync"]);
+    let mut run = start(&args, &[]);
+    let mut endpoint = None;
+    wait_until(Duration::from_secs(60), "the endpoint to write 8 MiB", || {
+        endpoint = child_pids(run.pid()).into_iter().find(|&p| io_counter(p, "wchar") >= 8 * MIB as u64);
+        endpoint.is_some() || !run.running()
+    });
+    assert!(endpoint.is_some(), "the run ended before the receiver could be written{:?}", run.finish());
+    poke(&backing, 200 * MIB as u64, b"written by someone else");
+    let r = run.finish();
+    r.fails(2, &["written to by another process", dev.s()]);
+    assert!(!dev.state().exists(), "a state was kept for a receiver written by another process{r:?}");
+    basyn(&args).ok();
+    assert_same(&a, dev.path());
+}
+
+/// A loop-device receiver whose backing file another process has open cannot be
+/// watched: it is in use (naming the process), refused unless --force.
+#[test]
+fn a_loop_receiver_whose_backing_file_is_open_in_another_process_is_in_use() {
+    let _l = loops();
+    let t = tmp();
+    let (a, backing) = (t.path().join("a.img"), t.path().join("b.img"));
+    random_image(&a, 95, MIB);
+    random_image(&backing, 96, MIB);
+    let Some(dev) = Loop::attach(&backing) else { return };
+    let mut holder =
+        std::process::Command::new("sleep").arg("60").stdin(File::open(&backing).unwrap()).spawn().unwrap();
+    let args = sv(&["-l", s(&a), "-r", dev.s(), "-a", "push", "-m", "sync"]);
+    let pid = holder.id().to_string();
+    basyn(&args).fails(1, &["in use", "(sleep) has its backing file", &pid, dev.s()]);
+    let mut forced = args.clone();
+    forced.push("--force".into());
+    basyn(&forced).ok();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_same(&a, dev.path());
+}
