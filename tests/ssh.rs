@@ -938,3 +938,41 @@ fn a_stopped_remote_endpoint_ends_the_run_within_its_timeout() {
     sshd.basyn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "SYNC"])).ok();
     assert_same(&local, &remote);
 }
+
+/// A link that goes down mid-run (the test sshd in a network namespace of the test's own,
+/// behind veth; then `ip link set down`: packets go nowhere and nothing is reset) must
+/// end the run within its timeout with exit 2; once the link is back, the stale remote
+/// session goes away and a rerun converges.
+#[test]
+fn a_link_that_goes_down_ends_the_run_within_its_timeout_and_a_rerun_after_it_returns_converges() {
+    let Some(ns) = Netns::make() else { return };
+    let Some(sshd) = Sshd::start_with(Options { netns: ns.for_sshd(), ..Default::default() }) else { return };
+    let size = 300 * MIB;
+    let (local, remote) = (sshd.local("big.img"), sshd.remote("big.img"));
+    urandom_image(&local, size);
+    for (tag, action) in [("link-down-push", "PUSH"), ("link-down-pull", "PULL")] {
+        if action == "PULL" {
+            flip(&remote, (size - 1000) as u64, 10);
+        }
+        let args = over_ssh(&local, &remote, &["-a", action, "-m", "COPY", "--buffer", "1024", "--timeout", "5"]);
+        let mut child = sshd.spawn(&args);
+        let pids = wait_for_serve(&mut child, &remote);
+        wait_for_data(&mut child, &pids, action, tag);
+        assert!(child.running(), "{tag}: the copy ended before the link went down; make the image bigger");
+        let failed = Instant::now();
+        ns.link(false);
+        let (code, took, err) = wait_end(child, tag, failed, FAST);
+        let side = if action == "PUSH" { "remote" } else { "local" };
+        let device = if action == "PUSH" { s(&remote) } else { s(&local) };
+        assert_transfer_error(tag, code, &err, &["may be partly changed", side, device]);
+        assert!(took < Duration::from_secs(15), "{tag}: {took:.2?} to notice the dead link (--timeout 5)");
+        ns.link(true);
+        // The remote session learns of its end when its next packet is answered by a reset.
+        assert!(
+            poll(Duration::from_secs(60), || serve_pids(&remote).is_empty()),
+            "{tag}: the remote basyn serve outlived the link's return"
+        );
+        sshd.basyn(&over_ssh(&local, &remote, &["-a", action, "-m", "SYNC"])).ok();
+        assert_same(&local, &remote);
+    }
+}

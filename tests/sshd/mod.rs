@@ -55,6 +55,9 @@ pub struct Options {
     pub bin_on_path: bool,
     /// Leave `XDG_CACHE_HOME` unset, so uploads go to `$HOME/.cache`.
     pub no_xdg_cache: bool,
+    /// Run sshd inside this network namespace, listening on its address, instead of on
+    /// 127.0.0.1.
+    pub netns: Option<(String, String)>,
 }
 
 /// A running sshd on 127.0.0.1 with its keys and configs in a temp dir; killed on drop.
@@ -93,13 +96,22 @@ impl Sshd {
             fs::create_dir_all(d.join(sub)).expect("cannot create a directory");
         }
         let mut last = String::new();
+        let addr = opts.netns.as_ref().map_or("127.0.0.1".to_string(), |(_, a)| a.clone());
         // A port found free can be taken before sshd binds it: try a few.
         for _ in 0..5 {
             let port = free_port();
-            Sshd::write_configs(d, port, &opts);
+            Sshd::write_configs(d, &addr, port, &opts);
             let log = d.join("sshd.log");
             let _ = fs::remove_file(&log);
-            let mut child = Command::new(SSHD)
+            let mut cmd = match &opts.netns {
+                Some((ns, _)) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, SSHD]);
+                    c
+                }
+                None => Command::new(SSHD),
+            };
+            let mut child = cmd
                 .arg("-D")
                 .arg("-f")
                 .arg(d.join("sshd_config"))
@@ -110,7 +122,7 @@ impl Sshd {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {SSHD}: {e}"));
-            match wait_listening(&mut child, &log, port) {
+            match wait_listening(&mut child, &log, &addr, port) {
                 Ok(()) => return Some(Sshd { dir, port, child }),
                 Err(why) => {
                     let _ = child.kill();
@@ -122,7 +134,7 @@ impl Sshd {
         panic!("cannot start a test sshd: {last}");
     }
 
-    fn write_configs(d: &Path, port: u16, opts: &Options) {
+    fn write_configs(d: &Path, addr: &str, port: u16, opts: &Options) {
         let p = |name: &str| d.join(name).display().to_string();
         let path = if opts.bin_on_path { format!("{}:/usr/bin:/bin", p("bin")) } else { "/usr/bin:/bin".to_string() };
         let mut env = format!("HOME={} PATH={path}", p("home"));
@@ -131,7 +143,7 @@ impl Sshd {
         }
         let sshd_config = format!(
             "Port {port}\n\
-             ListenAddress 127.0.0.1\n\
+             ListenAddress {addr}\n\
              HostKey {hostkey}\n\
              AuthorizedKeysFile {auth}\n\
              PasswordAuthentication no\n\
@@ -148,12 +160,10 @@ impl Sshd {
         );
         fs::write(d.join("sshd_config"), sshd_config).expect("cannot write sshd_config");
         let host_pub = fs::read_to_string(d.join("hostkey.pub")).expect("cannot read the host key");
-        fs::write(d.join("known_hosts"), format!("[127.0.0.1]:{port} {}", host_pub.trim())).expect("known_hosts");
-        fs::write(
-            d.join("ssh_config"),
-            ssh_config_for(ALIAS, Some(port), Some("root"), &p("userkey"), &p("known_hosts")),
-        )
-        .expect("cannot write ssh_config");
+        fs::write(d.join("known_hosts"), format!("[{addr}]:{port} {}", host_pub.trim())).expect("known_hosts");
+        let config = ssh_config_for(ALIAS, Some(port), Some("root"), &p("userkey"), &p("known_hosts"));
+        fs::write(d.join("ssh_config"), config.replace("HostName 127.0.0.1", &format!("HostName {addr}")))
+            .expect("cannot write ssh_config");
     }
 
     /// The temp dir holding everything of this sshd.
@@ -275,9 +285,9 @@ pub fn ssh_config_for(host: &str, port: Option<u16>, user: Option<&str>, key: &s
 }
 
 /// Waits until sshd says it listens on `port` and the port accepts connections.
-fn wait_listening(child: &mut Child, log: &Path, port: u16) -> Result<(), String> {
+fn wait_listening(child: &mut Child, log: &Path, addr: &str, port: u16) -> Result<(), String> {
     let limit = Duration::from_secs(5);
-    let wanted = format!("Server listening on 127.0.0.1 port {port}");
+    let wanted = format!("Server listening on {addr} port {port}");
     let mut outcome = Err(String::new());
     let decided = poll(limit, || {
         let text = fs::read_to_string(log).unwrap_or_default();
@@ -286,7 +296,7 @@ fn wait_listening(child: &mut Child, log: &Path, port: u16) -> Result<(), String
             return true;
         }
         // The log line proves that this sshd, not another one, holds the port.
-        if text.contains(&wanted) && TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if text.contains(&wanted) && TcpStream::connect((addr, port)).is_ok() {
             outcome = Ok(());
             return true;
         }
@@ -297,6 +307,91 @@ fn wait_listening(child: &mut Child, log: &Path, port: u16) -> Result<(), String
         return Err(format!("sshd did not listen on port {port} within {limit:?}: {}", text.trim()));
     }
     outcome
+}
+
+// ---------------------------------------------------------------------------
+// A network namespace of the test's own
+// ---------------------------------------------------------------------------
+
+/// A network namespace made by the test, joined to this one by a veth pair: this end
+/// `10.251.A.B+1/30`, the namespace's end `10.251.A.B+2/30` (`addr`). Deleted on drop.
+pub struct Netns {
+    pub name: String,
+    /// This end of the veth pair.
+    pub host_if: String,
+    /// The namespace's address.
+    pub addr: String,
+}
+
+impl Netns {
+    /// Makes the namespace and its link, or returns `None` if the test is skipped (not
+    /// root, no `ip`).
+    pub fn make() -> Option<Netns> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        if !require_root() || !require(which("ip").is_some(), "ip is not installed (iproute2)") {
+            return None;
+        }
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = (std::process::id() as usize % 100_000) * 8 + n % 8;
+        let slot = id % 16_000;
+        let (a, b) = (slot / 64, (slot % 64) * 4);
+        let ns = Netns {
+            name: format!("basyn-test-{id}"),
+            host_if: format!("bsy{id}h"),
+            addr: format!("10.251.{a}.{}", b + 2),
+        };
+        let ns_if = format!("bsy{id}n");
+        let host_addr = format!("10.251.{a}.{}/30", b + 1);
+        let ns_addr = format!("{}/30", ns.addr);
+        let ip = |args: &[&str]| tool("ip", args).unwrap_or_else(|e| panic!("{e}"));
+        ip(&["netns", "add", &ns.name]);
+        ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &ns_if]);
+        ip(&["link", "set", &ns_if, "netns", &ns.name]);
+        ip(&["addr", "add", &host_addr, "dev", &ns.host_if]);
+        ip(&["link", "set", &ns.host_if, "up"]);
+        for args in [
+            vec!["addr", "add", ns_addr.as_str(), "dev", ns_if.as_str()],
+            vec!["link", "set", ns_if.as_str(), "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["-n", ns.name.as_str()];
+            full.extend(args);
+            ip(&full);
+        }
+        Some(ns)
+    }
+
+    /// What `Options::netns` wants for an sshd in this namespace.
+    pub fn for_sshd(&self) -> Option<(String, String)> {
+        Some((self.name.clone(), self.addr.clone()))
+    }
+
+    /// `ip link set` this end `up` or `down`: down, packets to the namespace go nowhere,
+    /// as over a cut cable; no connection is reset.
+    pub fn link(&self, up: bool) {
+        tool("ip", &["link", "set", &self.host_if, if up { "up" } else { "down" }]).unwrap_or_else(|e| panic!("{e}"));
+        if up {
+            // Up again once the namespace answers: nothing listens on port 9 there, so
+            // a connection is refused, not lost.
+            let addr = self.addr.clone();
+            assert!(
+                poll(Duration::from_secs(10), || std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(addr.parse().expect("an address"), 9),
+                    Duration::from_millis(200)
+                )
+                .map_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionRefused, |_| true)),
+                "the link to {addr} did not come back"
+            );
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it this end.
+        let _ = tool("ip", &["netns", "delete", &self.name]);
+        let _ = tool("ip", &["link", "delete", &self.host_if]);
+    }
 }
 
 // ---------------------------------------------------------------------------
