@@ -53,6 +53,12 @@ struct RawArgs {
     #[arg(long)]
     recheck: bool,
 
+    /// With an action: compare and report what it would send (blocks, bytes; ranges with
+    /// --verbose), writing nothing to the receiver or to any state. Exit 0 if the
+    /// devices are identical, 3 if not.
+    #[arg(short = 'n', long = "dry-run", conflicts_with = "recheck")]
+    dry_run: bool,
+
     /// Print transfer statistics when done.
     #[arg(long)]
     stat: bool,
@@ -416,6 +422,12 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
     let params = raw.tree.params(codec(raw.compress, raw.zlevel, over_ssh)?, raw.adapt)?;
     let given = (raw.local.is_some(), raw.remote.is_some());
     let bitmap = bitmap_plan(&raw.bitmap, given, action, raw.recheck)?;
+    if raw.dry_run && action.is_none() {
+        return Err("--dry-run needs --action and --mode: it reports what they would send".into());
+    }
+    if raw.dry_run && bitmap.is_some() {
+        return Err("--dry-run does not take -b/--bitmap".into());
+    }
     // Only a bitmap refresh goes without its receiver.
     let refresh = bitmap.as_ref().is_some_and(|b| b.refresh_only);
     let local = match raw.local {
@@ -438,6 +450,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         params,
         force: raw.force,
         destination_is_zero: raw.destination_is_zero,
+        dry_run: raw.dry_run,
         bitmap,
         state: raw.state.local(),
         remote_state: raw.state.remote(),

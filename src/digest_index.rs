@@ -63,6 +63,8 @@ pub struct DigestIndex {
     /// Why the state could not be saved, if it could not: a warning for a run, whose data
     /// result stands, and an error for `basyn index`.
     unsaved: Option<StateError>,
+    /// A dry run: the state is used, but never saved, checkpointed or removed.
+    read_only: bool,
 }
 
 impl DigestIndex {
@@ -72,7 +74,15 @@ impl DigestIndex {
     /// device is known to hold zeros in (a file basyn just created or grew, a device
     /// declared zero) are known without reading.
     pub fn open(device: &Device, layout: Layout, opts: &StateOptions) -> Result<DigestIndex, StateError> {
-        let mut index = DigestIndex::open_state(device, layout, opts)?;
+        let mut index = DigestIndex::open_state(device, layout, opts, false)?;
+        index.learn_known_zeros(device);
+        Ok(index)
+    }
+
+    /// [`DigestIndex::open`] for a dry run: what the state says is used, but nothing is
+    /// ever written to the state file (nor its directory made), nor is it removed.
+    pub fn open_read_only(device: &Device, layout: Layout, opts: &StateOptions) -> Result<DigestIndex, StateError> {
+        let mut index = DigestIndex::open_state(device, layout, opts, true)?;
         index.learn_known_zeros(device);
         Ok(index)
     }
@@ -112,7 +122,12 @@ impl DigestIndex {
         self.fresh |= self.known.iter().all(|k| *k);
     }
 
-    fn open_state(device: &Device, layout: Layout, opts: &StateOptions) -> Result<DigestIndex, StateError> {
+    fn open_state(
+        device: &Device,
+        layout: Layout,
+        opts: &StateOptions,
+        read_only: bool,
+    ) -> Result<DigestIndex, StateError> {
         DigestIndex::check_size(&layout, device.path())?;
         let n = layout.leaf_count() as usize;
         let dl = layout.hash.digest_len();
@@ -130,6 +145,7 @@ impl DigestIndex {
             note: "no state (--no-state)".into(),
             tree: None,
             unsaved: None,
+            read_only,
         };
         let (path, create_dir) = match &opts.mode {
             StateMode::Off => {
@@ -153,7 +169,7 @@ impl DigestIndex {
             std::fs::TryLockError::WouldBlock => StateError::Locked(device.path().display().to_string()),
             std::fs::TryLockError::Error(source) => StateError::Io { path: path.display().to_string(), source },
         })?;
-        let file = StateFile::at(&path, create_dir)?;
+        let file = StateFile::at(&path, create_dir && !read_only)?;
         let shown = path.display().to_string();
         let start = stamp::take(device).map_err(|source| StateError::Io { path: shown.clone(), source })?;
         ledger.start = Some(start.clone());
@@ -384,7 +400,7 @@ impl DigestIndex {
     /// Saves the confirmed prefix. The tables are lent to the state being written, not
     /// copied: a checkpoint of a large device costs no memory.
     fn save(&mut self, stamp: Stamp) -> Result<(), StateError> {
-        let Some(file) = &self.file else { return Ok(()) };
+        let Some(file) = self.file.as_ref().filter(|_| !self.read_only) else { return Ok(()) };
         let state = State {
             layout: self.layout,
             device_path: self.device_path.clone(),
@@ -441,7 +457,7 @@ impl DigestIndex {
         }
         let now = self.stamp_now(device)?;
         if self.written_by_others(device, &now, role) {
-            if let Some(file) = &self.file {
+            if let Some(file) = self.file.as_ref().filter(|_| !self.read_only) {
                 file.remove()?;
                 self.note =
                     format!("state {} removed: the device was written by another process", file.path().display());
@@ -455,7 +471,7 @@ impl DigestIndex {
             Ok(()) => self.unsaved = None,
             Err(e) => self.unsaved = Some(e),
         }
-        if let (Some(file), None) = (&self.file, &self.unsaved) {
+        if let (Some(file), None, false) = (&self.file, &self.unsaved, self.read_only) {
             let n = self.known.len();
             self.note = format!("state {} saved: {} of {n} leaves", file.path().display(), self.valid_prefix());
         }

@@ -47,7 +47,9 @@ fn report(stat: bool, job: impl FnOnce(&mut Stats, &Interrupts) -> Result<(), en
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("basyn: {e}");
+            if !e.reported() {
+                eprintln!("basyn: {e}");
+            }
             e.exit_code()
         }
     }

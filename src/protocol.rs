@@ -32,7 +32,7 @@ use crate::hash::{Digest, HashAlgo, MAX_DIGEST_LEN};
 /// First bytes each side writes, before the protocol version.
 pub const MAGIC: [u8; 6] = *b"BASYN\0";
 /// Protocol version, written right after [`MAGIC`] and checked before anything else.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Feature bit: the peer can decode zstd block payloads.
 pub const FEATURE_ZSTD: u64 = 1;
 /// Feature bit: the peer can decode zlib block payloads.
@@ -106,6 +106,8 @@ pub enum Access {
         /// `--destination-is-zero`: the user declares the device all zero.
         known_zero: bool,
     },
+    /// Read it for a dry run: its state is used if fresh, but never saved or removed.
+    Inspect,
 }
 
 /// What to open on the server, and how.
@@ -701,7 +703,7 @@ mod tests {
         assert_eq!(round_trip(&frames), frames);
     }
 
-    /// A version-4 session whose encoding must never change (`fixtures/protocol/`).
+    /// A version-5 session whose encoding must never change (`fixtures/protocol/`).
     fn golden_session() -> Vec<Frame> {
         let identity = Identity {
             boot_id: "8d1c9a52-1f5e-4c33-9b1a-2f4e6d7c8b9a".into(),
@@ -712,7 +714,7 @@ mod tests {
             backing: Some((2049, 77)),
         };
         vec![
-            Frame::Control(Message::Hello { version: 4, features: FEATURE_ZSTD | FEATURE_ZLIB }),
+            Frame::Control(Message::Hello { version: 5, features: FEATURE_ZSTD | FEATURE_ZLIB }),
             Frame::Control(Message::Open(OpenRequest {
                 access: Access::Write {
                     source_size: 1 << 30,
@@ -772,6 +774,15 @@ mod tests {
                 code: AbortCode::Precondition,
                 message: "remote /x: no such file or device".into(),
             }),
+            Frame::Control(Message::Open(OpenRequest {
+                access: Access::Inspect,
+                hash: HashAlgo::Sha256,
+                codec: Codec::None,
+                buffer: 1 << 20,
+                chunk: None,
+                state: StateOptions { mode: StateMode::Default, trust: false },
+                device: b"/dev/sdb".to_vec(),
+            })),
             Frame::Control(Message::Close),
             Frame::Control(Message::Closed(Closed {
                 bytes_read: 1 << 20,
@@ -784,18 +795,18 @@ mod tests {
     }
 
     #[test]
-    fn the_version_4_encoding_matches_the_golden_fixture() {
+    fn the_version_5_encoding_matches_the_golden_fixture() {
         let mut bytes = Vec::new();
         let mut w = FrameWriter::new(&mut bytes, Arc::default());
         w.start().unwrap();
         for f in golden_session() {
             w.send(&f).unwrap();
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v4.bin");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v5.bin");
         if std::env::var_os("BASYN_BLESS").is_some() {
             std::fs::write(path, &bytes).unwrap();
         }
-        let golden = std::fs::read(path).expect("fixtures/protocol/session-v4.bin (BASYN_BLESS=1 writes it)");
+        let golden = std::fs::read(path).expect("fixtures/protocol/session-v5.bin (BASYN_BLESS=1 writes it)");
         assert_eq!(bytes, golden, "the wire encoding changed; bump VERSION instead");
         let mut r = FrameReader::new(&golden[..], Arc::default());
         r.start().unwrap();
@@ -826,8 +837,8 @@ mod tests {
     fn another_version_is_named_before_anything_else() {
         let mut r = FrameReader::new(&b"BASYN\0\x00\x03\x01\x00\x00\x00\x00"[..], Arc::default());
         let e = r.start().unwrap_err();
-        assert!(matches!(e, ProtocolError::Version { ours: 4, theirs: 3 }), "{e}");
-        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 4, the peer speaks 3");
+        assert!(matches!(e, ProtocolError::Version { ours: 5, theirs: 3 }), "{e}");
+        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 5, the peer speaks 3");
     }
 
     #[test]

@@ -84,6 +84,16 @@ impl Reporter {
         }
     }
 
+    /// A line on stdout that is said whatever the options: the result a command was
+    /// run for (a dry run's report).
+    pub fn say(&self, line: impl Display) {
+        self.suspend(|| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        });
+    }
+
     /// A line on stderr that is said whatever the options: something the user must
     /// know although the run goes on.
     pub fn warn(&self, line: impl Display) {

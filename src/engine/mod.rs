@@ -14,6 +14,7 @@ mod bitmap;
 mod bitmap_sync;
 mod compare;
 mod copy;
+mod dry_run;
 mod index;
 mod recheck;
 mod refine;
@@ -102,6 +103,8 @@ pub struct Plan {
     /// `--destination-is-zero`: the receiver is declared all zero, never read for it
     /// and never written zeros.
     pub destination_is_zero: bool,
+    /// `-n/--dry-run`: compare and report what the action would send, writing nothing.
+    pub dry_run: bool,
     /// `-b/--bitmap`: the receiver's digests kept in a local file.
     pub bitmap: Option<BitmapPlan>,
     /// State file options for the local device.
@@ -199,6 +202,13 @@ pub enum Error {
     /// A check without action found the devices differ (exit 3).
     #[error("{0}")]
     Differ(Differences),
+    /// A dry run found that the action would change the receiver (exit 3); its report
+    /// is on stdout already.
+    #[error("dry run: {differing} blocks would be sent")]
+    WouldChange {
+        /// Blocks that differ.
+        differing: u64,
+    },
     /// The source was written while it was being synchronized (exit 2).
     #[error(
         "{device} was written to during the run: the changes after its blocks were read are not on {receiver}, which may not match it; its state was not saved. Sync from a snapshot or a quiesced device"
@@ -240,8 +250,14 @@ impl Error {
             | Error::ReceiverMoved { .. }
             | Error::BitmapNotSaved(_)
             | Error::IndexMoved { .. } => 2,
-            Error::Differ(_) => 3,
+            Error::Differ(_) | Error::WouldChange { .. } => 3,
         }
+    }
+
+    /// True if what went wrong was said already (a dry run's report), so that no error
+    /// line is wanted.
+    pub fn reported(&self) -> bool {
+        matches!(self, Error::WouldChange { .. })
     }
 }
 

@@ -23,7 +23,10 @@ impl Window<'_> {
         source: Digest,
     ) -> Result<(), Fault> {
         self.out.differing += 1;
-        let Some(dir) = self.direction() else { return Ok(()) };
+        let Some(dir) = self.direction() else {
+            self.out.note_range(offset, len as u64);
+            return Ok(());
+        };
         let layout = self.ctx.layout();
         let piece = layout.piece().max(self.ctx.params.refine.unwrap_or(usize::MAX) as u64);
         // Without refinement, or when the leaf is one piece, the leaf goes whole.

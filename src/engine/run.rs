@@ -60,6 +60,7 @@ impl Session<'_> {
         match plan.action {
             None if !plan.recheck => self.probe().map(|()| None),
             None => self.recheck(None).map(|()| None),
+            Some((dir, mode)) if plan.dry_run => self.dry_run(dir, mode).map(|()| None),
             Some((dir, mode)) => {
                 let len = match plan.bitmap.as_ref().filter(|b| b.refresh_only) {
                     Some(b) => self.refresh_bitmap(b, dir, bitmap)?,

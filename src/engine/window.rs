@@ -53,7 +53,7 @@ impl Ctx<'_> {
 }
 
 /// What a comparison found and did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Comparison {
     /// Blocks compared.
     pub blocks: u64,
@@ -63,6 +63,24 @@ pub struct Comparison {
     pub written: u64,
     /// Tree nodes compared in a tree walk.
     pub nodes: u64,
+    /// In a check, the differing byte ranges `(offset, len)`, adjacent ones merged.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Comparison {
+    /// Notes that `[offset, offset+len)` differs, merged with the range before it when
+    /// they touch (leaves are compared in order).
+    pub fn note_range(&mut self, offset: u64, len: u64) {
+        match self.ranges.last_mut() {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => self.ranges.push((offset, len)),
+        }
+    }
+
+    /// Bytes in the differing ranges.
+    pub fn differing_bytes(&self) -> u64 {
+        self.ranges.iter().map(|(_, l)| l).sum()
+    }
 }
 
 /// A request whose reply has not been consumed yet.

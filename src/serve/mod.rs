@@ -426,7 +426,7 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
                 Opened { size: 0, kind, identity, created: false, resized: false, state: StateSummary::default() };
             return Ok((opened, None));
         }
-        Access::Read => {
+        Access::Read | Access::Inspect => {
             let d = Device::open_read(path, Side::Remote).map_err(refused)?;
             let size = d.size();
             (d, size, Role::Read)
@@ -449,7 +449,11 @@ fn open_device(path: &Path, req: OpenRequest) -> Result<(Opened, Option<Served>)
     // digests of this session.
     let bad = |e: StateError| Abort { code: AbortCode::Precondition, message: format!("remote {e}") };
     let state = if limit == 0 { StateOptions::off() } else { req.state.clone() };
-    let mut index = match DigestIndex::open(&device, layout, &state) {
+    let opened = match req.access {
+        Access::Inspect => DigestIndex::open_read_only(&device, layout, &state),
+        _ => DigestIndex::open(&device, layout, &state),
+    };
+    let mut index = match opened {
         Ok(index) => index,
         Err(e) => {
             // Nothing may be left behind by a refusal: a receiver this open created is

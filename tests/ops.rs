@@ -1,0 +1,157 @@
+//! What operators run before and around a sync: `--dry-run` (compares, reports what the
+//! action would send, writes nothing: not the receiver, not a state), locally, onto a
+//! loop device (its sectors-written counter must not move) and over the test sshd.
+
+mod sshd;
+mod util;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::SystemTime;
+
+use sshd::*;
+use util::*;
+
+/// Every file in `dir` with its length, modification time and content digest: what a
+/// run that writes nothing must leave exactly as it was.
+fn snapshot(dir: &Path) -> BTreeMap<String, (u64, SystemTime, u64)> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            let data = fs::read(e.path()).unwrap();
+            let sum =
+                data.iter().enumerate().fold(0u64, |h, (i, &b)| h.wrapping_mul(31).wrapping_add(b as u64 ^ i as u64));
+            (e.file_name().to_string_lossy().into_owned(), (meta.len(), meta.modified().unwrap(), sum))
+        })
+        .collect()
+}
+
+/// Two 64 MiB images that differ in blocks 2 and 5 (of 2 MiB), and the byte ranges
+/// those blocks cover.
+fn pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    random_image(&a, 7, 64 * MIB);
+    fs::copy(&a, &b).unwrap();
+    poke(&b, 5_000_000, b"changed");
+    poke(&b, 11 * MIB as u64, b"changed too");
+    (a, b)
+}
+
+#[test]
+fn dry_run_reports_what_a_sync_would_send_and_writes_nothing() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    let before = snapshot(t.path());
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--dry-run", "--verbose"]);
+    let run = basyn(&args);
+    run.code(3);
+    assert!(run.stderr.is_empty(), "a dry run's result is a report, not an error{run:?}");
+    let out = &run.stdout;
+    assert!(out.contains("2 of 32 blocks differ"), "{run:?}");
+    assert!(out.contains("at most 4194304 bytes"), "{run:?}");
+    // The ranges, with --verbose: blocks 2 and 5.
+    assert!(out.contains("differs at 4194304..6291456 (2097152 bytes)"), "{run:?}");
+    assert!(out.contains("differs at 10485760..12582912 (2097152 bytes)"), "{run:?}");
+    assert!(out.contains("nothing was written"), "{run:?}");
+    assert_eq!(snapshot(t.path()), before, "a dry run changed a file (the receiver, or made a state)");
+    // -n is the short form; PULL compares the same two devices the other way.
+    let pull = sv(&["-l", s(&b), "-r", s(&a), "-a", "pull", "-m", "sync", "-n"]);
+    let run = basyn(&pull);
+    run.code(3);
+    assert!(run.stdout.contains("PULL SYNC from remote") && run.stdout.contains("2 of 32 blocks differ"), "{run:?}");
+    assert_eq!(snapshot(t.path()), before);
+    // After the sync, the dry run finds nothing to send.
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"])).ok();
+    let run = basyn(&args);
+    run.ok();
+    assert!(run.stdout.contains("the devices are identical: it would send nothing"), "{run:?}");
+}
+
+/// States are used when fresh (a dry run after a sync reads nothing) but never saved,
+/// checkpointed or removed, even when the source changed since they were saved.
+#[test]
+fn dry_run_uses_fresh_states_and_never_saves_them() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"])).ok();
+    assert!(t.path().join("a.img.basyn-state").exists() && t.path().join("b.img.basyn-state").exists());
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "-n", "--stat"]);
+    let run = basyn(&args);
+    run.ok();
+    assert!(run.stat().read_nothing(), "both states are fresh: nothing need be read{run:?}");
+    poke(&a, 40 * MIB as u64, b"new on the source");
+    let before = snapshot(t.path());
+    let run = basyn(&args);
+    run.code(3);
+    assert!(run.stdout.contains("1 of 32 blocks differ"), "{run:?}");
+    assert_eq!(snapshot(t.path()), before, "a dry run saved a state");
+}
+
+#[test]
+fn dry_run_needs_an_action_and_takes_no_recheck_or_bitmap() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-n"])).usage_error(&["--dry-run needs --action"]);
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "-n", "--recheck"]))
+        .usage_error(&["--dry-run", "--recheck"]);
+    let bitmap = t.path().join("bitmap");
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "-n", "-b", s(&bitmap)]))
+        .usage_error(&["--dry-run does not take -b/--bitmap"]);
+    assert!(!bitmap.exists());
+    // A receiver smaller than the source is refused as the run would refuse it.
+    let small = t.path().join("small.img");
+    random_image(&small, 8, MIB);
+    basyn(&sv(&["-l", s(&a), "-r", s(&small), "-a", "push", "-m", "sync", "-n"])).fails(1, &[s(&small)]);
+    assert_eq!(size_of(&small), MIB as u64);
+}
+
+/// Onto a loop device: the kernel's own counter says that nothing was written.
+#[test]
+fn dry_run_onto_a_block_device_writes_no_sector() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    let Some(dev) = loop_dev(&b) else { return };
+    let name = dev.path().file_name().unwrap().to_string_lossy().into_owned();
+    let written = || -> u64 {
+        let text = fs::read_to_string(format!("/sys/class/block/{name}/stat")).unwrap();
+        text.split_whitespace().nth(6).unwrap().parse().unwrap()
+    };
+    let state = Path::new("/var/lib/basyn").join(format!("dev_{name}.basyn-state"));
+    let _ = fs::remove_file(&state);
+    flushbufs(dev.path());
+    let sectors = written();
+    let run = basyn(&sv(&["-l", s(&a), "-r", dev.s(), "-a", "push", "-m", "sync", "-n"]));
+    run.code(3);
+    assert!(run.stdout.contains("2 of 32 blocks differ"), "{run:?}");
+    flushbufs(dev.path());
+    assert_eq!(written(), sectors, "a dry run wrote to the receiver");
+    assert!(!state.exists(), "a dry run saved the receiver's state");
+}
+
+/// Over ssh the remote end is opened for inspection only: its device and its state stay
+/// as they were, and the report is the same.
+#[test]
+fn dry_run_over_ssh_writes_nothing_on_the_remote_host() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (local, remote) = (sshd.local("a.img"), sshd.remote("a.img"));
+    random_image(&local, 9, 64 * MIB);
+    fs::copy(&local, &remote).unwrap();
+    poke(&remote, 30 * MIB as u64, b"remote change");
+    let remote_dir = remote.parent().unwrap().to_path_buf();
+    let before = snapshot(&remote_dir);
+    let args = |action: &str| {
+        sv(&["-l", s(&local), "-r", s(&remote), "-h", ALIAS, "-a", action, "-m", "sync", "-n", "--verbose"])
+    };
+    let run = sshd.basyn(&args("push"));
+    run.code(3);
+    assert!(run.stdout.contains("1 of 32 blocks differ"), "{run:?}");
+    assert!(run.stdout.contains("differs at 31457280..33554432"), "{run:?}");
+    assert_eq!(snapshot(&remote_dir), before, "the dry run changed something on the remote host");
+    let local_before = fs::read(&local).unwrap();
+    sshd.basyn(&args("pull")).code(3);
+    assert_eq!(fs::read(&local).unwrap(), local_before, "a PULL dry run changed the local receiver");
+    assert_eq!(snapshot(&remote_dir), before);
+}
