@@ -59,6 +59,11 @@ struct RawArgs {
     #[arg(short = 'n', long = "dry-run", conflicts_with = "recheck")]
     dry_run: bool,
 
+    /// Cap the data rate of the link at RATE bytes per second in each direction; K, M
+    /// or G multiply by 1024, 1024² or 1024³ (e.g. 50M).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    bwlimit: Option<u64>,
+
     /// Print transfer statistics when done.
     #[arg(long)]
     stat: bool,
@@ -451,6 +456,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         force: raw.force,
         destination_is_zero: raw.destination_is_zero,
         dry_run: raw.dry_run,
+        bwlimit: raw.bwlimit,
         bitmap,
         state: raw.state.local(),
         remote_state: raw.state.remote(),
@@ -501,6 +507,25 @@ fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
         state: options(false, a.state, a.trust_state),
         output: Output { stat: a.stat, verbose: a.verbose, progress: a.progress, debug: false },
     })
+}
+
+/// `--bwlimit RATE`: bytes per second, with an optional K, M or G (powers of 1024).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate: bytes per second, with an optional K, M or G (e.g. 50M)"))?;
+    match n.checked_mul(1 << shift) {
+        Some(0) => Err("a rate of 0 would send nothing; leave --bwlimit out for no limit".into()),
+        Some(rate) => Ok(rate),
+        None => Err(format!("{text:?} is too large a rate")),
+    }
 }
 
 /// `--hash`: the names [`HashAlgo`] gives its algorithms, in any case.

@@ -152,16 +152,21 @@ pub struct Endpoint {
 impl Endpoint {
     /// Starts `basyn serve DEVICE` over `transport` and handshakes. `log` receives
     /// `--verbose` lines about the connection. With a `timeout`, a run fails once nothing
-    /// has come from the endpoint for that long.
+    /// has come from the endpoint for that long; with a `bwlimit`, each direction carries
+    /// at most that many bytes per second.
     pub fn connect(
         transport: &Transport,
         device: &Path,
-        timeout: Option<Duration>,
+        (timeout, bwlimit): (Option<Duration>, Option<u64>),
         log: &dyn Fn(String),
     ) -> Result<Endpoint, EndpointError> {
         let link = match transport {
             Transport::Local => Link::local_child(device)?,
             Transport::Ssh(target) => crate::ssh::connect(target, device, log)?,
+        };
+        let link = match bwlimit {
+            Some(rate) => link.throttled(rate),
+            None => link,
         };
         Endpoint::watched(link, timeout)
     }

@@ -108,6 +108,78 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Caps the data rate of each direction at `rate` bytes per second (`--bwlimit`).
+    pub fn throttled(self, rate: u64) -> Link {
+        Link {
+            reader: Box::new(Throttle::new(self.reader, rate)),
+            writer: Box::new(Throttle::new(self.writer, rate)),
+            ..self
+        }
+    }
+}
+
+/// A token bucket over one direction of a link: at most `rate` bytes per second on
+/// average, in bursts of at most a tenth of a second's worth (between 1 and 64 KiB),
+/// which is also the most moved in one call: no call sleeps much longer than 0.1 s, so
+/// the `--timeout` watch keeps seeing bytes arrive. Credit saved while the link is idle
+/// is capped at one burst, so an idle phase (hashing) is not followed by a run at full
+/// speed.
+struct Throttle<T> {
+    inner: T,
+    rate: f64,
+    burst: usize,
+    tokens: f64,
+    last: Instant,
+}
+
+/// The largest burst.
+const BURST: usize = 64 * 1024;
+
+impl<T> Throttle<T> {
+    fn new(inner: T, rate: u64) -> Throttle<T> {
+        let burst = (rate / 10).clamp(1024, BURST as u64) as usize;
+        Throttle { inner, rate: rate.max(1) as f64, burst, tokens: burst as f64, last: Instant::now() }
+    }
+
+    /// Waits until `n` bytes may pass, and takes their tokens.
+    fn pace(&mut self, n: usize) {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst as f64);
+        self.last = now;
+        self.tokens -= n as f64;
+        if self.tokens < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.tokens / self.rate));
+            self.last = Instant::now();
+            self.tokens = 0.0;
+        }
+    }
+}
+
+impl<T: Write> Write for Throttle<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.burst);
+        self.pace(n);
+        let written = self.inner.write(&buf[..n])?;
+        // Tokens of what was not taken are given back.
+        self.tokens += (n - written) as f64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T: Read> Read for Throttle<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.burst);
+        let read = self.inner.read(&mut buf[..n])?;
+        self.pace(read);
+        Ok(read)
+    }
+}
+
 /// Grows a pipe's kernel buffer (64 KiB by default) so that a 2 MiB block crosses in a
 /// few system calls instead of dozens of wake-ups. Best effort: the limit may be lower.
 pub fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
@@ -120,6 +192,32 @@ pub fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_stream_keeps_to_its_rate_after_a_first_burst() {
+        let rate = 1 << 20;
+        let mut t = Throttle::new(Vec::new(), rate);
+        let started = Instant::now();
+        let chunk = vec![7u8; 100_000];
+        while t.inner.len() < (rate as usize) / 2 + BURST {
+            t.write_all(&chunk).unwrap();
+        }
+        // Half a second's worth beyond the first burst may not go faster than the rate.
+        assert!(started.elapsed() >= Duration::from_millis(450), "{:?}", started.elapsed());
+        // Idle time is credited up to one burst only.
+        std::thread::sleep(Duration::from_millis(300));
+        let again = Instant::now();
+        let mut data = vec![7u8; (rate as usize) / 4 + BURST];
+        t.write_all(&data).unwrap();
+        assert!(again.elapsed() >= Duration::from_millis(220), "{:?}", again.elapsed());
+        let mut r = Throttle::new(&data[..], rate);
+        let mut out = Vec::new();
+        let started = Instant::now();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out.len(), data.len());
+        assert!(started.elapsed() >= Duration::from_millis(220), "{:?}", started.elapsed());
+        data.clear();
+    }
 
     #[test]
     fn exit_statuses_read_as_sentences() {

@@ -155,3 +155,56 @@ fn dry_run_over_ssh_writes_nothing_on_the_remote_host() {
     assert_eq!(fs::read(&local).unwrap(), local_before, "a PULL dry run changed the local receiver");
     assert_eq!(snapshot(&remote_dir), before);
 }
+
+/// `--bwlimit RATE` caps the link at RATE bytes per second: a copy neither runs faster
+/// than the rate nor much slower, pushing (the client's writes are paced) and pulling
+/// (its reads are, and the endpoint waits on the full pipe).
+#[test]
+fn bwlimit_holds_the_link_to_its_rate_in_both_directions() {
+    let t = tmp();
+    let a = t.path().join("a.img");
+    random_image(&a, 11, 24 * MIB);
+    let rate = 8.0 * MIB as f64;
+    // PUSH into a new b.img; PULL from a.img into a new c.img.
+    for (action, local, remote, made) in [("push", "a.img", "b.img", "b.img"), ("pull", "c.img", "a.img", "c.img")] {
+        let (l, r) = (t.path().join(local), t.path().join(remote));
+        let run = basyn(&sv(&[
+            "-l",
+            s(&l),
+            "-r",
+            s(&r),
+            "-a",
+            action,
+            "-m",
+            "copy",
+            "--no-state",
+            "--bwlimit",
+            "8M",
+            "--stat",
+        ]));
+        run.ok();
+        let stat = run.stat();
+        let data = (if action == "push" { stat.tx } else { stat.rx }) as f64;
+        assert!(data >= 24.0 * MIB as f64, "{action}: {data} bytes carried{run:?}");
+        let least = data / rate;
+        assert!(
+            stat.time >= least * 0.9,
+            "{action}: {:.2} s for {data} bytes at 8 MiB/s ({least:.2} s){run:?}",
+            stat.time
+        );
+        assert!(stat.time <= least * 1.1 + 1.0, "{action}: {:.2} s, far slower than 8 MiB/s{run:?}", stat.time);
+        assert_same(&a, &t.path().join(made));
+    }
+}
+
+#[test]
+fn bwlimit_takes_bytes_per_second_with_a_unit() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    for bad in ["0", "fast", "10X", "1.5M"] {
+        let run = basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--bwlimit", bad]));
+        run.usage_error(&["--bwlimit"]);
+    }
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--bwlimit", "1G"])).ok();
+    assert_same(&a, &b);
+}

@@ -59,8 +59,8 @@ fn index_local(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Resul
 fn index_remote(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Result<(), Error> {
     let p = &plan.params;
     let refused = |e| Fault::Endpoint(e).refused();
-    let mut ep =
-        Endpoint::connect(&plan.transport, &plan.device, plan.timeout, &|line| rep.log(line)).map_err(refused)?;
+    let mut ep = Endpoint::connect(&plan.transport, &plan.device, (plan.timeout, None), &|line| rep.log(line))
+        .map_err(refused)?;
     let req = OpenRequest {
         access: Access::Read,
         hash: p.hash,

@@ -105,6 +105,8 @@ pub struct Plan {
     pub destination_is_zero: bool,
     /// `-n/--dry-run`: compare and report what the action would send, writing nothing.
     pub dry_run: bool,
+    /// `--bwlimit`: bytes per second each direction of the link may carry.
+    pub bwlimit: Option<u64>,
     /// `-b/--bitmap`: the receiver's digests kept in a local file.
     pub bitmap: Option<BitmapPlan>,
     /// State file options for the local device.

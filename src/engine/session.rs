@@ -119,9 +119,13 @@ impl<'a> Session<'a> {
     pub fn endpoint(&mut self) -> Result<&mut Endpoint, Error> {
         if self.ep.is_none() {
             let rep = &*self.rep;
-            let ep =
-                Endpoint::connect(&self.plan.transport, &self.plan.remote, self.plan.timeout, &|line| rep.log(line))
-                    .map_err(|e| Fault::from(e).refused())?;
+            let ep = Endpoint::connect(
+                &self.plan.transport,
+                &self.plan.remote,
+                (self.plan.timeout, self.plan.bwlimit),
+                &|line| rep.log(line),
+            )
+            .map_err(|e| Fault::from(e).refused())?;
             self.ep = Some(ep);
         }
         self.ep.as_mut().ok_or(Fault::Internal("no endpoint").refused())
