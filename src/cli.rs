@@ -236,8 +236,8 @@ fn bitmap_plan(
 /// State-file options of a run.
 #[derive(Debug, clap::Args)]
 struct StateArgs {
-    /// State file of the local device (default: next to an image file, or under
-    /// /var/lib/basyn for a block device).
+    /// State file of the local device (default: in the state directory, /var/lib/basyn
+    /// for root, named after the device's path).
     #[arg(long = "state", value_name = "PATH")]
     state: Option<PathBuf>,
 

@@ -154,9 +154,15 @@ impl DigestIndex {
                 ledger.start = stamp::take(device).ok();
                 return Ok(ledger);
             }
-            StateMode::Default => (state::default_path(device.path(), device.kind()), true),
-            StateMode::DefaultIn(dir) => (state::default_path_in(Some(dir), device.path(), device.kind()), true),
+            StateMode::Default => (state::default_path(device.path()), true),
+            StateMode::DefaultIn(dir) => (state::default_path_in(Some(dir), device.path()), true),
             StateMode::Path(p) => (p.clone(), false),
+        };
+        let (path, moved) = match (&opts.mode, device.kind()) {
+            (StateMode::Default | StateMode::DefaultIn(_), crate::device::Kind::File) => {
+                state::adopt_legacy(device.path(), &path, read_only)
+            }
+            _ => (path, None),
         };
         // Never replace a file that is not a state: not the device, not anyone's file. At
         // basyn's own default name a corrupt file is a corrupt state, rebuilt; a link or a
@@ -173,7 +179,7 @@ impl DigestIndex {
         let shown = path.display().to_string();
         let start = stamp::take(device).map_err(|source| StateError::Io { path: shown.clone(), source })?;
         ledger.start = Some(start.clone());
-        ledger.note = match file.load() {
+        let note = match file.load() {
             Ok(None) => format!("state {shown}: none yet, building it"),
             Err(e) => format!("{e}; rebuilding it"),
             Ok(Some(saved)) if saved.layout != layout => {
@@ -187,6 +193,10 @@ impl DigestIndex {
                 }
                 Freshness::Stale(why) => format!("state {shown} is stale: the device {why}; rebuilding it"),
             },
+        };
+        ledger.note = match moved {
+            Some(moved) => format!("{moved}; {note}"),
+            None => note,
         };
         // Piece digests past the memory budget wait beside the state they will go into.
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));

@@ -73,7 +73,7 @@ impl Config {
             StateMode::Off => return Ok(StateMode::Off),
             StateMode::Default if self.state_dir.is_some() => return Ok(StateMode::DefaultIn(dir)),
             StateMode::Default => return Ok(StateMode::Default),
-            StateMode::DefaultIn(d) => crate::state::default_path_in(Some(d), device, crate::device::Kind::Block),
+            StateMode::DefaultIn(d) => crate::state::default_path_in(Some(d), device),
             StateMode::Path(p) => p.clone(),
         };
         if !self.over_ssh {

@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::Kind;
 use crate::hash::{Checksum, HashAlgo};
 use crate::piece_table::{self, Digests, PieceTable};
 use crate::stamp::Stamp;
@@ -364,38 +363,65 @@ fn skim(file: &mut File, len: u64, sum: &mut Checksum) -> io::Result<()> {
     Ok(())
 }
 
-/// Where a device's state lives unless `--state` says otherwise: next to a regular file
-/// (`disk.img.basyn-state`); for a block device under `/var/lib/basyn` (root) or
-/// `$XDG_STATE_HOME/basyn` (others), named after the canonical device path.
-pub fn default_path(device: &Path, kind: Kind) -> PathBuf {
-    default_path_in(None, device, kind)
+/// Where a device's state lives unless `--state` says otherwise: in the state directory
+/// ([`state_dir`]), named after the device's canonical path with `/` made `_`
+/// (`/dev/vg0/root` → `dev_vg0_root.basyn-state`, `/srv/vm/disk.img` →
+/// `srv_vm_disk.img.basyn-state`), never beside an image, where it would be backed up
+/// with it or shown as a volume by libvirt and Proxmox directory pools. The stamp inside
+/// binds it to the device's identity, so another file at the same path never uses it.
+pub fn default_path(device: &Path) -> PathBuf {
+    default_path_in(None, device)
 }
 
-/// [`default_path`], with a block device's state in `dir` instead of the default
-/// directory (a regular file's stays next to it).
-pub fn default_path_in(dir: Option<&Path>, device: &Path, kind: Kind) -> PathBuf {
+/// [`default_path`], in `dir` instead of the state directory.
+pub fn default_path_in(dir: Option<&Path>, device: &Path) -> PathBuf {
     let canonical = fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
-    match kind {
-        Kind::File => {
-            let mut name = canonical.as_os_str().to_os_string();
-            name.push(".basyn-state");
-            PathBuf::from(name)
-        }
-        Kind::Block => {
-            let flat: String = canonical
-                .to_string_lossy()
-                .trim_start_matches('/')
-                .chars()
-                .map(|c| if c == '/' { '_' } else { c })
-                .collect();
-            dir.map_or_else(state_dir, Path::to_path_buf).join(format!("{flat}.basyn-state"))
-        }
-    }
+    let flat: String =
+        canonical.to_string_lossy().trim_start_matches('/').chars().map(|c| if c == '/' { '_' } else { c }).collect();
+    dir.map_or_else(state_dir, Path::to_path_buf).join(format!("{flat}.basyn-state"))
 }
 
-/// The directory of block devices' default states: `/var/lib/basyn` for root, else
-/// `$XDG_STATE_HOME/basyn` (`~/.local/state/basyn`).
+/// Where earlier versions of basyn kept a regular file's default state: beside it.
+pub fn legacy_path(device: &Path) -> PathBuf {
+    let mut name = fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf()).into_os_string();
+    name.push(".basyn-state");
+    PathBuf::from(name)
+}
+
+/// The default state of a regular file, `path`, had none, but one is beside it where
+/// older versions kept it: it is moved into the state directory and used (a dry run,
+/// `read_only`, reads it where it is instead). Returns the path to use and what was done.
+pub fn adopt_legacy(device: &Path, path: &Path, read_only: bool) -> (PathBuf, Option<String>) {
+    let legacy = legacy_path(device);
+    if fs::symlink_metadata(path).is_ok() || check_path(&legacy).is_err() || !legacy.is_file() {
+        return (path.to_path_buf(), None);
+    }
+    if read_only {
+        return (legacy, None);
+    }
+    let moved = path.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::rename(&legacy, path));
+    let note = match moved {
+        Ok(()) => {
+            format!("state {} moved from {} (states now live in the state directory)", path.display(), legacy.display())
+        }
+        Err(e) => format!(
+            "state {} beside the device could not be moved to {} ({e}); it is left there unused",
+            legacy.display(),
+            path.display()
+        ),
+    };
+    (path.to_path_buf(), Some(note))
+}
+
+/// The variable that names the state directory instead of the default one.
+pub const STATE_DIR_ENV: &str = "BASYN_STATE_DIR";
+
+/// The directory of default states: `$BASYN_STATE_DIR` if set, else `/var/lib/basyn`
+/// for root, else `$XDG_STATE_HOME/basyn` (`~/.local/state/basyn`).
 pub fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(STATE_DIR_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/lib/basyn");

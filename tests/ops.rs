@@ -77,7 +77,7 @@ fn dry_run_uses_fresh_states_and_never_saves_them() {
     let t = tmp();
     let (a, b) = pair(t.path());
     basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"])).ok();
-    assert!(t.path().join("a.img.basyn-state").exists() && t.path().join("b.img.basyn-state").exists());
+    assert!(state_of(&a).exists() && state_of(&b).exists());
     let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "-n", "--stat"]);
     let run = basyn(&args);
     run.ok();
@@ -119,7 +119,7 @@ fn dry_run_onto_a_block_device_writes_no_sector() {
         let text = fs::read_to_string(format!("/sys/class/block/{name}/stat")).unwrap();
         text.split_whitespace().nth(6).unwrap().parse().unwrap()
     };
-    let state = Path::new("/var/lib/basyn").join(format!("dev_{name}.basyn-state"));
+    let state = state_of(dev.path());
     let _ = fs::remove_file(&state);
     flushbufs(dev.path());
     let sectors = written();
@@ -207,4 +207,41 @@ fn bwlimit_takes_bytes_per_second_with_a_unit() {
     }
     basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--bwlimit", "1G"])).ok();
     assert_same(&a, &b);
+}
+
+/// Default states live in the state directory, named after the device's path, never
+/// beside an image (where they were backed up with it, and shown as volumes by
+/// directory storage pools).
+#[test]
+fn default_states_live_in_the_state_directory_not_beside_images() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"])).ok();
+    let names: Vec<String> = snapshot(t.path()).into_keys().collect();
+    assert_eq!(names, ["a.img", "b.img"], "basyn left files beside the images");
+    assert!(state_of(&a).is_file() && state_of(&b).is_file(), "no states in {}", state_dir().display());
+    let run = basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--stat"]));
+    assert!(run.stat().read_nothing(), "the states in the state directory were not used{run:?}");
+}
+
+/// A state an earlier version left beside an image is moved into the state directory
+/// on first use and used from there: the run reads nothing.
+#[test]
+fn a_state_left_beside_an_image_by_an_earlier_version_is_moved_and_used() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    let (old_a, old_b) = (t.path().join("a.img.basyn-state"), t.path().join("b.img.basyn-state"));
+    let old = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--state", s(&old_a)]);
+    let mut old = old;
+    old.extend(sv(&["--remote-state", s(&old_b)]));
+    basyn(&old).ok();
+    assert!(old_a.is_file() && old_b.is_file());
+    let _ = fs::remove_file(state_of(&a));
+    let _ = fs::remove_file(state_of(&b));
+    let run = basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--stat", "--verbose"]));
+    assert!(run.stdout.contains(&format!("moved from {}", old_a.display())), "{run:?}");
+    assert!(run.stdout.contains(&format!("moved from {}", old_b.display())), "{run:?}");
+    assert!(run.stat().read_nothing(), "the moved states were not used{run:?}");
+    assert!(!old_a.exists() && !old_b.exists(), "the old states were left beside the images");
+    assert!(state_of(&a).is_file() && state_of(&b).is_file());
 }

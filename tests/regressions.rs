@@ -7,7 +7,8 @@
 //! Loop devices need root and `losetup` (see `util::require`). The loop-device tests
 //! hold one lock between them, so that a test that detaches and re-attaches
 //! `/dev/loopN` is not raced by another test's `losetup --find`. States of loop devices
-//! live in `/var/lib/basyn/dev_loopN.basyn-state`; the guards here delete them.
+//! live in the tests' state directory (`util::state_dir`) as `dev_loopN.basyn-state`;
+//! the guards here delete them.
 
 mod util;
 
@@ -19,9 +20,6 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use util::*;
-
-/// Where root keeps the states of block devices.
-const STATE_DIR: &str = "/var/lib/basyn";
 
 /// Bytes read from (local, remote), from `--stat`.
 #[track_caller]
@@ -44,7 +42,7 @@ fn loops() -> MutexGuard<'static, ()> {
 /// Deletes the default state of a block device (and temp files of a save).
 fn forget_state(kernel_name: &str) {
     let prefix = format!("dev_{kernel_name}.basyn-state");
-    if let Ok(dir) = fs::read_dir(STATE_DIR) {
+    if let Ok(dir) = fs::read_dir(state_dir()) {
         for e in dir.flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
                 let _ = fs::remove_file(e.path());
@@ -54,7 +52,7 @@ fn forget_state(kernel_name: &str) {
 }
 
 fn state_file_for(kernel_name: &str) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("dev_{kernel_name}.basyn-state"))
+    state_dir().join(format!("dev_{kernel_name}.basyn-state"))
 }
 
 /// A loop device over an image file; its default state is deleted when it is attached
@@ -568,7 +566,7 @@ fn a_killed_run_resumes_from_its_source_checkpoint() {
     flip(&dst, (size - 3 * MIB) as u64, 1);
     let args = sv(&["-l", s(&src), "-r", s(&dst), "-a", "push", "-m", "sync", "--buffer", "256"]);
     let mut bg = start(&args, &[("BASYN_TEST_CHECKPOINT_MS", "1")]);
-    let state = t.path().join("src.img.basyn-state");
+    let state = state_of(&src);
     wait_until(Duration::from_secs(30), "a checkpoint of the source, or basyn's end", || {
         !bg.running() || state.exists()
     });
@@ -811,7 +809,7 @@ fn a_regular_file_receiver_written_by_another_process_during_the_run_is_reported
     poke(&b, 200 * MIB as u64, b"written by someone else");
     let r = run.finish();
     r.fails(2, &["written to by another process", s(&b)]);
-    let state = t.path().join("b.img.basyn-state");
+    let state = state_of(&b);
     assert!(!state.exists(), "a state was kept for a receiver written by another process{r:?}");
     basyn(&args).ok();
     assert_same(&a, &b);

@@ -771,9 +771,9 @@ fn states_over_ssh_spare_reads_and_basyn_index_runs_on_the_remote_host() {
     let (local, remote) = (sshd.local("src.img"), sshd.remote("dst.img"));
     random_image(&local, 41, size);
 
-    // COPY builds both states: the remote one next to the remote image, on the remote host.
+    // COPY builds both states: the remote one in the remote host's state directory.
     sshd.basyn(&over_ssh(&local, &remote, &["-a", "push", "-m", "copy"])).ok();
-    let remote_state = remote.with_file_name("dst.img.basyn-state");
+    let remote_state = sshd.remote_state_of(&remote);
     assert!(remote_state.exists(), "no remote state after a COPY over ssh");
 
     // Unchanged: both states fresh, nothing is read on either side.
@@ -822,7 +822,7 @@ fn scattered_small_changes_over_ssh_read_only_the_receivers_differing_pieces() {
     write(&img, &data);
     let Some(dev) = loop_dev(&img) else { return };
     // Over SSH a chosen remote state must be in the state directory (or beside the device).
-    let remote_state = Path::new("/var/lib/basyn").join(format!("test-{}-rcv.basyn-state", std::process::id()));
+    let remote_state = sshd.state_dir().join(format!("test-{}-rcv.basyn-state", std::process::id()));
     let _cleanup = RemoveOnDrop(remote_state.clone());
     let args =
         over_ssh(&local, dev.path(), &["-a", "push", "-m", "sync", "--stat", "--remote-state", s(&remote_state)]);

@@ -10,7 +10,7 @@
 //! loop driver and is counted there, whatever the backing file's cache holds; the
 //! backing file's cache is dropped too, with `posix_fadvise(DONTNEED)`, so the loop
 //! driver really reads its disk.) The state files of loop devices live in
-//! `/var/lib/basyn/dev_loopN.basyn-state`; the guards here delete them.
+//! the tests' state directory (`util::state_dir`); the guards here delete them.
 //!
 //! Geometry: small images (8–32 MiB) with `--buffer 4` (4 KiB leaves), so there are
 //! thousands of leaves and the trees have three levels.
@@ -31,8 +31,6 @@ const LEAF_KB: &str = "4";
 const LEAF: u64 = 4096;
 /// The variable that replaces the boot id (a simulated reboot).
 const BOOT_ID_ENV: &str = "BASYN_TEST_BOOT_ID";
-/// Where root keeps the states of block devices.
-const STATE_DIR: &str = "/var/lib/basyn";
 
 // ---------------------------------------------------------------------------
 // Running basyn (with an environment, or in the background)
@@ -205,13 +203,6 @@ fn temp_leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// `name.basyn-state` next to `image`.
-fn state_of(image: &Path) -> PathBuf {
-    let mut p = image.as_os_str().to_os_string();
-    p.push(".basyn-state");
-    PathBuf::from(p)
-}
-
 /// Holds an exclusive `flock` on a device, as another basyn would.
 fn hold_lock(path: &Path) -> File {
     let f = File::open(path).unwrap();
@@ -275,13 +266,13 @@ impl Drop for Loop {
 }
 
 fn state_file_for(kernel_name: &str) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("dev_{kernel_name}.basyn-state"))
+    state_dir().join(format!("dev_{kernel_name}.basyn-state"))
 }
 
 /// Deletes the default state of a block device (and any temp file of a save).
 fn forget_state(kernel_name: &str) {
     let prefix = format!("dev_{kernel_name}.basyn-state");
-    if let Ok(dir) = fs::read_dir(STATE_DIR) {
+    if let Ok(dir) = fs::read_dir(state_dir()) {
         for e in dir.flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
                 let _ = fs::remove_file(e.path());
@@ -361,7 +352,7 @@ fn loop_unchanged_resync_reads_nothing_and_a_changed_source_leaves_the_receiver_
     let (r, d) = measured(&devs, &args, &[]);
     r.ok();
     assert!(d[0] >= sectors && d[1] >= sectors, "first sync: sectors read {d:?}, expected ≥ {sectors} each{r:?}");
-    assert!(src.state().is_file() && rcv.state().is_file(), "no state files in {STATE_DIR}{r:?}");
+    assert!(src.state().is_file() && rcv.state().is_file(), "no state files in {}{r:?}", state_dir().display());
     assert_loops_same(&src, &rcv);
 
     // Unchanged: nothing is read from either device.
@@ -782,39 +773,43 @@ fn piece_digests_past_the_memory_budget_are_spilled_and_loaded_from_the_file_and
 }
 
 /// A state that could not be saved failed every run with exit 2 and "the receiving device
-/// may be partly changed", even when nothing differed (an image in a directory nobody may
-/// create files in). The data result now stands: exit 0, one warning line per side on
-/// stderr, and the next run reads that device again. `basyn index`, whose whole point is
-/// the state, still fails.
+/// may be partly changed", even when nothing differed (a state directory nobody may
+/// create files in). The data result now stands: exit 0, one warning line for the side
+/// whose state could not be saved, and the next run reads that device again. `basyn
+/// index`, whose whole point is the state, still fails.
 #[test]
 fn a_state_that_cannot_be_saved_is_a_warning_not_a_failed_run() {
     let t = tmp();
     let (locked, open) = (t.path().join("locked"), t.path().join("open"));
     fs::create_dir_all(&locked).unwrap();
     fs::create_dir_all(&open).unwrap();
-    let (a, b) = (locked.join("a.img"), open.join("b.img"));
+    let (a, b) = (open.join("a.img"), open.join("b.img"));
     let data = random_image(&a, 23, 4 * MIB);
-    let (a2, c) = (open.join("a2.img"), locked.join("c.img"));
-    write(&a2, &data);
-    random_image(&c, 24, 4 * MIB);
-    // chattr +i on a directory: its files may be written, no file created in it.
+    random_image(&b, 24, 4 * MIB);
+    // chattr +i on the state directory: no file can be created in it.
     let Some(_frozen) = immutable(&locked) else { return };
-    for (what, source, receiver) in [("source", &a, &b), ("receiver", &a2, &c)] {
-        let r = run(&sync(Dir::Push, source, receiver, &[]));
+    let env = [("BASYN_STATE_DIR", s(&locked))];
+    // The other side's state goes where it can be saved.
+    let elsewhere = |name: &str| open.join(name).display().to_string();
+    for (what, other) in [("source", "--remote-state"), ("receiver", "--state")] {
+        let other_state = elsewhere(&format!("{what}.basyn-state"));
+        let args = sync(Dir::Push, &a, &b, &[other, &other_state]);
+        let r = basyn_env(&args, &env);
         r.ok();
         let warnings: Vec<&str> = r.stderr.lines().filter(|l| l.starts_with("basyn: warning: ")).collect();
         assert_eq!(warnings.len(), 1, "{what}: expected one warning{r:?}");
         assert!(warnings[0].contains("the next run reads that device again"), "{what}{r:?}");
         assert!(warnings[0].contains(if what == "source" { "local" } else { "remote" }), "{what}{r:?}");
-        assert_content(receiver, &data, what);
+        assert_content(&b, &data, what);
         // Nothing was kept for that side: the next run reads it again, and still succeeds.
-        let r = run(&sync(Dir::Push, source, receiver, &[]));
+        let r = basyn_env(&args, &env);
         r.ok();
         let (source_read, receiver_read) = r.stat().reads(Dir::Push);
         let read_again = if what == "source" { source_read } else { receiver_read };
         assert!(read_again >= 4 * MIB as u64, "{what}: not read again{r:?}");
+        random_image(&b, 25, 4 * MIB);
     }
-    run(&index(&a, &[])).fails(1, &["local state", s(&a)]);
+    basyn_env(&index(&a, &[]), &env).fails(1, &["local state", s(&locked), "operation not permitted"]);
 }
 
 #[test]

@@ -92,7 +92,7 @@ impl Sshd {
         // authorizes another user.
         fs::create_dir_all(d.join("authorized_keys")).expect("cannot create authorized_keys/");
         fs::copy(d.join("userkey.pub"), d.join("authorized_keys/root")).expect("cannot write authorized_keys");
-        for sub in ["bin", "home", "local", "remote", "tmp"] {
+        for sub in ["bin", "home", "local", "remote", "states", "tmp"] {
             fs::create_dir_all(d.join(sub)).expect("cannot create a directory");
         }
         let mut last = String::new();
@@ -137,7 +137,7 @@ impl Sshd {
     fn write_configs(d: &Path, addr: &str, port: u16, opts: &Options) {
         let p = |name: &str| d.join(name).display().to_string();
         let path = if opts.bin_on_path { format!("{}:/usr/bin:/bin", p("bin")) } else { "/usr/bin:/bin".to_string() };
-        let mut env = format!("HOME={} PATH={path}", p("home"));
+        let mut env = format!("HOME={} PATH={path} BASYN_STATE_DIR={}", p("home"), p("states"));
         if !opts.no_xdg_cache {
             env.push_str(&format!(" XDG_CACHE_HOME={}", p("cache")));
         }
@@ -221,6 +221,17 @@ impl Sshd {
         self.path("cache").join("basyn")
     }
 
+    /// The state directory of the remote sessions (`BASYN_STATE_DIR`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("states")
+    }
+
+    /// Where the remote side keeps `device`'s default state.
+    pub fn remote_state_of(&self, device: &Path) -> PathBuf {
+        let local = crate::util::state_of(device);
+        self.state_dir().join(local.file_name().expect("a state name"))
+    }
+
     /// Writes another client config into the temp dir and returns its path.
     pub fn write_file(&self, name: &str, body: &str) -> PathBuf {
         let path = self.path(name);
@@ -235,6 +246,7 @@ impl Sshd {
         cmd.args(args)
             .env(CONFIG_ENV, config)
             .env("TMPDIR", self.tmp())
+            .env("BASYN_STATE_DIR", crate::util::state_dir())
             .env_remove("CI") // the binary must not depend on it
             .stdin(Stdio::null());
         cmd

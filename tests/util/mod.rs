@@ -174,11 +174,25 @@ impl fmt::Debug for Run {
     }
 }
 
-/// The basyn binary with `args`, stdin from /dev/null and without `CI` (the binary must
-/// not depend on it).
+/// The state directory of every basyn the tests start (`BASYN_STATE_DIR`), so that
+/// they never write the machine's own (`/var/lib/basyn`).
+pub fn state_dir() -> PathBuf {
+    std::env::temp_dir().join("basyn-test-states")
+}
+
+/// Where basyn keeps `device`'s default state: in [`state_dir`], named after its
+/// canonical path with `/` made `_`.
+pub fn state_of(device: &Path) -> PathBuf {
+    let canonical = fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    let flat = canonical.to_string_lossy().trim_start_matches('/').replace('/', "_");
+    state_dir().join(format!("{flat}.basyn-state"))
+}
+
+/// The basyn binary with `args`, stdin from /dev/null, the tests' [`state_dir`], and
+/// without `CI` (the binary must not depend on it).
 pub fn command<S: AsRef<OsStr>>(args: &[S]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_basyn"));
-    cmd.args(args).env_remove("CI").stdin(Stdio::null());
+    cmd.args(args).env_remove("CI").env("BASYN_STATE_DIR", state_dir()).stdin(Stdio::null());
     cmd
 }
 
