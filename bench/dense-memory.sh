@@ -8,17 +8,19 @@
 #   bench/dense-memory.sh [SIZE_GIB=24]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh disable=SC1091
+. bench/lib.sh
 size=${1:-24}
 cargo build --release --quiet
 basyn="$PWD/target/release/basyn"
 work=$(mktemp -d /var/tmp/basyn-dense.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work"; rm -f "$(bench_state_of "$work/src.img")" "$(bench_state_of "$work/dst.img")"' EXIT
 head -c "${size}G" /dev/urandom > "$work/src.img"
 cp "$work/src.img" "$work/dst.img"
 step() {
   local what=$1; shift
   /usr/bin/time -f %M -o "$work/rss" "$basyn" "$@" --chunk 1 --stat > "$work/out"
-  local state_mib=$(( $(stat -c %s "$work/src.img.basyn-state") >> 20 ))
+  local state_mib=$(( $(stat -c %s "$(bench_state_of "$work/src.img")") >> 20 ))
   printf '| %s | %s | %s | %s |\n' "$what" "$(( $(tail -1 "$work/rss") >> 10 ))" "$state_mib" \
     "$(grep -E '^(Read|Blocks):' "$work/out" | tr -s ' ' | paste -sd ';')"
 }

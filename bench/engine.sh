@@ -395,7 +395,7 @@ declare -A shown_cmd
 
 # Receiver preparations (untimed). dst_is: what DST holds (src, old, or "" unknown).
 dst_is=
-rm_states() { rm -f "$DST.basyn-state" "$SRC.basyn-state"; }
+rm_states() { rm -f "$(bench_state_of "$DST")" "$(bench_state_of "$SRC")"; }
 restore() {  # restore TEMPLATE-NAME (old|src)
   local how=full
   if [ "$dst_is" = src ]; then
@@ -621,7 +621,7 @@ for place in $PLACES; do
     fi
     run_group
   done
-  rm -f "$DST" "$DST.basyn-state"
+  rm -f "$(bench_state_of "$DST")" "$DST"
 done
 
 # --- the tables

@@ -156,3 +156,13 @@ PY
   )
   src_alloc=$(($(stat -c '%b*%B' "$dir/src.img")))
 }
+
+# bench_state_of PATH: where basyn (run as root, as these benchmarks are, here and over
+# ssh to 127.0.0.1) keeps PATH's default state: /var/lib/basyn, named after the canonical
+# path with "/" made "_".
+bench_state_of() {
+  local p
+  p=$(realpath -m "$1")
+  p=${p#/}
+  echo "${BASYN_STATE_DIR:-/var/lib/basyn}/${p//\//_}.basyn-state"
+}

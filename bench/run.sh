@@ -58,7 +58,7 @@ run() {
 # for the changed source: the usual nightly situation.
 old_receiver() {
   cp "$work/old.img" "$work/dst.img"
-  rm -f "$work/src.img.basyn-state"
+  rm -f "$(bench_state_of "$work/src.img")"
   "$basyn" index "$work/dst.img" "$@" >/dev/null
 }
 B=("$basyn" -l "$work/src.img" -r "$work/dst.img" -h benchhost --stat)
@@ -68,7 +68,7 @@ run "dd \| ssh, full copy (conv=fdatasync)" \
   sh -c "dd if='$work/src.img' bs=4M status=none | $ssh_cmd benchhost \"dd of='$work/dst.img' bs=4M conv=fdatasync status=none\""
 rm -f "$work/dst.img"
 run "basyn COPY, initial (zstd-3, --no-state)" "${B[@]}" -a push -m copy --no-state
-rm -f "$work/dst.img" "$work"/*.basyn-state
+rm -f "$(bench_state_of "$work/dst.img")" "$(bench_state_of "$work/src.img")" "$work/dst.img"
 run "basyn COPY, initial (builds both states)" "${B[@]}" -a push -m copy
 cp "$work/old.img" "$work/dst.img"
 run "rsync --inplace --no-whole-file, changed" \
