@@ -18,6 +18,7 @@ command -v fincore   >/dev/null || need+=(util-linux-extra)
 command -v ssh       >/dev/null || need+=(openssh-client)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 [ -x /usr/bin/time ]             || need+=(time)
+command -v fusermount3 >/dev/null || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
