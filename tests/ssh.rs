@@ -481,6 +481,12 @@ fn full_remote_disk_is_a_transfer_error() {
     fs::File::create(&remote).unwrap().set_len(8 * MIB as u64).unwrap();
     let run = fast(|| sshd.basyn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY"])));
     run.fails(2, &["remote", s(&remote), "no space", "may be partly changed"]);
+    assert!(!same_stream(&local, &remote), "the copy that ran out of space claims to be complete{run:?}");
+    // Room made: the same devices synced again (with whatever states the failed run left)
+    // end identical.
+    tool("mount", &["-o", "remount,size=16m", s(&sshd.remote("small"))]).unwrap_or_else(|e| panic!("{e}"));
+    sshd.basyn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "SYNC"])).ok();
+    assert_same(&local, &remote);
 }
 
 // ---------------------------------------------------------------------------
