@@ -65,6 +65,10 @@ pub struct DigestIndex {
     unsaved: Option<StateError>,
     /// A dry run: the state is used, but never saved, checkpointed or removed.
     read_only: bool,
+    /// The stamp of the state file on disk when it holds exactly what this index knows
+    /// (loaded whole, or just saved, and nothing learnt or written since): saving it
+    /// again with the same stamp would write the same bytes, so it is skipped.
+    on_disk: Option<Stamp>,
 }
 
 impl DigestIndex {
@@ -146,6 +150,7 @@ impl DigestIndex {
             tree: None,
             unsaved: None,
             read_only,
+            on_disk: None,
         };
         let (path, create_dir) = match &opts.mode {
             StateMode::Off => {
@@ -212,6 +217,7 @@ impl DigestIndex {
         self.known[..valid].fill(true);
         self.pieces = saved.pieces;
         self.fresh = valid == self.known.len();
+        self.on_disk = self.fresh.then_some(saved.stamp);
         if self.fresh {
             format!("state {shown}: {how}, {valid} leaves")
         } else {
@@ -264,6 +270,7 @@ impl DigestIndex {
         self.known[idx] = true;
         self.pieces.set(i, pieces);
         self.tree = None;
+        self.on_disk = None;
     }
 
     /// Learns the leaves that `data`, just read at `offset`, covers entirely.
@@ -289,6 +296,7 @@ impl DigestIndex {
         let (offset, data) = (block.offset(), block.data());
         let b = self.layout.buffer;
         let end = block.end();
+        self.on_disk = None;
         const PAGE: u64 = 4096;
         if issued > 0 {
             self.own_sectors += (end.div_ceil(PAGE) * PAGE - offset / PAGE * PAGE) / 512;
@@ -411,6 +419,9 @@ impl DigestIndex {
     /// copied: a checkpoint of a large device costs no memory.
     fn save(&mut self, stamp: Stamp) -> Result<(), StateError> {
         let Some(file) = self.file.as_ref().filter(|_| !self.read_only) else { return Ok(()) };
+        if self.on_disk.as_ref() == Some(&stamp) {
+            return Ok(());
+        }
         let state = State {
             layout: self.layout,
             device_path: self.device_path.clone(),
@@ -421,6 +432,9 @@ impl DigestIndex {
         };
         let saved = file.save(&state);
         (self.leaves, self.pieces) = (state.leaves, state.pieces);
+        if saved.is_ok() && state.valid_leaves == self.known.len() as u64 {
+            self.on_disk = Some(state.stamp);
+        }
         saved
     }
 

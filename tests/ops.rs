@@ -192,7 +192,8 @@ fn bwlimit_holds_the_link_to_its_rate_in_both_directions() {
             "{action}: {:.2} s for {data} bytes at 8 MiB/s ({least:.2} s){run:?}",
             stat.time
         );
-        assert!(stat.time <= least * 1.1 + 1.0, "{action}: {:.2} s, far slower than 8 MiB/s{run:?}", stat.time);
+        // Starting, hashing and a busy machine add time on top; the cap is the bound above.
+        assert!(stat.time <= least * 1.1 + 3.0, "{action}: {:.2} s, far slower than 8 MiB/s{run:?}", stat.time);
         assert_same(&a, &t.path().join(made));
     }
 }
