@@ -246,3 +246,26 @@ fn a_state_left_beside_an_image_by_an_earlier_version_is_moved_and_used() {
     assert!(!old_a.exists() && !old_b.exists(), "the old states were left beside the images");
     assert!(state_of(&a).is_file() && state_of(&b).is_file());
 }
+
+/// An unchanged SYNC with both states fresh rewrote and fsynced both state files on
+/// every run (each save is a new file renamed over the old). A state that already holds
+/// what the run knows is now left as it is: same file, same inode.
+#[test]
+fn an_unchanged_sync_with_fresh_states_does_not_rewrite_them() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    let args = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--stat"]);
+    basyn(&args).ok();
+    let inodes = || [state_of(&a), state_of(&b)].map(|p| fs::metadata(&p).unwrap().ino());
+    let before = inodes();
+    let run = basyn(&args);
+    run.ok();
+    assert!(run.stat().read_nothing(), "{run:?}");
+    assert_eq!(inodes(), before, "an unchanged run rewrote a state");
+    // A change is saved as before.
+    poke(&a, 3 * MIB as u64, b"changed");
+    basyn(&args).ok();
+    let after = inodes();
+    assert!(after[0] != before[0] && after[1] != before[1], "a changed run did not save both states");
+}
