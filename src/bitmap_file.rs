@@ -327,7 +327,11 @@ impl BitmapFile {
         let tmp = PathBuf::from(tmp);
         let write = || -> io::Result<File> {
             // create_new: never follow or reuse whatever already sits at that name.
-            let f = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp)?;
+            let f = std::os::unix::fs::OpenOptionsExt::mode(
+                OpenOptions::new().read(true).write(true).create_new(true),
+                0o600,
+            )
+            .open(&tmp)?;
             f.write_all_at(&header, 0)?;
             // The digests are zeros: a hole, as the original's new FILE reads.
             f.set_len(HEADER_LEN + geometry.table_len())?;

@@ -491,13 +491,17 @@ impl DigestIndex {
         // A state that cannot be saved costs the next run a read, nothing more: what is
         // on disk is the old state (or a checkpoint), whose stamp no longer matches a
         // device this run changed. The caller says so.
+        let as_it_was = self.on_disk.as_ref() == Some(&now);
         match self.save(now) {
             Ok(()) => self.unsaved = None,
             Err(e) => self.unsaved = Some(e),
         }
         if let (Some(file), None, false) = (&self.file, &self.unsaved, self.read_only) {
-            let n = self.known.len();
-            self.note = format!("state {} saved: {} of {n} leaves", file.path().display(), self.valid_prefix());
+            let (n, path) = (self.known.len(), file.path().display());
+            self.note = match as_it_was {
+                true => format!("state {path} left as it was: it holds all {n} leaves"),
+                false => format!("state {path} saved: {} of {n} leaves", self.valid_prefix()),
+            };
         }
         Ok(true)
     }

@@ -246,6 +246,14 @@ pub fn human(bytes: f64) -> String {
 /// A static because the signal handler can read nothing else; only [`Interrupts`] sets it.
 static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// What the handler says once the receiver may change: a message naming the receiver,
+/// made before (a handler may not format), leaked so that it lives as long as the
+/// process. Null: the generic message.
+static CHANGED_MESSAGE: std::sync::atomic::AtomicPtr<u8> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+static CHANGED_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// stderr is a terminal: the message starts on a new line, after the echoed `^C`.
+static STDERR_TTY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The SIGINT/SIGTERM handler of a run, and what it must say when it fires: the engine
 /// tells it, through [`Interrupts::receiver_may_change`], when an interruption starts
 /// to mean "the receiving device may be partly changed" (exit 2) instead of "nothing
@@ -258,28 +266,53 @@ impl Interrupts {
     /// Installs the handler for SIGINT and SIGTERM.
     pub fn install() -> Interrupts {
         extern "C" fn handler(_: libc::c_int) {
-            const CHANGED: &[u8] = b"\nbasyn: interrupted; the receiving device may be partly changed\n";
-            const NOTHING: &[u8] = b"\nbasyn: interrupted before anything was written\n";
-            let writing = WRITING.load(std::sync::atomic::Ordering::SeqCst);
-            let (msg, code) = if writing { (CHANGED, 2) } else { (NOTHING, 1) };
-            // SAFETY: an atomic load, write(2) and _exit(2) are async-signal-safe; msg is static.
+            const CHANGED: &[u8] = b"basyn: interrupted; the receiving device may be partly changed\n";
+            const NOTHING: &[u8] = b"basyn: interrupted before anything was written\n";
+            use std::sync::atomic::Ordering::SeqCst;
+            let writing = WRITING.load(SeqCst);
+            let (mut msg, code) = if writing { (CHANGED, 2) } else { (NOTHING, 1) };
+            let named = CHANGED_MESSAGE.load(SeqCst);
+            if writing && !named.is_null() {
+                // SAFETY: set once from a leaked boxed slice of exactly CHANGED_LEN bytes,
+                // stored before the pointer, and never freed.
+                msg = unsafe { std::slice::from_raw_parts(named, CHANGED_LEN.load(SeqCst)) };
+            }
+            // SAFETY: atomic loads, write(2) and _exit(2) are async-signal-safe; msg lives
+            // for the whole process.
             unsafe {
+                if STDERR_TTY.load(SeqCst) {
+                    libc::write(2, b"\n".as_ptr().cast(), 1);
+                }
                 libc::write(2, msg.as_ptr().cast(), msg.len());
                 libc::_exit(code);
             }
         }
-        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        // SAFETY: isatty on a descriptor number; the handler only calls
+        // async-signal-safe functions.
         unsafe {
+            STDERR_TTY.store(libc::isatty(2) == 1, std::sync::atomic::Ordering::SeqCst);
             libc::signal(libc::SIGINT, handler as *const () as libc::sighandler_t);
             libc::signal(libc::SIGTERM, handler as *const () as libc::sighandler_t);
         }
         Interrupts(())
     }
 
-    /// From now on the receiving device may change (it is about to be opened, which may
-    /// create or resize it).
-    pub fn receiver_may_change(&self) {
-        WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
+    /// From now on `receiver` (with its side) may change: it is about to be opened, which
+    /// may create or resize it. An interruption then names it, and says what to do.
+    pub fn receiver_may_change(&self, receiver: &str, sync: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let next = if sync {
+            "rerun the same command: it resumes from the last checkpoint"
+        } else {
+            "rerun it, or run a SYNC, which goes on from the last checkpoint"
+        };
+        if CHANGED_MESSAGE.load(SeqCst).is_null() {
+            let text = format!("basyn: interrupted; the receiving device {receiver} may be partly changed; {next}\n");
+            let leaked: &'static mut [u8] = Box::leak(text.into_bytes().into_boxed_slice());
+            CHANGED_LEN.store(leaked.len(), SeqCst);
+            CHANGED_MESSAGE.store(leaked.as_mut_ptr(), SeqCst);
+        }
+        WRITING.store(true, SeqCst);
     }
 }
 

@@ -399,7 +399,7 @@ pub fn adopt_legacy(device: &Path, path: &Path, read_only: bool) -> (PathBuf, Op
     if read_only {
         return (legacy, None);
     }
-    let moved = path.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::rename(&legacy, path));
+    let moved = path.parent().map_or(Ok(()), make_state_dir).and_then(|()| fs::rename(&legacy, path));
     let note = match moved {
         Ok(()) => {
             format!("state {} moved from {} (states now live in the state directory)", path.display(), legacy.display())
@@ -411,6 +411,13 @@ pub fn adopt_legacy(device: &Path, path: &Path, read_only: bool) -> (PathBuf, Op
         ),
     };
     (path.to_path_buf(), Some(note))
+}
+
+/// Makes the state directory (and its missing parents) readable by its owner only:
+/// digests tell what a device holds. A directory already there keeps its mode.
+fn make_state_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 /// The variable that names the state directory instead of the default one.
@@ -472,7 +479,7 @@ impl StateFile {
     /// Names the state file at `path`, creating its directory if `create_dir`.
     pub fn at(path: &Path, create_dir: bool) -> Result<StateFile, StateError> {
         if create_dir && let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|source| StateError::Io { path: path.display().to_string(), source })?;
+            make_state_dir(dir).map_err(|source| StateError::Io { path: path.display().to_string(), source })?;
         }
         Ok(StateFile { path: path.to_path_buf() })
     }
@@ -563,7 +570,12 @@ impl StateFile {
         let tmp = PathBuf::from(tmp);
         let write = || -> io::Result<()> {
             // create_new: never follow or reuse whatever already sits at that name.
-            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            // 0600: digests tell what a device holds (`security.md`).
+            let f = std::os::unix::fs::OpenOptionsExt::mode(
+                std::fs::OpenOptions::new().write(true).create_new(true),
+                0o600,
+            )
+            .open(&tmp)?;
             let mut out = io::BufWriter::with_capacity(1 << 20, f);
             write(state, &mut out)?;
             let f = out.into_inner().map_err(io::IntoInnerError::into_error)?;

@@ -269,3 +269,61 @@ fn an_unchanged_sync_with_fresh_states_does_not_rewrite_them() {
     let after = inodes();
     assert!(after[0] != before[0] && after[1] != before[1], "a changed run did not save both states");
 }
+
+/// `-l X -r X --recheck` on one machine said "in use by another basyn" (the far end
+/// found the device locked by this end). It now says the two are one device, by any
+/// name, for a dry run too.
+#[test]
+fn a_check_of_a_device_against_itself_says_they_are_the_same_device() {
+    let t = tmp();
+    let (a, _) = pair(t.path());
+    let alias = t.path().join("alias.img");
+    std::os::unix::fs::symlink(&a, &alias).unwrap();
+    for other in [&a, &alias] {
+        let run = basyn(&sv(&["-l", s(&a), "-r", s(other), "--recheck"]));
+        run.fails(1, &["are the same device", "nothing to compare", s(other)]);
+        assert!(!run.stderr.contains("another basyn"), "{run:?}");
+        basyn(&sv(&["-l", s(&a), "-r", s(other), "-a", "push", "-m", "sync", "-n"])).fails(1, &["same device"]);
+    }
+}
+
+/// Ctrl-C said only "interrupted; the receiving device may be partly changed". It now
+/// names the device and says what to do next.
+#[test]
+fn an_interrupted_run_names_the_receiver_and_says_what_to_do_next() {
+    let t = tmp();
+    let a = t.path().join("a.img");
+    random_image(&a, 12, 256 * MIB);
+    for (mode, next) in
+        [("sync", "rerun the same command: it resumes from the last checkpoint"), ("copy", "run a SYNC")]
+    {
+        let b = t.path().join(format!("{mode}.img"));
+        let mut run = start(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", mode, "--bwlimit", "16M"]), &[]);
+        wait_until(std::time::Duration::from_secs(60), "the receiver to be created", || b.exists() || !run.running());
+        assert!(run.running(), "the run ended before it could be interrupted{:?}", run.finish());
+        // SAFETY: kill(2) on the child's pid.
+        unsafe { libc::kill(run.pid() as i32, libc::SIGINT) };
+        let r = run.finish();
+        r.fails(2, &["interrupted", &format!("the receiving device remote {} may be partly changed", s(&b)), next]);
+    }
+}
+
+/// States tell what a device holds: the state directory basyn makes is its owner's only
+/// (0700), and every state file is 0600, whatever the umask.
+#[test]
+fn states_and_the_state_directory_basyn_makes_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    let dir = t.path().join("states/nested");
+    let run = start(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"]), &[("BASYN_STATE_DIR", s(&dir))]);
+    run.finish().ok();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(dir.parent().unwrap()), 0o700);
+    let states: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(states.len(), 2, "{states:?}");
+    for state in states {
+        assert_eq!(mode(&state), 0o600, "{}", state.display());
+    }
+}

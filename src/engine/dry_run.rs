@@ -18,6 +18,7 @@ impl Session<'_> {
     pub(super) fn dry_run(&mut self, dir: Direction, mode: Mode) -> Result<(), Error> {
         let plan = self.plan;
         let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Fault::from(e).refused())?;
+        self.refuse_same_device(&local)?;
         let req = self.open_request(Access::Inspect, Codec::None, plan.remote_state.clone());
         let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
         let (source_size, receiver_size) = match dir {

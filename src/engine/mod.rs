@@ -302,6 +302,14 @@ pub enum Fault {
     /// A bug in basyn.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// On one machine both names are one device: a check has nothing to compare.
+    #[error("{local} and {remote} are the same device: there is nothing to compare")]
+    SameDevice {
+        /// The local device, with its side.
+        local: String,
+        /// The remote device, with its side.
+        remote: String,
+    },
 }
 
 impl From<crate::bitmap_file::BitmapFileError> for Fault {

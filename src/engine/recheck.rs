@@ -20,6 +20,9 @@ impl Session<'_> {
         let broken = |f: Fault| if after_action { Error::RecheckFailed(Box::new(f)) } else { f.refused() };
         let differ = |d: Differences| if after_action { Error::RecheckDiffers(d) } else { Error::Differ(d) };
         let local = Device::open_read(&plan.local, Side::Local).map_err(|e| broken(e.into()))?;
+        if !after_action {
+            self.refuse_same_device(&local)?;
+        }
         let (local_state, remote_state) = match after_action {
             true => (StateOptions::off(), StateOptions::off()),
             false => (plan.state.clone(), plan.remote_state.clone()),

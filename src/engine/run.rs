@@ -191,7 +191,8 @@ impl Session<'_> {
         };
         let req = self.open_request(access, plan.params.codec, plan.remote_state.clone());
         self.endpoint()?;
-        self.interrupts.receiver_may_change();
+        let sync = plan.action.is_some_and(|(_, m)| m == Mode::Sync);
+        self.interrupts.receiver_may_change(&self.receiver_name(Direction::Push), sync);
         let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
         if opened.created {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Push)));
@@ -219,7 +220,8 @@ impl Session<'_> {
             known_zero: plan.destination_is_zero,
         };
         DigestIndex::check_size(&layout(&plan.params, len), &plan.local).map_err(|e| Fault::State(e).refused())?;
-        self.interrupts.receiver_may_change();
+        let sync = plan.action.is_some_and(|(_, m)| m == Mode::Sync);
+        self.interrupts.receiver_may_change(&self.receiver_name(Direction::Pull), sync);
         let local = Device::open_receiver(&plan.local, Side::Local, &spec).map_err(|e| Fault::Device(e).refused())?;
         if local.created() {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Pull)));
@@ -336,9 +338,12 @@ impl Session<'_> {
             rep.log("reading the local device for the bitmap's block digests");
             out.digests = Some(bitmap_sync::local_digests(local, index, false, None)?);
         }
+        let loaded = index.note().to_string();
         let unchanged = index.finish(local, role)?;
         if let Some(e) = index.unsaved() {
             warn_unsaved(rep, format_args!("local {e}"));
+        } else if index.note() != loaded {
+            rep.log(format_args!("local {}", index.note()));
         }
         Ok(unchanged)
     }

@@ -152,6 +152,21 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// On one machine, a check of a device against itself is refused before the far end
+    /// would find the device locked by this end (which told the user "in use by another
+    /// basyn").
+    pub fn refuse_same_device(&self, local: &Device) -> Result<(), Error> {
+        if self.plan.transport != crate::endpoint::Transport::Local {
+            return Ok(());
+        }
+        let Ok(remote) = Device::open_read(&self.plan.remote, Side::Remote) else { return Ok(()) };
+        if local.identity().same_storage(remote.identity()) {
+            let (local, remote) = (name(Side::Local, &self.plan.local), name(Side::Remote, &self.plan.remote));
+            return Err(Fault::SameDevice { local, remote }.refused());
+        }
+        Ok(())
+    }
+
     /// The source and the receiver of a transfer in `dir`, as messages name them.
     pub fn source_name(&self, dir: Direction) -> String {
         match dir {
