@@ -219,10 +219,10 @@ impl Stats {
         self.blocks_sent == 0 && self.data_sent == 0 && self.zeros_sent == 0 && self.bytes_written == 0
     }
 
-    /// True if nothing at all happened: no device was sized, no byte exchanged (a run
-    /// that failed before it connected or opened anything).
+    /// True if nothing happened to a device: none was sized, read or written (a run
+    /// refused, or failed to connect, before that). A handshake may have crossed the link.
     pub fn is_empty(&self) -> bool {
-        self.device_size == 0 && self.rx == 0 && self.tx == 0 && self.local_read == 0 && self.remote_read == 0
+        self.device_size == 0 && self.local_read == 0 && self.remote_read == 0 && self.bytes_written == 0
     }
 
     /// Traffic against the device size, in percent; `None` for an empty device.
@@ -380,6 +380,13 @@ mod tests {
         let ssh = Stats { over_ssh: true, ..s }.render();
         assert!(ssh.contains("Bandwidth:   Real 500 B/s; nothing sent, no effective rate"), "{ssh}");
         assert!(ssh.contains("Traffic:     Rx 300 bytes") && !ssh.contains("Effective"), "{ssh}");
+    }
+
+    #[test]
+    fn stats_of_a_run_that_touched_no_device_are_empty() {
+        assert!(Stats { rx: 200, tx: 100, over_ssh: true, ..Stats::default() }.is_empty());
+        assert!(!Stats { device_size: 1, ..Stats::default() }.is_empty());
+        assert!(!Stats { local_read: 1, ..Stats::default() }.is_empty());
     }
 
     #[test]

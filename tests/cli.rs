@@ -323,6 +323,20 @@ fn a_run_that_fails_before_anything_happened_prints_no_zero_stat_block() {
     let v = json_of(&run);
     assert_eq!(uint(&v, "exit_code"), 1);
     assert!(v["error"].as_str().is_some_and(|e| e.contains("missing.img")), "{v}");
+    // Refused by the endpoint once connected (a receiver smaller than the source): the
+    // handshake crossed the pipe, but no device was sized, read or written.
+    let src = t.path().join("src.img");
+    random_image(&src, 71, 2 * MIB);
+    random_image(&rcv, 72, MIB);
+    let args = ["-l", s(&src), "-r", s(&rcv), "-a", "PUSH", "-m", "SYNC"];
+    let run = basyn(&[&args[..], &["--stat"]].concat());
+    run.fails(1, &["Cannot PUSH because remote device size (1048576) is smaller"]);
+    assert!(run.stdout.is_empty(), "an all-zero --stat block{run:?}");
+    let run = basyn(&[&args[..], &["--stat=json"]].concat());
+    run.code(1);
+    let v = json_of(&run);
+    assert_eq!((uint(&v, "exit_code"), uint(&v, "bytes_written")), (1, 0));
+    assert!(uint(&v, "traffic_bytes") > 0, "the JSON still counts the handshake: {v}");
 }
 
 #[test]
