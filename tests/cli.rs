@@ -408,7 +408,17 @@ fn man_page_and_completions_have_every_long_option() {
     }
     let man = basyn(&["generate", "man"]);
     assert!(man.stdout.contains("\n.TH basyn 1 "), "{man:?}");
-    for section in ["DEVICES AND HOST", "ACTION AND MODE", "COMPARISON", "OUTPUT", "STATES", "SAFETY", "BASYN INDEX"] {
+    assert!(!man.stdout.contains("basyn\\-index(1)"), "no pointer to a page that is not installed{man:?}");
+    for section in [
+        "DEVICES AND HOST",
+        "ACTION AND MODE",
+        "COMPARISON",
+        "OUTPUT",
+        "STATES",
+        "SAFETY",
+        "BASYN INDEX",
+        "EXIT STATUS",
+    ] {
         assert!(
             man.stdout.contains(&format!(".SH \"{section}\"")) || man.stdout.contains(&format!(".SH {section}")),
             "{section}"

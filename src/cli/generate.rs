@@ -31,18 +31,25 @@ pub fn generate(what: Artifact) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// basyn(1): the main page with its grouped options, then a section for each visible
-/// subcommand, its synopsis and options as subsections.
+/// basyn(1), one page: the main command with its grouped options, then a section for
+/// each subcommand (its synopsis and options as subsections), then the exit status.
 fn man(cmd: clap::Command) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    let page = clap_mangen::Man::new(cmd.clone());
+    page.render_title(&mut out)?;
+    page.render_name_section(&mut out)?;
+    page.render_synopsis_section(&mut out)?;
+    page.render_description_section(&mut out)?;
+    page.render_options_section(&mut out)?;
+    // Not clap_mangen's list of subcommands, which points to a page for each.
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
         let name = format!("basyn {}", sub.get_name());
-        let page = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        let sub_page = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
         let mut part = Vec::new();
-        page.render_synopsis_section(&mut part)?;
-        page.render_options_section(&mut part)?;
-        out.extend_from_slice(format!(".SH \"{}\"\n", name.to_uppercase()).as_bytes());
+        sub_page.render_synopsis_section(&mut part)?;
+        sub_page.render_options_section(&mut part)?;
+        out.extend_from_slice(format!(".SH \"{}\"\n{}\n", name.to_uppercase(), roff_text(&about)).as_bytes());
         // clap_mangen renders a page's sections; under this one they are subsections.
         for line in String::from_utf8_lossy(&part).lines() {
             let line = line.strip_prefix(".SH ").map_or_else(|| line.to_string(), |rest| format!(".SS {rest}"));
@@ -50,7 +57,19 @@ fn man(cmd: clap::Command) -> std::io::Result<Vec<u8>> {
             out.push(b'\n');
         }
     }
+    let mut extra = Vec::new();
+    page.render_extra_section(&mut extra)?;
+    let extra = String::from_utf8_lossy(&extra).replacen(".SH EXTRA", ".SH \"EXIT STATUS\"", 1);
+    out.extend_from_slice(extra.as_bytes());
+    page.render_version_section(&mut out)?;
     Ok(out)
+}
+
+/// `text` as a roff paragraph: no line may start with a control character, and a
+/// backslash is an escape.
+fn roff_text(text: &str) -> String {
+    let text = text.replace('\\', "\\e").replace('-', "\\-");
+    if text.starts_with(['.', '\'']) { format!("\\&{text}") } else { text }
 }
 
 #[cfg(test)]
