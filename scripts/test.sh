@@ -31,4 +31,10 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # One test binary at a time: the loop-device and sshd tests share system resources.
-cargo test --all-targets -- --test-threads=2
+# The last line says the totals; the exit status is cargo test's.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets -- --test-threads=2 2>&1 | tee "$log" || status=${PIPESTATUS[0]}
+scripts/totals.sh < "$log"
+exit "$status"

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::compress::Codec;
+use crate::compress::{Codec, PayloadCodec};
 use crate::hash::{Digest, HashAlgo};
 use crate::link::{Link, LinkError, Process};
 use crate::protocol::{
@@ -146,6 +146,8 @@ pub struct Endpoint {
     label: String,
     tx: Arc<Counter>,
     rx: Arc<Counter>,
+    /// Bytes of device data that crossed to the receiver: as data, and as zero tokens.
+    moved: (u64, u64),
     finished: bool,
 }
 
@@ -213,6 +215,7 @@ impl Endpoint {
             label,
             tx,
             rx,
+            moved: (0, 0),
             finished: false,
         };
         let hello = Message::Hello { version: u32::from(VERSION), features: FEATURES };
@@ -240,6 +243,21 @@ impl Endpoint {
     /// Bytes received from and sent to the endpoint so far.
     pub fn traffic(&self) -> (u64, u64) {
         (self.rx.get(), self.tx.get())
+    }
+
+    /// Bytes of device data sent to the endpoint (PUSH) or received from it (PULL) so
+    /// far: (as data, as zero tokens).
+    pub fn data_moved(&self) -> (u64, u64) {
+        self.moved
+    }
+
+    /// Counts a block of device data crossing the link.
+    fn count(&mut self, block: &BlockFrame) {
+        let len = u64::from(block.raw_len);
+        match block.codec {
+            PayloadCodec::Zero => self.moved.1 += len,
+            _ => self.moved.0 += len,
+        }
     }
 
     /// True if the endpoint can decode payloads of `codec`.
@@ -296,7 +314,10 @@ impl Endpoint {
     /// unverified, to be checked against the source digests before it is written.
     pub fn data(&mut self, offset: u64, len: usize) -> Result<BlockFrame, EndpointError> {
         match self.recv()? {
-            Frame::Block(b) if b.offset == offset && b.raw_len as usize == len => Ok(b),
+            Frame::Block(b) if b.offset == offset && b.raw_len as usize == len => {
+                self.count(&b);
+                Ok(b)
+            }
             other => {
                 let what = format!("{} where offset {offset} ({len} bytes) was asked for", other.describe());
                 Err(self.fail("waiting for data", ProtocolError::Unexpected { what, doing: "reading data" }))
@@ -306,6 +327,7 @@ impl Endpoint {
 
     /// Sends data for the endpoint's device to verify and write (no reply).
     pub fn write(&mut self, block: BlockFrame) -> Result<(), EndpointError> {
+        self.count(&block);
         self.send(&Frame::Block(block))
     }
 

@@ -26,6 +26,7 @@ pub mod serve;
 pub mod sparse;
 pub mod ssh;
 pub mod stamp;
+pub mod stat_json;
 pub mod state;
 pub mod sysfs;
 pub mod tree;

@@ -5,7 +5,9 @@ use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use basyn::cli::{self, Command, Stop};
-use basyn::report::{Interrupts, Stats};
+use basyn::engine::{Direction, Mode, Transport};
+use basyn::report::{Interrupts, StatRequest, Stats};
+use basyn::stat_json::{self, RunFacts};
 use basyn::{engine, serve};
 
 fn main() -> ExitCode {
@@ -25,34 +27,92 @@ fn main() -> ExitCode {
             1
         }
         Ok(Command::Serve(config)) => serve_stdio(&config),
-        Ok(Command::Index(plan)) => report(plan.output.stat, |stats, _| engine::index(&plan, stats)),
+        Ok(Command::Index(plan, stat)) => {
+            let facts = RunFacts { command: "index", ..RunFacts::default() };
+            let over_ssh = plan.transport != Transport::Local;
+            report(&stat, facts, over_ssh, |stats, _| engine::index(&plan, stats))
+        }
+        Ok(Command::Generate(what)) => {
+            let written = cli::generate(what).and_then(|text| std::io::Write::write_all(&mut std::io::stdout(), &text));
+            match written {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("basyn generate: {e}");
+                    1
+                }
+            }
+        }
         Ok(Command::Protocol) => {
             println!("{}", basyn::ssh::protocol_line());
             0
         }
-        Ok(Command::Run(plan)) => report(plan.output.stat, |stats, interrupts| engine::run(&plan, stats, interrupts)),
+        Ok(Command::Run(plan, stat)) => {
+            let over_ssh = plan.transport != Transport::Local;
+            report(&stat, run_facts(&plan), over_ssh, |stats, interrupts| engine::run(&plan, stats, interrupts))
+        }
     };
     ExitCode::from(code as u8)
 }
 
-/// Runs a job with SIGINT/SIGTERM handled, prints `--stat` (also after a failure), maps
-/// the outcome to an exit code.
-fn report(stat: bool, job: impl FnOnce(&mut Stats, &Interrupts) -> Result<(), engine::Error>) -> i32 {
+/// What `--stat=json` says a run was.
+fn run_facts(plan: &engine::Plan) -> RunFacts {
+    let (action, mode) = match plan.action {
+        None => (None, None),
+        Some((dir, mode)) => (
+            Some(match dir {
+                Direction::Push => "PUSH",
+                Direction::Pull => "PULL",
+            }),
+            Some(match mode {
+                Mode::Sync => "SYNC",
+                Mode::Copy => "COPY",
+            }),
+        ),
+    };
+    RunFacts { command: "run", action, mode, recheck: plan.recheck }
+}
+
+/// Runs a job with SIGINT/SIGTERM handled, prints `--stat` and writes `--stat-file`
+/// (also after a failure, with its exit code), maps the outcome to an exit code.
+fn report(
+    stat: &StatRequest,
+    facts: RunFacts,
+    over_ssh: bool,
+    job: impl FnOnce(&mut Stats, &Interrupts) -> Result<(), engine::Error>,
+) -> i32 {
     let interrupts = Interrupts::install();
     let mut stats = Stats::default();
     let result = job(&mut stats, &interrupts);
-    if stat {
+    stats.over_ssh = over_ssh;
+    let (code, error) = match &result {
+        Ok(()) => (0, None),
+        Err(e) => (e.exit_code(), Some(e.to_string())),
+    };
+    // A dry run's report is on stdout already.
+    if let (Some(e), Err(err)) = (&error, &result)
+        && !err.reported()
+    {
+        eprintln!("basyn: {e}");
+    }
+    // A run that failed before anything happened (no connection, a refusal) has no
+    // figures: an all-zero block would only mislead. The JSON says what happened.
+    if stat.text && !(error.is_some() && stats.is_empty()) {
         print!("{}", stats.render());
     }
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            if !e.reported() {
-                eprintln!("basyn: {e}");
-            }
-            e.exit_code()
+    if stat.json_stdout || stat.file.is_some() {
+        let json = stat_json::render(&stats, &facts, code, error.as_deref());
+        if stat.json_stdout {
+            print!("{json}");
+        }
+        // A file that cannot be written is a warning, as for a state that cannot be
+        // saved: the exit code says what happened to the data.
+        if let Some(path) = &stat.file
+            && let Err(e) = std::fs::write(path, &json)
+        {
+            eprintln!("basyn: warning: cannot write --stat-file {}: {e}", path.display());
         }
     }
+    code
 }
 
 /// Serves over the raw stdin/stdout descriptors: std's stdout is line-buffered, which

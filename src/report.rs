@@ -20,6 +20,24 @@ pub struct Output {
     pub debug: bool,
 }
 
+/// Where `--stat` and `--stat-file` send the statistics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatRequest {
+    /// `--stat` (or `--stat=text`): the text summary on stdout.
+    pub text: bool,
+    /// `--stat=json` without `--stat-file`: the JSON object on stdout.
+    pub json_stdout: bool,
+    /// `--stat-file PATH`: the JSON object into PATH.
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl StatRequest {
+    /// True if the statistics go anywhere.
+    pub fn wanted(&self) -> bool {
+        self.text || self.json_stdout || self.file.is_some()
+    }
+}
+
 /// Routes log, debug and progress output.
 pub struct Reporter {
     output: Output,
@@ -185,6 +203,13 @@ pub struct Stats {
     pub blocks_compared: u64,
     /// Blocks found different.
     pub blocks_differing: u64,
+    /// Blocks whose data (some or all of it) went to the receiver: every block of a
+    /// COPY, the differing blocks of a SYNC.
+    pub blocks_sent: u64,
+    /// Bytes of device data that crossed to the receiver as data.
+    pub data_sent: u64,
+    /// Bytes of device data that crossed to the receiver as zero tokens.
+    pub zeros_sent: u64,
     /// Bytes of device data written to the receiver.
     pub bytes_written: u64,
     /// Bytes read from the local device.
@@ -193,33 +218,73 @@ pub struct Stats {
     pub remote_read: u64,
     /// Tree nodes compared (tree walks and root comparisons).
     pub nodes_compared: u64,
+    /// The far endpoint was reached over SSH: Rx and Tx are network traffic (otherwise
+    /// they went through the pipe to a local child).
+    pub over_ssh: bool,
 }
 
 impl Stats {
-    /// The summary in the original tool's terms, one figure per line.
+    /// True if no device data went to a receiver.
+    pub fn sent_nothing(&self) -> bool {
+        self.blocks_sent == 0 && self.data_sent == 0 && self.zeros_sent == 0 && self.bytes_written == 0
+    }
+
+    /// True if nothing happened to a device: none was sized, read or written (a run
+    /// refused, or failed to connect, before that). A handshake may have crossed the link.
+    pub fn is_empty(&self) -> bool {
+        self.device_size == 0 && self.local_read == 0 && self.remote_read == 0 && self.bytes_written == 0
+    }
+
+    /// Traffic against the device size, in percent; `None` for an empty device.
+    pub fn ratio(&self) -> Option<f64> {
+        (self.device_size > 0).then(|| (self.rx + self.tx) as f64 * 100.0 / self.device_size as f64)
+    }
+
+    /// Network traffic per second; `None` without a network (a local run).
+    pub fn real_bandwidth(&self) -> Option<f64> {
+        self.over_ssh.then(|| (self.rx + self.tx) as f64 / self.secs())
+    }
+
+    /// Device size per second; `None` for a run that sent nothing, whose rate would
+    /// only say how fast nothing was done.
+    pub fn effective_bandwidth(&self) -> Option<f64> {
+        (!self.sent_nothing()).then(|| self.device_size as f64 / self.secs())
+    }
+
+    fn secs(&self) -> f64 {
+        self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The summary in the original tool's terms, one figure per line. A local run's Rx
+    /// and Tx went through a pipe and are said so, with no network bandwidth.
     pub fn render(&self) -> String {
         let both = self.rx + self.tx;
-        let secs = self.elapsed.as_secs_f64().max(1e-9);
-        let ratio = if self.device_size == 0 { 0.0 } else { both as f64 * 100.0 / self.device_size as f64 };
+        let traffic =
+            format!("Rx {} bytes, Tx {} bytes, Both {} bytes ({})", self.rx, self.tx, both, human(both as f64));
+        let ratio = self.ratio().unwrap_or(0.0);
+        let (traffic, ratio) = match self.over_ssh {
+            true => (traffic, format!("{ratio:.2} %")),
+            false => (format!("no network (local run); pipe {traffic}"), format!("{ratio:.2} % (pipe bytes)")),
+        };
+        let rate = |r: Option<f64>| r.map(|r| format!("{}/s", human(r)));
+        let bandwidth = match (rate(self.real_bandwidth()), rate(self.effective_bandwidth())) {
+            (Some(real), Some(eff)) => format!("Real {real}, Effective {eff}"),
+            (Some(real), None) => format!("Real {real}; nothing sent, no effective rate"),
+            (None, Some(eff)) => format!("Effective {eff} (no network)"),
+            (None, None) => "none: a local run that sent nothing".to_string(),
+        };
         format!(
             "Device size: {} bytes ({})\n\
-             Traffic:     Rx {} bytes, Tx {} bytes, Both {} bytes ({})\n\
-             Ratio:       {:.2} %\n\
+             Traffic:     {traffic}\n\
+             Ratio:       {ratio}\n\
              Time:        {:.3} s\n\
-             Bandwidth:   Real {}/s, Effective {}/s\n\
+             Bandwidth:   {bandwidth}\n\
              Blocks:      {} compared, {} differing, {} bytes written\n\
              Read:        local {} bytes, remote {} bytes\n\
              Tree:        {} nodes compared\n",
             self.device_size,
             human(self.device_size as f64),
-            self.rx,
-            self.tx,
-            both,
-            human(both as f64),
-            ratio,
             self.elapsed.as_secs_f64(),
-            human(both as f64 / secs),
-            human(self.device_size as f64 / secs),
             self.blocks_compared,
             self.blocks_differing,
             self.bytes_written,
@@ -322,7 +387,15 @@ mod tests {
 
     #[test]
     fn stats_show_every_figure_of_the_original() {
-        let s = Stats { device_size: 1 << 30, rx: 1000, tx: 24, elapsed: Duration::from_secs(2), ..Stats::default() };
+        let s = Stats {
+            device_size: 1 << 30,
+            rx: 1000,
+            tx: 24,
+            elapsed: Duration::from_secs(2),
+            blocks_sent: 1,
+            over_ssh: true,
+            ..Stats::default()
+        };
         let text = s.render();
         for needle in [
             "Device size: 1073741824 bytes",
@@ -336,6 +409,27 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn a_local_run_has_no_network_figures_and_one_that_sent_nothing_no_effective_rate() {
+        let s = Stats { device_size: 1 << 20, rx: 300, tx: 200, elapsed: Duration::from_secs(1), ..Stats::default() };
+        let text = s.render();
+        assert!(text.contains("Traffic:     no network (local run); pipe Rx 300 bytes, Tx 200 bytes"), "{text}");
+        assert!(text.contains("Bandwidth:   none: a local run that sent nothing"), "{text}");
+        assert!(!text.contains("Real") && !text.contains("Effective"), "{text}");
+        let sent = Stats { bytes_written: 4096, blocks_sent: 1, ..s.clone() }.render();
+        assert!(sent.contains("Bandwidth:   Effective 1.00 MiB/s (no network)") && !sent.contains("Real"), "{sent}");
+        let ssh = Stats { over_ssh: true, ..s }.render();
+        assert!(ssh.contains("Bandwidth:   Real 500 B/s; nothing sent, no effective rate"), "{ssh}");
+        assert!(ssh.contains("Traffic:     Rx 300 bytes") && !ssh.contains("Effective"), "{ssh}");
+    }
+
+    #[test]
+    fn stats_of_a_run_that_touched_no_device_are_empty() {
+        assert!(Stats { rx: 200, tx: 100, over_ssh: true, ..Stats::default() }.is_empty());
+        assert!(!Stats { device_size: 1, ..Stats::default() }.is_empty());
+        assert!(!Stats { local_read: 1, ..Stats::default() }.is_empty());
     }
 
     #[test]

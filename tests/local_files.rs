@@ -646,12 +646,18 @@ fn stat_lines_are_complete_and_consistent() {
         let expected_ratio = st.both as f64 * 100.0 / size as f64;
         assert!((st.ratio - expected_ratio).abs() < 0.01, "ratio {} vs {expected_ratio}{run:?}", st.ratio);
         assert!(st.time > 0.0 && st.time < 60.0, "{run:?}");
-        assert!(st.real.ends_with("/s") && st.effective.ends_with("/s"), "{run:?}");
+        // A local run has no network rate; a COPY sent everything, so it has an effective one.
+        assert_eq!(st.real, None, "{run:?}");
+        assert!(st.effective.as_deref().is_some_and(|e| e.ends_with("/s")), "{run:?}");
+        assert!(run.stdout.contains("Traffic:     no network (local run); pipe Rx"), "{run:?}");
     }
-    // A recheck alone also reports the device size.
+    // A recheck alone also reports the device size; it sent nothing, so it has no
+    // effective rate.
     let run = basyn(&["-l", s(&src), "-r", s(&rcv), "--recheck", "--stat"]);
     run.ok();
     assert_eq!(run.stat().device_size, size as u64, "{run:?}");
+    assert_eq!(run.stat().effective, None, "{run:?}");
+    assert!(run.stdout.contains("Bandwidth:   none: a local run that sent nothing"), "{run:?}");
 }
 
 // ===========================================================================

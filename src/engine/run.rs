@@ -92,6 +92,7 @@ impl Session<'_> {
     fn close(&mut self, result: Result<Option<Direction>, Error>) -> Result<(), Error> {
         let Some(ep) = self.ep.take() else { return result.map(|_| ()) };
         (self.stats.rx, self.stats.tx) = ep.traffic();
+        (self.stats.data_sent, self.stats.zeros_sent) = ep.data_moved();
         let action = match result {
             Ok(action) => action,
             Err(err) => {
@@ -328,6 +329,10 @@ impl Session<'_> {
             (Mode::Sync, ..) => sync(ctx, dir, remote_state)?,
         };
         absorb(stats, &c);
+        stats.blocks_sent += match mode {
+            Mode::Copy => index.layout().leaf_count(),
+            Mode::Sync => c.differing,
+        };
         match dir {
             Direction::Push => ep.flush_device()?,
             Direction::Pull => index.settle(local, Role::Receiver)?,

@@ -4,15 +4,26 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, CommandFactory, Parser, Subcommand, ValueEnum};
+
+mod generate;
+pub use generate::{Artifact, generate};
 
 use crate::compress::Codec;
 use crate::engine::{BitmapPlan, Direction, IndexPlan, Mode, Params, Plan, Transport};
 use crate::hash::HashAlgo;
 use crate::protocol::MAX_BLOCK;
 use crate::protocol::{StateMode, StateOptions};
-use crate::report::Output;
+use crate::report::{Output, StatRequest};
 use crate::ssh::Target;
+
+/// Headings of `basyn --help`, in the order of the original's usage.
+const DEVICES: &str = "Devices and host";
+const ACTION: &str = "Action and mode";
+const COMPARISON: &str = "Comparison";
+const OUTPUT: &str = "Output";
+const STATES: &str = "States";
+const SAFETY: &str = "Safety";
 
 /// Raw arguments as clap parses them.
 #[derive(Debug, Parser)]
@@ -31,78 +42,73 @@ struct RawArgs {
     help: Option<bool>,
 
     /// Local device or image file (e.g. /dev/sda1).
-    #[arg(short = 'l', long = "local", value_name = "DEVICE")]
+    #[arg(short = 'l', long = "local", value_name = "DEVICE", help_heading = DEVICES)]
     local: Option<PathBuf>,
 
     /// Remote device or image file (e.g. /dev/vg_backups/copy-sda1).
-    #[arg(short = 'r', long = "remote", value_name = "DEVICE")]
+    #[arg(short = 'r', long = "remote", value_name = "DEVICE", help_heading = DEVICES)]
     remote: Option<PathBuf>,
 
     #[command(flatten)]
     ssh: SshArgs,
 
     /// PUSH: local is the source; PULL: remote is the source. Without it nothing is transferred.
-    #[arg(short = 'a', long = "action", value_enum, ignore_case = true)]
+    #[arg(short = 'a', long = "action", value_enum, ignore_case = true, help_heading = ACTION)]
     action: Option<ActionArg>,
 
     /// SYNC: send only differing blocks; COPY: send everything (mandatory with --action).
-    #[arg(short = 'm', long = "mode", value_enum, ignore_case = true)]
+    #[arg(short = 'm', long = "mode", value_enum, ignore_case = true, help_heading = ACTION)]
     mode: Option<ModeArg>,
 
     /// Compare both devices after the action (or, without an action, only compare).
-    #[arg(long)]
+    #[arg(long, help_heading = ACTION)]
     recheck: bool,
 
     /// With an action: compare and report what it would send (blocks, bytes; ranges with
     /// --verbose), writing nothing to the receiver or to any state. Exit 0 if the
     /// devices are identical, 3 if not.
-    #[arg(short = 'n', long = "dry-run", conflicts_with = "recheck")]
+    #[arg(short = 'n', long = "dry-run", conflicts_with = "recheck", help_heading = ACTION)]
     dry_run: bool,
 
     /// Cap the data rate of the link at RATE bytes per second in each direction; K, M
     /// or G multiply by 1024, 1024² or 1024³ (e.g. 50M).
-    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, help_heading = DEVICES)]
     bwlimit: Option<u64>,
-
-    /// Print transfer statistics when done.
-    #[arg(long)]
-    stat: bool,
-
-    /// Log what basyn is doing to stdout.
-    #[arg(long)]
-    verbose: bool,
-
-    /// Show a progress bar on stderr.
-    #[arg(long)]
-    progress: bool,
-
-    /// Print per-block detail to stderr.
-    #[arg(long)]
-    debug: bool,
 
     #[command(flatten)]
     tree: TreeArgs,
 
     /// Compression level (0 disables compression; default: zstd 1)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = COMPARISON)]
     zlevel: Option<u32>,
 
     /// In a COPY, move the zstd level with the transfer's rate, from --zlevel (or 1)
-    #[arg(long)]
+    #[arg(long, help_heading = COMPARISON)]
     adapt: bool,
 
     /// Compression codec (default: zstd over SSH, none locally).
-    #[arg(long, value_enum, ignore_case = true, value_name = "CODEC")]
+    #[arg(long, value_enum, ignore_case = true, value_name = "CODEC", help_heading = COMPARISON)]
     compress: Option<CompressArg>,
-
-    /// Override the size, same-device and in-use refusals.
-    #[arg(long)]
-    force: bool,
 
     /// Declare the receiver all zero (a new thin LV): nothing is read from it for the
     /// comparison and no zeros are written to it, so it stays thin.
-    #[arg(long = "destination-is-zero")]
+    #[arg(long = "destination-is-zero", help_heading = COMPARISON)]
     destination_is_zero: bool,
+
+    #[command(flatten)]
+    stat: StatArgs,
+
+    /// Log what basyn is doing to stdout.
+    #[arg(long, help_heading = OUTPUT)]
+    verbose: bool,
+
+    /// Show a progress bar on stderr.
+    #[arg(long, help_heading = OUTPUT)]
+    progress: bool,
+
+    /// Print per-block detail to stderr.
+    #[arg(long, help_heading = OUTPUT)]
+    debug: bool,
 
     #[command(flatten)]
     state: StateArgs,
@@ -110,33 +116,69 @@ struct RawArgs {
     #[command(flatten)]
     bitmap: BitmapArgs,
 
+    /// Override the size, same-device and in-use refusals.
+    #[arg(long, help_heading = SAFETY)]
+    force: bool,
+
     #[command(subcommand)]
     command: Option<SubArgs>,
+}
+
+/// `--stat[=text|json]` and `--stat-file`: shared by runs and `basyn index`.
+#[derive(Debug, clap::Args)]
+struct StatArgs {
+    /// Print statistics when done: as text (the default), or as one JSON object.
+    #[arg(
+        long = "stat",
+        value_enum,
+        ignore_case = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "text",
+        value_name = "FORMAT",
+        help_heading = OUTPUT
+    )]
+    stat: Option<StatFormatArg>,
+
+    /// Write the statistics as one JSON object to PATH (also when the run fails).
+    #[arg(long = "stat-file", value_name = "PATH", help_heading = OUTPUT)]
+    stat_file: Option<PathBuf>,
+}
+
+impl StatArgs {
+    fn request(&self) -> StatRequest {
+        let format = self.stat;
+        StatRequest {
+            text: matches!(format, Some(StatFormatArg::Text)),
+            json_stdout: matches!(format, Some(StatFormatArg::Json)) && self.stat_file.is_none(),
+            file: self.stat_file.clone(),
+        }
+    }
 }
 
 /// Where the remote device is: the SSH options, shared by runs and `basyn index`.
 #[derive(Debug, clap::Args)]
 struct SshArgs {
     /// Remote SSH host; without it the remote device is on this machine and no SSH is used.
-    #[arg(short = 'h', long = "host", value_name = "HOST")]
+    #[arg(short = 'h', long = "host", value_name = "HOST", help_heading = DEVICES)]
     host: Option<String>,
 
     /// Remote SSH port (default: as the ssh config says, else 22).
-    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    #[arg(short = 'p', long = "port", value_name = "PORT", help_heading = DEVICES)]
     port: Option<u16>,
 
     /// Remote SSH user (default: as the ssh config says, else the current user).
-    #[arg(short = 'u', long = "user", value_name = "USER")]
+    #[arg(short = 'u', long = "user", value_name = "USER", help_heading = DEVICES)]
     user: Option<String>,
 
     /// Path of basyn on the remote host (default: `basyn` on its PATH, else upload this one).
-    #[arg(long = "remote-path", value_name = "PATH")]
+    #[arg(long = "remote-path", value_name = "PATH", help_heading = DEVICES)]
     remote_path: Option<String>,
 
     /// Fail (exit 2) when nothing has come from the far basyn for SECONDS (at least 5):
     /// it is stopped or the link is down (a live one says so every second, however slow
     /// its disk). 0 waits forever.
-    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 120, value_name = "SECONDS", help_heading = DEVICES)]
     timeout: u64,
 }
 
@@ -145,16 +187,23 @@ struct SshArgs {
 #[derive(Debug, clap::Args)]
 struct TreeArgs {
     /// Hash function for block comparison.
-    #[arg(long, value_parser = hash_parser(), ignore_case = true, default_value = "BLAKE3", value_name = "HASH")]
+    #[arg(
+        long,
+        value_parser = hash_parser(),
+        ignore_case = true,
+        default_value = "BLAKE3",
+        value_name = "HASH",
+        help_heading = COMPARISON
+    )]
     hash: HashAlgo,
 
-    /// Block size in KiB for comparison and transfer.
-    #[arg(long, default_value_t = 2048, value_name = "KB")]
+    /// Block size for comparison and transfer: KiB, or with a unit K, M or G (2M).
+    #[arg(long, value_parser = kib, default_value = "2048", value_name = "KB", help_heading = COMPARISON)]
     buffer: u64,
 
-    /// Chunk size in KiB: a differing buffer is compared in chunks and only differing
-    /// chunks are sent; the states keep the chunk digests.
-    #[arg(long, value_name = "KB")]
+    /// Chunk size: KiB, or with a unit K, M or G (64K). A differing buffer is compared in
+    /// chunks and only differing chunks are sent; the states keep the chunk digests.
+    #[arg(long, value_parser = kib, value_name = "KB", help_heading = COMPARISON)]
     chunk: Option<u64>,
 }
 
@@ -189,15 +238,15 @@ struct BitmapArgs {
     /// The receiver's block digests kept in FILE on this host: SYNC compares the source
     /// with it instead of reading the receiver. Created if missing. Without a receiver
     /// (-r for PUSH, -l for PULL) only FILE is refreshed from the source.
-    #[arg(short = 'b', long = "bitmap", value_name = "FILE")]
+    #[arg(short = 'b', long = "bitmap", value_name = "FILE", help_heading = STATES)]
     bitmap: Option<PathBuf>,
 
     /// Start FILE from scratch: the receiver is not read, every block is sent.
-    #[arg(long = "reset-bitmap", conflicts_with = "update_bitmap")]
+    #[arg(long = "reset-bitmap", conflicts_with = "update_bitmap", help_heading = STATES)]
     reset_bitmap: bool,
 
     /// A regular SYNC (both devices read, differing blocks sent) that rewrites FILE.
-    #[arg(long = "update-bitmap")]
+    #[arg(long = "update-bitmap", help_heading = STATES)]
     update_bitmap: bool,
 }
 
@@ -238,19 +287,19 @@ fn bitmap_plan(
 struct StateArgs {
     /// State file of the local device (default: in the state directory, /var/lib/basyn
     /// for root, named after the device's path).
-    #[arg(long = "state", value_name = "PATH")]
+    #[arg(long = "state", value_name = "PATH", help_heading = STATES)]
     state: Option<PathBuf>,
 
     /// State file of the remote device, on the remote host.
-    #[arg(long = "remote-state", value_name = "PATH")]
+    #[arg(long = "remote-state", value_name = "PATH", help_heading = STATES)]
     remote_state: Option<PathBuf>,
 
     /// Use no state files: always read both devices.
-    #[arg(long = "no-state", conflicts_with_all = ["state", "remote_state"])]
+    #[arg(long = "no-state", conflicts_with_all = ["state", "remote_state"], help_heading = STATES)]
     no_state: bool,
 
     /// Use a state whose freshness cannot be verified (e.g. after a reboot).
-    #[arg(long = "trust-state")]
+    #[arg(long = "trust-state", help_heading = STATES)]
     trust_state: bool,
 }
 
@@ -293,6 +342,18 @@ enum SubArgs {
     /// Print the protocol version this build speaks (used before uploading over SSH).
     #[command(hide = true)]
     Protocol,
+    /// Print the man page or a shell's completions (`scripts/install.sh` installs them).
+    #[command(hide = true)]
+    Generate {
+        /// man, bash, zsh or fish.
+        #[arg(value_enum, ignore_case = true)]
+        what: Artifact,
+    },
+}
+
+/// The command-line definition, for the man page and completions.
+fn definition() -> clap::Command {
+    RawArgs::command()
 }
 
 /// `basyn index [-h HOST ...] DEVICE`.
@@ -313,36 +374,43 @@ struct IndexArgs {
     tree: TreeArgs,
 
     /// State file (default location otherwise).
-    #[arg(long = "state", value_name = "PATH")]
+    #[arg(long = "state", value_name = "PATH", help_heading = STATES)]
     state: Option<PathBuf>,
 
     /// Use a state whose freshness cannot be verified.
-    #[arg(long = "trust-state")]
+    #[arg(long = "trust-state", help_heading = STATES)]
     trust_state: bool,
 
     /// Show progress on stderr.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     progress: bool,
 
     /// Log to stdout.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     verbose: bool,
 
-    /// Print statistics.
-    #[arg(long)]
-    stat: bool,
+    #[command(flatten)]
+    stat: StatArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+#[value(rename_all = "UPPER")]
 enum ActionArg {
     Push,
     Pull,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+#[value(rename_all = "UPPER")]
 enum ModeArg {
     Sync,
     Copy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StatFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -355,14 +423,16 @@ enum CompressArg {
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
-    /// A copy, sync or check.
-    Run(Box<Plan>),
+    /// A copy, sync or check, and where its statistics go.
+    Run(Box<Plan>, StatRequest),
     /// `basyn serve [PATH]`.
     Serve(crate::restrict::Config),
-    /// `basyn index DEVICE`.
-    Index(Box<IndexPlan>),
+    /// `basyn index DEVICE`, and where its statistics go.
+    Index(Box<IndexPlan>, StatRequest),
     /// `basyn protocol`.
     Protocol,
+    /// `basyn generate man|bash|zsh|fish`.
+    Generate(Artifact),
 }
 
 /// Why parsing stopped.
@@ -382,7 +452,7 @@ where
 {
     let raw = RawArgs::try_parse_from(args).map_err(|e| match e.kind() {
         clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => Stop::Info(e.to_string()),
-        _ => Stop::Usage(first_line(&e.to_string())),
+        _ => Stop::Usage(usage_message(&e)),
     })?;
     match raw.command {
         Some(SubArgs::Serve { path, restrict, state_dir }) => {
@@ -392,12 +462,31 @@ where
             return Ok(Command::Serve(crate::restrict::Config::from_environment(path, restrict, state_dir)));
         }
         Some(SubArgs::Protocol) => return Ok(Command::Protocol),
+        Some(SubArgs::Generate { what }) => return Ok(Command::Generate(what)),
         Some(SubArgs::Index(args)) => {
-            return index_plan(args).map(|p| Command::Index(Box::new(p))).map_err(Stop::Usage);
+            let stat = args.stat.request();
+            return index_plan(args, &stat).map(|p| Command::Index(Box::new(p), stat)).map_err(Stop::Usage);
         }
         None => {}
     }
-    plan(raw).map(|p| Command::Run(Box::new(p))).map_err(Stop::Usage)
+    let stat = raw.stat.request();
+    plan(raw, &stat).map(|p| Command::Run(Box::new(p), stat)).map_err(Stop::Usage)
+}
+
+/// clap's error as one line, with its hints kept: the option a mistyped one resembles,
+/// and the values a value may take.
+fn usage_message(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let mut msg = first_line(&e.to_string());
+    for kind in [ContextKind::SuggestedArg, ContextKind::SuggestedValue] {
+        if let Some(ContextValue::String(s)) = e.get(kind) {
+            msg.push_str(&format!(" (did you mean '{s}'?)"));
+        }
+    }
+    if let Some(ContextValue::Strings(values)) = e.get(ContextKind::ValidValue) {
+        msg.push_str(&format!("; possible values: {}", values.join(", ")));
+    }
+    msg
 }
 
 /// clap's message without its "error: " prefix and usage block.
@@ -406,7 +495,7 @@ fn first_line(text: &str) -> String {
     line.trim_start_matches("error: ").trim().to_string()
 }
 
-fn plan(raw: RawArgs) -> Result<Plan, String> {
+fn plan(raw: RawArgs, stat: &StatRequest) -> Result<Plan, String> {
     let (transport, timeout) = raw.ssh.transport()?;
     let action = match (raw.action, raw.mode) {
         (None, None) => None,
@@ -460,7 +549,7 @@ fn plan(raw: RawArgs) -> Result<Plan, String> {
         bitmap,
         state: raw.state.local(),
         remote_state: raw.state.remote(),
-        output: Output { stat: raw.stat, verbose: raw.verbose, progress: raw.progress, debug: raw.debug },
+        output: Output { stat: stat.wanted(), verbose: raw.verbose, progress: raw.progress, debug: raw.debug },
     })
 }
 
@@ -480,11 +569,27 @@ fn transport(
     }
 }
 
+/// `--buffer` and `--chunk`: a number of KiB (the original's unit), or a size with a
+/// unit K, M or G (`64K`, `2M`, `1G`; `KB`, `KiB`, `MiB` ... and any case alike), as KiB.
+fn kib(text: &str) -> Result<u64, String> {
+    let bad = || format!("'{text}' is not a size: give KiB (2048) or a number with a unit K, M or G (64K, 2M)");
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "k" | "kb" | "kib" => 0,
+        "m" | "mb" | "mib" => 10,
+        "g" | "gb" | "gib" => 20,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(|| format!("'{text}' is too large"))
+}
+
 /// `--buffer` and `--chunk` in KiB to bytes, validated.
 fn geometry(buffer_kb: u64, chunk_kb: Option<u64>) -> Result<(usize, Option<usize>), String> {
     let max_kb = (MAX_BLOCK / 1024) as u64;
     if buffer_kb == 0 || buffer_kb > max_kb {
-        return Err(format!("--buffer must be between 1 and {max_kb} KB, not {buffer_kb}"));
+        return Err(format!("--buffer must be between 1 and {max_kb} KB ({}M), not {buffer_kb} KB", max_kb / 1024));
     }
     let chunk = match chunk_kb {
         None => None,
@@ -497,7 +602,7 @@ fn geometry(buffer_kb: u64, chunk_kb: Option<u64>) -> Result<(usize, Option<usiz
     Ok((buffer_kb as usize * 1024, chunk))
 }
 
-fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
+fn index_plan(a: IndexArgs, stat: &StatRequest) -> Result<IndexPlan, String> {
     let (transport, timeout) = a.ssh.transport()?;
     Ok(IndexPlan {
         device: a.device,
@@ -505,7 +610,7 @@ fn index_plan(a: IndexArgs) -> Result<IndexPlan, String> {
         timeout,
         params: a.tree.params(Codec::None, false)?,
         state: options(false, a.state, a.trust_state),
-        output: Output { stat: a.stat, verbose: a.verbose, progress: a.progress, debug: false },
+        output: Output { stat: stat.wanted(), verbose: a.verbose, progress: a.progress, debug: false },
     })
 }
 
@@ -562,7 +667,7 @@ mod tests {
         let mut all = vec!["basyn"];
         all.extend_from_slice(args);
         match parse(all) {
-            Ok(Command::Run(p)) => *p,
+            Ok(Command::Run(p, _)) => *p,
             other => panic!("expected a plan, got {other:?}"),
         }
     }
@@ -612,6 +717,53 @@ mod tests {
         assert!(usage(&["-l", "a", "-r", "b", "--buffer", "0"]).contains("--buffer"));
         assert!(usage(&["-l", "a", "-r", "b", "--bogus"]).contains("--bogus"));
         assert!(!usage(&["-l", "a", "-r", "b", "--bogus"]).contains('\n'));
+    }
+
+    #[test]
+    fn sizes_are_kib_or_have_a_unit() {
+        assert_eq!(kib("2048"), Ok(2048));
+        assert_eq!(kib("64K"), Ok(64));
+        assert_eq!(kib("64kib"), Ok(64));
+        assert_eq!(kib("2M"), Ok(2048));
+        assert_eq!(kib("2MiB"), Ok(2048));
+        assert_eq!(kib("1g"), Ok(1 << 20));
+        for bad in ["", "K", "2X", "2 M", "-1", "1.5M", "2MB ", "2Mi"] {
+            assert!(kib(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(kib("18446744073709551615G").is_err());
+        assert_eq!(run_plan(&["-l", "a", "-r", "b", "--buffer", "8M", "--chunk", "64K"]).params.chunk, Some(64 << 10));
+    }
+
+    #[test]
+    fn hints_are_kept_on_one_line() {
+        let m = usage(&["-l", "a", "-r", "b", "--verbos"]);
+        assert!(m.contains("did you mean '--verbose'?") && !m.contains('\n'), "{m}");
+        let m = usage(&["-l", "a", "-r", "b", "-a", "push", "-m", "SINC"]);
+        assert!(m.ends_with("possible values: SYNC, COPY"), "{m}");
+    }
+
+    #[test]
+    fn stat_formats_and_file() {
+        let stat = |args: &[&str]| {
+            let mut all = vec!["basyn", "-l", "a", "-r", "b"];
+            all.extend_from_slice(args);
+            match parse(all) {
+                Ok(Command::Run(p, s)) => (p.output.stat, s),
+                other => panic!("expected a plan, got {other:?}"),
+            }
+        };
+        let text = StatRequest { text: true, ..StatRequest::default() };
+        assert_eq!(stat(&["--stat"]), (true, text.clone()));
+        assert_eq!(stat(&["--stat=TEXT"]), (true, text));
+        assert_eq!(stat(&["--stat=json"]).1, StatRequest { json_stdout: true, ..StatRequest::default() });
+        let file = Some(PathBuf::from("/s.json"));
+        assert_eq!(
+            stat(&["--stat=json", "--stat-file", "/s.json"]).1,
+            StatRequest { file: file.clone(), ..StatRequest::default() }
+        );
+        assert_eq!(stat(&["--stat", "--stat-file", "/s.json"]).1, StatRequest { text: true, json_stdout: false, file });
+        assert_eq!(stat(&[]), (false, StatRequest::default()));
+        assert!(usage(&["-l", "a", "-r", "b", "--stat=xml"]).contains("possible values: text, json"));
     }
 
     #[test]
