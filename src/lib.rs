@@ -28,5 +28,6 @@ pub mod ssh;
 pub mod stamp;
 pub mod stat_json;
 pub mod state;
+pub mod states;
 pub mod sysfs;
 pub mod tree;

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Ok(Command::State(what, dir)) => state_command(what, dir.as_deref()),
         Ok(Command::Protocol) => {
             println!("{}", basyn::ssh::protocol_line());
             0
@@ -113,6 +114,33 @@ fn report(
         }
     }
     code
+}
+
+/// `basyn state list|prune`: what basyn keeps on this host.
+fn state_command(what: cli::StateAction, dir: Option<&std::path::Path>) -> i32 {
+    use basyn::states;
+    let current = basyn::ssh::this_build_upload_name();
+    let done = match what {
+        cli::StateAction::List => states::render_list(dir, current.as_deref()).map(|text| print!("{text}")),
+        cli::StateAction::Prune => states::prune(dir, current.as_deref()).map(|pruned| {
+            for (path, what) in &pruned.removed {
+                println!("removed {} ({what})", path.display());
+            }
+            for (path, why) in &pruned.failed {
+                eprintln!("basyn: cannot remove {}: {why}", path.display());
+            }
+            if pruned.removed.is_empty() && pruned.failed.is_empty() {
+                println!("nothing to prune");
+            }
+        }),
+    };
+    match done {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("basyn: state: {e}");
+            1
+        }
+    }
 }
 
 /// Serves over the raw stdin/stdout descriptors: std's stdout is line-buffered, which

@@ -122,6 +122,13 @@ impl Executable {
     }
 }
 
+/// The file name this build takes in a remote host's upload cache, if this executable
+/// can be read (`basyn state prune` keeps only that one).
+pub fn this_build_upload_name() -> Option<String> {
+    let path = std::env::current_exe().ok()?;
+    file_sha256(&path).ok().map(|digest| cache_name(&digest))
+}
+
 /// The upload's file name: the version for people, a digest prefix so that two builds of
 /// one version do not take each other's place.
 fn cache_name(digest: &str) -> String {

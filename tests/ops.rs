@@ -327,3 +327,51 @@ fn states_and_the_state_directory_basyn_makes_are_private() {
         assert_eq!(mode(&state), 0o600, "{}", state.display());
     }
 }
+
+/// `basyn state list` shows each state with its device and whether it is fresh now, and
+/// the uploaded executables; `basyn state prune` removes the states whose device is
+/// gone and uploads of other builds, nothing else.
+#[test]
+fn state_list_and_prune_show_and_clean_what_basyn_keeps_on_a_host() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    let dir = t.path().join("states");
+    let cache = t.path().join("cache");
+    let env = [("BASYN_STATE_DIR", s(&dir)), ("XDG_CACHE_HOME", s(&cache))];
+    let run = |args: &[&str]| start(&sv(args), &env).finish();
+    run(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync"]).ok();
+    // This build's upload name is its version and a digest prefix of the executable.
+    let exe = fs::read(env!("CARGO_BIN_EXE_basyn")).unwrap();
+    let sum = tool("sha256sum", &[env!("CARGO_BIN_EXE_basyn")]).unwrap();
+    assert!(!exe.is_empty());
+    let current = format!("basyn-{}-{}", env!("CARGO_PKG_VERSION"), &sum[..16]);
+    fs::create_dir_all(cache.join("basyn")).unwrap();
+    fs::write(cache.join("basyn").join(&current), b"this build").unwrap();
+    fs::write(cache.join("basyn/basyn-0.0.1-0123456789abcdef"), b"an old build").unwrap();
+    let list = run(&["state", "list"]);
+    list.ok();
+    assert!(list.stdout.contains(&format!("states in {}: 2", dir.display())), "{list:?}");
+    for image in [&a, &b] {
+        let line = list.stdout.lines().find(|l| l.contains(&format!(" {} ", s(image)))).unwrap_or_default();
+        assert!(line.ends_with("fresh"), "{}: {line:?}{list:?}", s(image));
+    }
+    assert!(list.stdout.contains(&format!("{current}  ")) && list.stdout.contains("this build"), "{list:?}");
+    assert!(list.stdout.contains("basyn-0.0.1-0123456789abcdef") && list.stdout.contains("prune removes it"));
+    // A change makes a state stale; a device that is gone, its state prunable.
+    poke(&a, 0, b"changed");
+    fs::remove_file(&b).unwrap();
+    let list = run(&["state", "list", "--state-dir", s(&dir)]);
+    assert!(list.stdout.lines().any(|l| l.contains(s(&a)) && l.contains("stale")), "{list:?}");
+    assert!(list.stdout.lines().any(|l| l.contains(s(&b)) && l.ends_with("device gone")), "{list:?}");
+    let pruned = run(&["state", "prune"]);
+    pruned.ok();
+    assert!(pruned.stdout.contains("which is gone") && pruned.stdout.contains("another build"), "{pruned:?}");
+    assert!(!state_of_in(&dir, &b).exists() && state_of_in(&dir, &a).exists(), "{pruned:?}");
+    assert!(cache.join("basyn").join(&current).exists() && !cache.join("basyn/basyn-0.0.1-0123456789abcdef").exists());
+    run(&["state", "prune"]).ok().stdout.contains("nothing to prune").then_some(()).expect("a second prune found more");
+}
+
+/// `state_of` in another state directory.
+fn state_of_in(dir: &Path, device: &Path) -> std::path::PathBuf {
+    dir.join(state_of(device).file_name().unwrap())
+}

@@ -339,6 +339,17 @@ enum SubArgs {
         #[arg(long = "state-dir", value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// List the states basyn keeps on this host and the executables uploaded to it, or
+    /// prune those whose device is gone and uploads of other builds.
+    State {
+        /// list or prune.
+        #[arg(value_enum, ignore_case = true)]
+        what: StateAction,
+        /// The state directory to look in (default: $BASYN_STATE_DIR, /var/lib/basyn for
+        /// root, else $XDG_STATE_HOME/basyn).
+        #[arg(long = "state-dir", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Print the protocol version this build speaks (used before uploading over SSH).
     #[command(hide = true)]
     Protocol,
@@ -431,8 +442,19 @@ pub enum Command {
     Index(Box<IndexPlan>, StatRequest),
     /// `basyn protocol`.
     Protocol,
+    /// `basyn state list|prune [--state-dir DIR]`.
+    State(StateAction, Option<PathBuf>),
     /// `basyn generate man|bash|zsh|fish`.
     Generate(Artifact),
+}
+
+/// What `basyn state` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StateAction {
+    /// Each state with its device, its size and whether it is fresh now; the uploads.
+    List,
+    /// Remove states whose device is gone, and uploads of other builds.
+    Prune,
 }
 
 /// Why parsing stopped.
@@ -462,6 +484,7 @@ where
             return Ok(Command::Serve(crate::restrict::Config::from_environment(path, restrict, state_dir)));
         }
         Some(SubArgs::Protocol) => return Ok(Command::Protocol),
+        Some(SubArgs::State { what, state_dir }) => return Ok(Command::State(what, state_dir)),
         Some(SubArgs::Generate { what }) => return Ok(Command::Generate(what)),
         Some(SubArgs::Index(args)) => {
             let stat = args.stat.request();
