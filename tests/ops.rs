@@ -375,3 +375,32 @@ fn state_list_and_prune_show_and_clean_what_basyn_keeps_on_a_host() {
 fn state_of_in(dir: &Path, device: &Path) -> std::path::PathBuf {
     dir.join(state_of(device).file_name().unwrap())
 }
+
+/// `--progress` names the phase (comparing, sending, flushing, verifying) and counts the
+/// changes found; bytes a state vouches for make no rate (it said "55 TiB/s" of a run
+/// that read nothing). Without a terminal it writes lines, the last one at the end.
+#[test]
+fn progress_names_the_phase_counts_changes_and_shows_no_rate_for_what_was_not_read() {
+    let t = tmp();
+    let (a, b) = pair(t.path());
+    let sync = sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--progress"]);
+    let run = basyn(&sync);
+    run.ok();
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert!(lines.iter().any(|l| l.starts_with("comparing ")), "{run:?}");
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(last.starts_with("flushing  100.0% 64.00 MiB/64.00 MiB") && last.ends_with(" 2 differ"), "{run:?}");
+    // Both states fresh: nothing is read, so there is no rate and no ETA.
+    let run = basyn(&sync);
+    run.ok();
+    for line in run.stderr.lines() {
+        assert!(!line.contains("/s "), "a rate for a run that read nothing: {line:?}{run:?}");
+        assert!(line.contains("  -  ETA -"), "{line:?}{run:?}");
+    }
+    let copy = basyn(&sv(&["-l", s(&a), "-r", s(&t.path().join("c.img")), "-a", "push", "-m", "copy", "--progress"]));
+    copy.ok();
+    assert!(copy.stderr.lines().any(|l| l.starts_with("sending ")), "{copy:?}");
+    let check = basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--recheck", "--progress"]));
+    check.ok();
+    assert!(check.stderr.lines().any(|l| l.starts_with("verifying ")), "{check:?}");
+}

@@ -182,7 +182,7 @@ impl Session<'_> {
             find(b, geometry(&plan.params, len), &name(Side::Local, &plan.local)).map_err(|e| refused(e.into()))?;
         let mut index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
         self.stats.device_size = len;
-        self.rep.start("BITMAP", len);
+        self.rep.start("comparing", len);
         let learn = index.enabled();
         let digests = local_digests(&local, &mut index, learn, Some(self.rep));
         self.rep.finish();
@@ -210,7 +210,7 @@ impl Session<'_> {
         let geometry = geometry(&plan.params, len);
         let found = find(b, geometry, &name(Side::Remote, &plan.remote)).map_err(|e| refused(e.into()))?;
         self.stats.device_size = len;
-        self.rep.start("BITMAP", len);
+        self.rep.start("comparing", len);
         let (ep, rep) = self.endpoint_and_reporter()?;
         let digests = remote_digests(ep, &geometry, rep);
         self.rep.finish();

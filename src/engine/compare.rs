@@ -25,6 +25,9 @@ struct Local {
     read: Option<(Digest, Vec<Digest>)>,
     /// The data, when it may be needed and was read.
     data: Option<Buf>,
+    /// Its bytes were read (not a hole, not known from the index): progress counts them
+    /// towards the rate.
+    moved: bool,
 }
 
 /// Compares the local device with the endpoint's over the run's leaves, reading only
@@ -40,15 +43,16 @@ pub fn run(ctx: Ctx<'_>, purpose: Purpose) -> Result<Comparison, Fault> {
     std::thread::scope(|scope| {
         let mut local_rx =
             leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| match data {
-                Data::Skipped => Local { read: None, data: None },
+                Data::Skipped => Local { read: None, data: None, moved: false },
                 // A hole: its digests are those of zeros, and its data is read again (as the
                 // hole it is) only if it must be sent.
                 Data::Zero => {
-                    Local { read: Some(zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer))), data: None }
+                    let zero = zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer));
+                    Local { read: Some(zero), data: None, moved: false }
                 }
                 Data::Read(data) => {
                     let (d, pieces) = leaf_digest(&layout, &data);
-                    Local { read: Some((d, pieces)), data: keep_data.then_some(data) }
+                    Local { read: Some((d, pieces)), data: keep_data.then_some(data), moved: true }
                 }
             });
         let mut w = Window::new(ctx, purpose);
@@ -67,7 +71,7 @@ pub fn run(ctx: Ctx<'_>, purpose: Purpose) -> Result<Comparison, Fault> {
 
 /// One leaf of a full comparison: ours (read or known) against theirs.
 fn compare_leaf(w: &mut Window<'_>, leaf: Leaf<Local>, theirs: Digest) -> Result<(), Fault> {
-    let Local { read, data } = leaf.value;
+    let Local { read, data, moved } = leaf.value;
     let ours = match read {
         Some((d, pieces)) => {
             w.ctx.index.learn(leaf.index, &d, &pieces);
@@ -76,7 +80,10 @@ fn compare_leaf(w: &mut Window<'_>, leaf: Leaf<Local>, theirs: Digest) -> Result
         None => w.ctx.index.leaf(leaf.index).ok_or(Fault::Internal("skipped leaf unknown"))?,
     };
     w.out.blocks += 1;
-    w.ctx.rep.advance(leaf.len as u64);
+    match moved {
+        true => w.ctx.rep.advance(leaf.len as u64),
+        false => w.ctx.rep.skip(leaf.len as u64),
+    }
     if ours == theirs {
         if w.ctx.rep.debugging() {
             w.ctx.rep.debug(format_args!("block {} @ {}: same", leaf.index, leaf.offset));
@@ -103,7 +110,7 @@ pub fn walk(ctx: Ctx<'_>, purpose: Purpose) -> Result<Comparison, Fault> {
         ctx.ep.tree_nodes(hash, level, indices)
     })?;
     ctx.rep.debug(format_args!("tree walk: {nodes} nodes compared, {} leaves differ", differing.len()));
-    ctx.rep.advance(layout.device_size);
+    ctx.rep.skip(layout.device_size);
     let mut w = Window::new(ctx, purpose);
     w.out.nodes = nodes;
     w.out.blocks = layout.leaf_count();

@@ -67,13 +67,13 @@ impl Session<'_> {
         let mut index = DigestIndex::open_read_only(local, layout(&plan.params, len), &plan.state)
             .map_err(|e| Fault::State(e).refused())?;
         self.rep.log(format_args!("local {}", index.note()));
-        self.rep.start("DRY RUN", len);
+        self.rep.start("comparing", len);
         let fresh = both_fresh(&mut index, remote);
         let (ep, rep) = self.endpoint_and_reporter()?;
         let ctx = Ctx { local, index: &mut index, ep, params: &plan.params, rep };
         let result = if fresh && roots_equal(ctx.index, remote) {
             ctx.rep.log("dry run: both states are fresh and equal: reading nothing");
-            ctx.rep.advance(len);
+            ctx.rep.skip(len);
             Ok(Comparison { blocks: ctx.index.layout().leaf_count(), nodes: 1, ..Comparison::default() })
         } else if fresh {
             compare::walk(ctx, Purpose::Check)

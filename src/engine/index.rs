@@ -34,7 +34,7 @@ fn index_local(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Resul
     let len = device.size();
     stats.device_size = len;
     let mut index = local_index(&device, &plan.params, len, &plan.state, rep)?;
-    rep.start("INDEX", len);
+    rep.start("hashing", len);
     let read = index.fill(&device, |n| rep.advance(n)).map_err(|e| Fault::Device(e).refused());
     rep.finish();
     stats.local_read = device.bytes_read();
@@ -74,7 +74,7 @@ fn index_remote(plan: &IndexPlan, rep: &mut Reporter, stats: &mut Stats) -> Resu
     rep.log(format_args!("remote {}", opened.state.note));
     stats.device_size = opened.size;
     let layout = layout(p, opened.size);
-    rep.start("INDEX", opened.size);
+    rep.start("hashing", opened.size);
     // Asking for every leaf digest makes the endpoint learn (read) the unknown ones.
     let step = (BATCH_BYTES / layout.buffer).max(1) * layout.buffer;
     let mut at = 0;

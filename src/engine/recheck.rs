@@ -52,7 +52,7 @@ impl Session<'_> {
             _ => Some(local_index(&local, &plan.params, len, &local_state, self.rep)?),
         };
         self.rep.log(format_args!("recheck: comparing {len} bytes"));
-        self.rep.start("RECHECK", len);
+        self.rep.start("verifying", len);
         let fresh = index.as_mut().is_some_and(|i| both_fresh(i, &opened.state));
         let (ep, rep) = self.endpoint_and_reporter()?;
         let result = match index.as_mut() {
@@ -60,7 +60,7 @@ impl Session<'_> {
             Some(index) if fresh => {
                 rep.log("recheck: both states are fresh: comparing their trees, reading nothing");
                 if roots_equal(index, &opened.state) {
-                    rep.advance(len);
+                    rep.skip(len);
                     Ok(Comparison { blocks: index.layout().leaf_count(), nodes: 1, ..Comparison::default() })
                 } else {
                     compare::walk(Ctx { local: &local, index, ep, params: &plan.params, rep }, Purpose::Check)

@@ -23,6 +23,7 @@ impl Window<'_> {
         source: Digest,
     ) -> Result<(), Fault> {
         self.out.differing += 1;
+        self.ctx.rep.found_difference();
         let Some(dir) = self.direction() else {
             self.out.note_range(offset, len as u64);
             return Ok(());

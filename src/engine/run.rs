@@ -285,7 +285,7 @@ impl Session<'_> {
         let len = ends.len;
         self.stats.device_size = len;
         self.rep.log(format_args!("device size {len} bytes ({})", human(len as f64)));
-        self.rep.start(&format!("{mode:?}").to_uppercase(), len);
+        self.rep.start(if mode == Mode::Copy { "sending" } else { "comparing" }, len);
         let params = self.run_params(dir, &ends);
         let result = self.move_data(dir, mode, &mut ends, &params, bitmap);
         self.rep.finish();
@@ -333,6 +333,7 @@ impl Session<'_> {
             Mode::Copy => index.layout().leaf_count(),
             Mode::Sync => c.differing,
         };
+        rep.phase("flushing");
         match dir {
             Direction::Push => ep.flush_device()?,
             Direction::Pull => index.settle(local, Role::Receiver)?,

@@ -5,7 +5,12 @@ use std::fmt::Display;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use std::cell::{Cell, RefCell};
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+mod progress;
+use progress::Progress;
 
 /// Which kinds of output the user asked for.
 #[derive(Clone, Copy, Debug, Default)]
@@ -41,44 +46,25 @@ impl StatRequest {
 /// Routes log, debug and progress output.
 pub struct Reporter {
     output: Output,
+    /// The pass under way, with `--progress`.
+    progress: RefCell<Option<Progress>>,
+    /// The bar on a terminal; without one, a line at most every [`PLAIN_INTERVAL`].
     bar: Option<ProgressBar>,
-    plain: Option<PlainProgress>,
+    /// When the progress was last drawn.
+    drawn: Cell<Instant>,
     started: Instant,
 }
 
-/// Progress for a stderr that is not a terminal (logs, cron): a line at most every
-/// [`PLAIN_INTERVAL`] and one at the end, instead of a redrawn bar.
-struct PlainProgress {
-    label: String,
-    total: u64,
-    done: std::cell::Cell<u64>,
-    started: Instant,
-    last: std::cell::Cell<Instant>,
-}
-
+/// How often a line is written when stderr is not a terminal (logs, cron).
 const PLAIN_INTERVAL: Duration = Duration::from_secs(1);
-
-impl PlainProgress {
-    fn line(&self) -> String {
-        let done = self.done.get();
-        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-        let rate = done as f64 / secs;
-        let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
-        let eta = if rate > 0.0 { (self.total.saturating_sub(done)) as f64 / rate } else { 0.0 };
-        format!(
-            "{}: {pct:5.1}% {}/{} {}/s ETA {eta:.0}s",
-            self.label,
-            human(done as f64),
-            human(self.total as f64),
-            human(rate)
-        )
-    }
-}
+/// How often the bar is redrawn on a terminal.
+const BAR_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Reporter {
     /// A reporter whose clock starts now.
     pub fn new(output: Output) -> Reporter {
-        Reporter { output, bar: None, plain: None, started: Instant::now() }
+        let now = Instant::now();
+        Reporter { output, progress: RefCell::new(None), bar: None, drawn: Cell::new(now), started: now }
     }
 
     /// Time since the reporter was made.
@@ -132,51 +118,82 @@ impl Reporter {
         }
     }
 
-    /// Starts a progress bar over `total` bytes (shown only with `--progress`).
-    pub fn start(&mut self, label: &str, total: u64) {
+    /// Starts a pass over `total` bytes in `phase` (shown only with `--progress`).
+    pub fn start(&mut self, phase: &str, total: u64) {
         self.finish();
         if !self.output.progress {
             return;
         }
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            let now = Instant::now();
-            self.plain =
-                Some(PlainProgress { label: label.to_string(), total, done: 0.into(), started: now, last: now.into() });
+        *self.progress.borrow_mut() = Some(Progress::new(phase, total));
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template("[{bar:30}] {msg}")
+                .map(|s| s.progress_chars("=> "))
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            self.bar = Some(bar);
+        }
+        self.drawn.set(Instant::now());
+        self.draw(true);
+    }
+
+    /// The pass is in `phase` now (hashing, comparing, sending, flushing, verifying).
+    pub fn phase(&self, phase: &str) {
+        let changed = self.progress.borrow_mut().as_mut().map(|p| p.phase(phase)).is_some();
+        if changed {
+            self.draw(true);
+        }
+    }
+
+    /// `bytes` more were read or sent.
+    pub fn advance(&self, bytes: u64) {
+        let on = self.progress.borrow_mut().as_mut().map(|p| p.moved(bytes)).is_some();
+        if on {
+            self.draw(false);
+        }
+    }
+
+    /// `bytes` more are done without being read: a state vouches for them.
+    pub fn skip(&self, bytes: u64) {
+        let on = self.progress.borrow_mut().as_mut().map(|p| p.skipped(bytes)).is_some();
+        if on {
+            self.draw(false);
+        }
+    }
+
+    /// One more differing block was found.
+    pub fn found_difference(&self) {
+        if let Some(p) = self.progress.borrow_mut().as_mut() {
+            p.differs();
+        }
+    }
+
+    /// Draws the progress if it is time (or `now`).
+    fn draw(&self, now: bool) {
+        let progress = self.progress.borrow();
+        let Some(p) = progress.as_ref() else { return };
+        let interval = if self.bar.is_some() { BAR_INTERVAL } else { PLAIN_INTERVAL };
+        let at = Instant::now();
+        if !now && at.duration_since(self.drawn.get()) < interval {
             return;
         }
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg:>8} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar.set_message(label.to_string());
-        self.bar = Some(bar);
-    }
-
-    /// Advances the progress bar by `bytes`.
-    pub fn advance(&self, bytes: u64) {
-        if let Some(bar) = &self.bar {
-            bar.inc(bytes);
-        }
-        if let Some(p) = &self.plain {
-            p.done.set(p.done.get() + bytes);
-            if p.last.get().elapsed() >= PLAIN_INTERVAL {
-                p.last.set(Instant::now());
-                eprintln!("{}", p.line());
+        self.drawn.set(at);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(p.done());
+                bar.set_message(p.line(at));
             }
+            None => eprintln!("{}", p.line(at)),
         }
     }
 
-    /// Completes and removes the progress bar.
+    /// Completes the pass: its last line stays.
     pub fn finish(&mut self) {
+        self.draw(true);
         if let Some(bar) = self.bar.take() {
             bar.finish();
         }
-        if let Some(p) = self.plain.take() {
-            eprintln!("{}", p.line());
-        }
+        *self.progress.borrow_mut() = None;
     }
 }
 
