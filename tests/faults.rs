@@ -95,6 +95,20 @@ fn mount_in(t: &Path, backing: &Path) -> Option<FaultyFile> {
     faulty(&t.join("mnt"), backing)
 }
 
+/// A source on the faulty file system of random data (`seed`), a receiver `dst.img`
+/// beside the mount (all zeros when `zeros`, else none: basyn creates it), and states
+/// outside the mount. `None` if the test is skipped.
+fn faulty_source(t: &Path, seed: u64, zeros: bool) -> Option<(Vec<u8>, FaultyFile, PathBuf, States)> {
+    let backing = t.join("backing.img");
+    let data = random_image(&backing, seed, SIZE);
+    let src = mount_in(t, &backing)?;
+    let dst = t.join("dst.img");
+    if zeros {
+        zeros_image(&dst, SIZE);
+    }
+    Some((data, src, dst, States::in_dir(t)))
+}
+
 /// Asserts that the first run hit the fault and failed as a transfer error (exit 2, one
 /// line: `basyn: SIDE DEVICE: ... CAUSE; the receiving device ... may be partly
 /// changed`), and returns the line.
@@ -133,16 +147,9 @@ fn assert_rerun_repairs(what: &str, file: &FaultyFile, args: &[String], receiver
 fn a_source_read_failing_with_eio_is_a_transfer_error_and_a_rerun_repairs() {
     for mode in ["SYNC", "COPY"] {
         let t = tmp();
-        let backing = t.path().join("backing.img");
-        let data = random_image(&backing, 1, SIZE);
-        let Some(src) = mount_in(t.path(), &backing) else { return };
-        let dst = t.path().join("dst.img");
         // SYNC onto zeros, whose bad range differs; COPY onto a receiver basyn creates,
         // known to be zero: a state claiming zeros for the bad range would be believed.
-        if mode == "SYNC" {
-            zeros_image(&dst, SIZE);
-        }
-        let states = States::in_dir(t.path());
+        let Some((data, src, dst, states)) = faulty_source(t.path(), 1, mode == "SYNC") else { return };
         let args = run_args(Dir::Push, mode, &src.path(), &dst, &states);
         src.set(Fault::ReadEio(bad()));
         let run = failing_run(&args);
@@ -155,19 +162,14 @@ fn a_source_read_failing_with_eio_is_a_transfer_error_and_a_rerun_repairs() {
         );
         let sync = run_args(Dir::Push, "SYNC", &src.path(), &dst, &states);
         assert_rerun_repairs(&what, &src, &sync, &dst, &data);
-        assert_content(&backing, &data, &format!("{what}: the source"));
+        assert_content(&t.path().join("backing.img"), &data, &format!("{what}: the source"));
     }
 }
 
 #[test]
 fn a_remote_source_read_failing_with_eio_in_a_local_pull_is_named_remote() {
     let t = tmp();
-    let backing = t.path().join("backing.img");
-    let data = random_image(&backing, 2, SIZE);
-    let Some(src) = mount_in(t.path(), &backing) else { return };
-    let dst = t.path().join("dst.img");
-    zeros_image(&dst, SIZE);
-    let states = States::in_dir(t.path());
+    let Some((data, src, dst, states)) = faulty_source(t.path(), 2, true) else { return };
     let args = run_args(Dir::Pull, "SYNC", &src.path(), &dst, &states);
     src.set(Fault::ReadEio(bad()));
     let run = failing_run(&args);
@@ -263,14 +265,7 @@ fn a_source_answering_reads_short_is_read_to_the_end_of_each_block() {
     // zeros or as the end.
     for mode in ["SYNC", "COPY"] {
         let t = tmp();
-        let backing = t.path().join("backing.img");
-        let data = random_image(&backing, 4, SIZE);
-        let Some(src) = mount_in(t.path(), &backing) else { return };
-        let dst = t.path().join("dst.img");
-        if mode == "SYNC" {
-            zeros_image(&dst, SIZE);
-        }
-        let states = States::in_dir(t.path());
+        let Some((data, src, dst, states)) = faulty_source(t.path(), 4, mode == "SYNC") else { return };
         src.set(Fault::ShortReads(bad()));
         let run = basyn(&run_args(Dir::Push, mode, &src.path(), &dst, &states));
         assert!(src.hits() > 0, "{mode}: no read was answered short{run:?}");
@@ -284,11 +279,7 @@ fn a_source_read_returning_nothing_before_its_end_is_a_transfer_error() {
     // A read(2) returning 0 before the size the file claims: the device ended early.
     // That is an error naming the offset, never zeros for the rest.
     let t = tmp();
-    let backing = t.path().join("backing.img");
-    let data = random_image(&backing, 5, SIZE);
-    let Some(src) = mount_in(t.path(), &backing) else { return };
-    let dst = t.path().join("dst.img");
-    let states = States::in_dir(t.path());
+    let Some((data, src, dst, states)) = faulty_source(t.path(), 5, false) else { return };
     let args = run_args(Dir::Push, "COPY", &src.path(), &dst, &states);
     src.set(Fault::EmptyReads(bad()));
     let run = failing_run(&args);
