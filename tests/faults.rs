@@ -181,22 +181,44 @@ fn a_remote_source_read_failing_with_eio_in_a_local_pull_is_named_remote() {
 // 2. The receiver's writes fail with EIO
 // ---------------------------------------------------------------------------
 
+/// A source and a receiver on the faulty file system that a first SYNC gave the
+/// source's data and both devices fresh states.
+struct Synced {
+    src: PathBuf,
+    /// The data both hold.
+    old: Vec<u8>,
+    dst: FaultyFile,
+    /// The receiver's backing file.
+    backing: PathBuf,
+    states: States,
+    /// That first SYNC's arguments.
+    sync: Vec<String>,
+}
+
+/// [`Synced`] with a source of random data (`seed`); `None` if the test is skipped.
+fn synced_faulty_receiver(t: &Path, dir: Dir, seed: u64) -> Option<Synced> {
+    let src = t.join("src.img");
+    let old = random_image(&src, seed, SIZE);
+    let backing = t.join("backing.img");
+    zeros_image(&backing, SIZE);
+    let dst = mount_in(t, &backing)?;
+    let states = States::in_dir(t);
+    let sync = run_args(dir, "SYNC", &src, &dst.path(), &states);
+    basyn(&sync).ok();
+    assert_content(&backing, &old, "the receiver after the first sync");
+    Some(Synced { src, old, dst, backing, states, sync })
+}
+
 #[test]
 fn a_receiver_write_failing_with_eio_is_a_transfer_error_and_a_rerun_repairs() {
     for (dir, mode, side) in
         [(Dir::Push, "SYNC", "remote"), (Dir::Push, "COPY", "remote"), (Dir::Pull, "SYNC", "local")]
     {
         let t = tmp();
-        let src = t.path().join("src.img");
-        let old = random_image(&src, 3, SIZE);
-        let backing = t.path().join("backing.img");
-        zeros_image(&backing, SIZE);
-        let Some(dst) = mount_in(t.path(), &backing) else { return };
-        let states = States::in_dir(t.path());
         // First the receiver gets other data, and both devices fresh states.
-        let sync = run_args(dir, "SYNC", &src, &dst.path(), &states);
-        basyn(&sync).ok();
-        assert_content(&backing, &old, "the receiver after the first sync");
+        let Some(Synced { src, old, dst, backing, states, sync }) = synced_faulty_receiver(t.path(), dir, 3) else {
+            return;
+        };
         let data = random_image(&src, 8, SIZE);
         let args = run_args(dir, mode, &src, &dst.path(), &states);
         dst.set(Fault::WriteEio(bad()));
@@ -226,15 +248,9 @@ fn a_write_failing_part_way_leaves_no_state_claiming_the_old_data() {
         [(Dir::Push, "SYNC", "remote"), (Dir::Push, "COPY", "remote"), (Dir::Pull, "SYNC", "local")]
     {
         let t = tmp();
-        let src = t.path().join("src.img");
-        let old = random_image(&src, 9, SIZE);
-        let backing = t.path().join("backing.img");
-        zeros_image(&backing, SIZE);
-        let Some(dst) = mount_in(t.path(), &backing) else { return };
-        let states = States::in_dir(t.path());
-        let sync = run_args(dir, "SYNC", &src, &dst.path(), &states);
-        basyn(&sync).ok();
-        assert_content(&backing, &old, "the receiver after the first sync");
+        let Some(Synced { src, old, dst, backing, states, sync }) = synced_faulty_receiver(t.path(), dir, 9) else {
+            return;
+        };
         random_image(&src, 10, SIZE);
         dst.set(Fault::WriteEio(bad()));
         let run = failing_run(&run_args(dir, mode, &src, &dst.path(), &states));
