@@ -476,3 +476,14 @@ fn test_sh_totals_add_up_every_test_result_line() {
     assert_eq!(total(log), "42 passed, 2 failed\n");
     assert_eq!(total("error: could not compile `basyn`\n"), "0 passed, 0 failed\n");
 }
+
+/// `basyn serve --help` failed with "unexpected argument '--help'" (the top level gives
+/// `-h` to the host, and the subcommands had no `--help` of their own).
+#[test]
+fn every_subcommand_takes_help() {
+    for sub in ["index", "serve", "state"] {
+        let run = basyn(&[sub, "--help"]);
+        run.ok();
+        assert!(run.stdout.contains(&format!("Usage: basyn {sub}")), "{run:?}");
+    }
+}

@@ -327,7 +327,11 @@ enum SubArgs {
     Index(IndexArgs),
     /// Serve one device over stdin/stdout: run by basyn itself, locally or over SSH, or
     /// as the forced command of a backup key (`command="basyn serve --restrict DEV"`).
+    #[command(disable_help_flag = true)]
     Serve {
+        /// Print help.
+        #[arg(long = "help", action = ArgAction::Help)]
+        help: Option<bool>,
         /// The only device this endpoint may touch (without it, the client names one of
         /// the --restrict devices).
         path: Option<PathBuf>,
@@ -341,7 +345,11 @@ enum SubArgs {
     },
     /// List the states basyn keeps on this host and the executables uploaded to it, or
     /// prune those whose device is gone and uploads of other builds.
+    #[command(disable_help_flag = true)]
     State {
+        /// Print help.
+        #[arg(long = "help", action = ArgAction::Help)]
+        help: Option<bool>,
         /// list or prune.
         #[arg(value_enum, ignore_case = true)]
         what: StateAction,
@@ -477,14 +485,14 @@ where
         _ => Stop::Usage(usage_message(&e)),
     })?;
     match raw.command {
-        Some(SubArgs::Serve { path, restrict, state_dir }) => {
+        Some(SubArgs::Serve { path, restrict, state_dir, .. }) => {
             if path.is_none() && restrict.is_empty() {
                 return Err(Stop::Usage("basyn serve needs a DEVICE or --restrict DEVICE".into()));
             }
             return Ok(Command::Serve(crate::restrict::Config::from_environment(path, restrict, state_dir)));
         }
         Some(SubArgs::Protocol) => return Ok(Command::Protocol),
-        Some(SubArgs::State { what, state_dir }) => return Ok(Command::State(what, state_dir)),
+        Some(SubArgs::State { what, state_dir, .. }) => return Ok(Command::State(what, state_dir)),
         Some(SubArgs::Generate { what }) => return Ok(Command::Generate(what)),
         Some(SubArgs::Index(args)) => {
             let stat = args.stat.request();
