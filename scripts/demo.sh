@@ -8,6 +8,9 @@ basyn="$PWD/target/release/basyn"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
+# States normally live in /var/lib/basyn (root) or ~/.local/state/basyn; the demo keeps
+# its own beside the images, so that it leaves nothing behind.
+export BASYN_STATE_DIR="$work/states"
 
 echo "== making a 256 MiB source image (half random, half zeros) in $work"
 head -c 128M /dev/urandom > source.img
@@ -21,12 +24,18 @@ for i in $(seq 1 20); do
   dd if=/dev/urandom of=source.img bs=4096 count=1 seek=$((i * 3001)) conv=notrunc status=none
 done
 
+echo "== dry run: what a SYNC would send, writing nothing (exit 3: they differ)"
+"$basyn" -l source.img -r backup.img -a PUSH -m SYNC --dry-run || echo "== differ (exit $?)"
+
 echo "== SYNC: the backup's state is fresh, so only the source is read, and only the changed blocks cross"
 "$basyn" -l source.img -r backup.img -a PUSH -m SYNC --stat --progress --verbose
 
 echo "== recheck: both states are fresh, so the trees answer without reading either image"
 "$basyn" -l source.img -r backup.img --recheck --stat --verbose
 echo "== identical (exit $?)"
+
+echo "== the states basyn keeps, and whether each is fresh"
+"$basyn" state list
 
 echo "== recheck by reading both images (--no-state)"
 "$basyn" -l source.img -r backup.img --recheck --no-state

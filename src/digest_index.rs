@@ -138,7 +138,11 @@ impl DigestIndex {
         let mut ledger = DigestIndex {
             file: None,
             layout,
-            device_path: device.path().display().to_string(),
+            // Absolute, so that `basyn state list` finds the device from anywhere.
+            device_path: std::fs::canonicalize(device.path())
+                .unwrap_or_else(|_| device.path().to_path_buf())
+                .display()
+                .to_string(),
             leaves: vec![0; n * dl],
             known: vec![false; n],
             pieces: PieceTable::new(layout),

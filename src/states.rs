@@ -92,6 +92,12 @@ fn entry(path: PathBuf) -> Entry {
         Err(e) => return unreadable(e.to_string()),
     };
     let device = state.device_path.clone();
+    if !Path::new(&device).is_absolute() {
+        // Made by an earlier version from a relative path: which device it means depends
+        // on where that run was started, so it is never taken as gone.
+        let status = Status::Unreadable(format!("its device {device:?} is named by a relative path"));
+        return Entry { path, bytes, device, status };
+    }
     let status = match Device::open_read(Path::new(&device), Side::Local) {
         Err(_) if !Path::new(&device).exists() => Status::Gone,
         Err(e) => Status::Unreadable(e.to_string()),

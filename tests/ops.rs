@@ -369,6 +369,18 @@ fn state_list_and_prune_show_and_clean_what_basyn_keeps_on_a_host() {
     assert!(!state_of_in(&dir, &b).exists() && state_of_in(&dir, &a).exists(), "{pruned:?}");
     assert!(cache.join("basyn").join(&current).exists() && !cache.join("basyn/basyn-0.0.1-0123456789abcdef").exists());
     run(&["state", "prune"]).ok().stdout.contains("nothing to prune").then_some(()).expect("a second prune found more");
+    // A state made by a run given relative paths names its device absolutely, so a
+    // listing from anywhere else finds it (and a prune keeps it).
+    let c = t.path().join("c.img");
+    fs::copy(&a, &c).unwrap();
+    let args = sv(&["-l", "a.img", "-r", "c.img", "-a", "push", "-m", "sync"]);
+    let mut cmd = command(&args);
+    cmd.current_dir(t.path()).envs(env);
+    spawn(cmd, &args).finish().ok();
+    let list = run(&["state", "list"]);
+    assert!(list.stdout.lines().any(|l| l.contains(&format!(" {} ", s(&c))) && l.ends_with("fresh")), "{list:?}");
+    run(&["state", "prune"]).ok();
+    assert!(state_of_in(&dir, &c).exists());
 }
 
 /// `state_of` in another state directory.
