@@ -71,6 +71,26 @@ pub struct DigestIndex {
     on_disk: Option<Stamp>,
 }
 
+/// Which state file `opts` names for `device` (`None`: no state), whether its
+/// directory may be made, and what moving an old state from beside an image did.
+fn state_path(
+    device: &Device,
+    opts: &StateOptions,
+    read_only: bool,
+) -> Option<(std::path::PathBuf, bool, Option<String>)> {
+    let (path, create_dir) = match &opts.mode {
+        StateMode::Off => return None,
+        StateMode::Default => (state::default_path(device.path()), true),
+        StateMode::DefaultIn(dir) => (state::default_path_in(Some(dir), device.path()), true),
+        StateMode::Path(p) => return Some((p.clone(), false, None)),
+    };
+    if device.kind() != crate::device::Kind::File {
+        return Some((path, create_dir, None));
+    }
+    let (path, moved) = state::adopt_legacy(device.path(), &path, read_only);
+    Some((path, create_dir, moved))
+}
+
 impl DigestIndex {
     /// Opens (and locks) the state of `device` for a run with `layout`, and decides
     /// what of it can be trusted. A lock held by another basyn is an error; a missing,
@@ -156,22 +176,11 @@ impl DigestIndex {
             read_only,
             on_disk: None,
         };
-        let (path, create_dir) = match &opts.mode {
-            StateMode::Off => {
-                // Stamped even without a state file, so that a source written during the
-                // run is still reported; a device that cannot be stamped is not checked.
-                ledger.start = stamp::take(device).ok();
-                return Ok(ledger);
-            }
-            StateMode::Default => (state::default_path(device.path()), true),
-            StateMode::DefaultIn(dir) => (state::default_path_in(Some(dir), device.path()), true),
-            StateMode::Path(p) => (p.clone(), false),
-        };
-        let (path, moved) = match (&opts.mode, device.kind()) {
-            (StateMode::Default | StateMode::DefaultIn(_), crate::device::Kind::File) => {
-                state::adopt_legacy(device.path(), &path, read_only)
-            }
-            _ => (path, None),
+        let Some((path, create_dir, moved)) = state_path(device, opts, read_only) else {
+            // Stamped even without a state file, so that a source written during the run
+            // is still reported; a device that cannot be stamped is not checked.
+            ledger.start = stamp::take(device).ok();
+            return Ok(ledger);
         };
         // Never replace a file that is not a state: not the device, not anyone's file. At
         // basyn's own default name a corrupt file is a corrupt state, rebuilt; a link or a

@@ -80,11 +80,7 @@ impl Reporter {
     /// A `--verbose` line on stdout.
     pub fn log(&self, line: impl Display) {
         if self.output.verbose {
-            self.suspend(|| {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            });
+            self.say(line);
         }
     }
 
