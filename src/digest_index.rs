@@ -423,8 +423,9 @@ impl DigestIndex {
     }
 
     /// Leaves confirmed from the first on: known, and with a chunk table, their chunk
-    /// digests known too (a state never claims chunk digests it does not have).
-    fn valid_prefix(&self) -> u64 {
+    /// digests known too (a state never claims chunk digests it does not have). Loaded
+    /// from a checkpoint, it is how far the interrupted run had come.
+    pub fn valid_prefix(&self) -> u64 {
         (0..self.known.len()).take_while(|&i| self.known[i] && self.pieces.known(i as u64)).count() as u64
     }
 

@@ -32,7 +32,7 @@ use crate::hash::{Digest, HashAlgo, MAX_DIGEST_LEN};
 /// First bytes each side writes, before the protocol version.
 pub const MAGIC: [u8; 6] = *b"BASYN\0";
 /// Protocol version, written right after [`MAGIC`] and checked before anything else.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// Feature bit: the peer can decode zstd block payloads.
 pub const FEATURE_ZSTD: u64 = 1;
 /// Feature bit: the peer can decode zlib block payloads.
@@ -152,6 +152,9 @@ pub struct StateSummary {
     pub root: Option<Vec<u8>>,
     /// Tree height when fresh.
     pub height: u32,
+    /// Leaves known from the first on without reading: all of them when fresh, the
+    /// confirmed prefix of a checkpoint (an interrupted run) otherwise.
+    pub confirmed: u64,
     /// What happened to the state file, for `--verbose`.
     pub note: String,
 }
@@ -736,7 +739,13 @@ mod tests {
                 identity,
                 created: true,
                 resized: false,
-                state: StateSummary { fresh: true, root: Some(vec![7; 32]), height: 3, note: "fresh".into() },
+                state: StateSummary {
+                    fresh: true,
+                    root: Some(vec![7; 32]),
+                    height: 3,
+                    confirmed: 512,
+                    note: "fresh".into(),
+                },
             })),
             Frame::Control(Message::TreeNodes { level: 1, indices: vec![0, 5, 63] }),
             Frame::Control(Message::HashBlocks { offset: 2 << 20, len: 16 << 20, block: 2 << 20 }),
@@ -795,18 +804,18 @@ mod tests {
     }
 
     #[test]
-    fn the_version_5_encoding_matches_the_golden_fixture() {
+    fn the_version_6_encoding_matches_the_golden_fixture() {
         let mut bytes = Vec::new();
         let mut w = FrameWriter::new(&mut bytes, Arc::default());
         w.start().unwrap();
         for f in golden_session() {
             w.send(&f).unwrap();
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v5.bin");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/protocol/session-v6.bin");
         if std::env::var_os("BASYN_BLESS").is_some() {
             std::fs::write(path, &bytes).unwrap();
         }
-        let golden = std::fs::read(path).expect("fixtures/protocol/session-v5.bin (BASYN_BLESS=1 writes it)");
+        let golden = std::fs::read(path).expect("fixtures/protocol/session-v6.bin (BASYN_BLESS=1 writes it)");
         assert_eq!(bytes, golden, "the wire encoding changed; bump VERSION instead");
         let mut r = FrameReader::new(&golden[..], Arc::default());
         r.start().unwrap();
@@ -837,8 +846,8 @@ mod tests {
     fn another_version_is_named_before_anything_else() {
         let mut r = FrameReader::new(&b"BASYN\0\x00\x03\x01\x00\x00\x00\x00"[..], Arc::default());
         let e = r.start().unwrap_err();
-        assert!(matches!(e, ProtocolError::Version { ours: 5, theirs: 3 }), "{e}");
-        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 5, the peer speaks 3");
+        assert!(matches!(e, ProtocolError::Version { ours: 6, theirs: 3 }), "{e}");
+        assert_eq!(e.to_string(), "protocol version mismatch: this basyn speaks 6, the peer speaks 3");
     }
 
     #[test]

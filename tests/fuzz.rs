@@ -56,7 +56,7 @@ fn decode_all(bytes: &[u8]) -> usize {
 
 #[test]
 fn the_frame_decoder_takes_any_bytes() {
-    let golden = fixture("protocol/session-v5.bin");
+    let golden = fixture("protocol/session-v6.bin");
     assert!(decode_all(&golden) > 3, "the golden session does not decode");
     runner()
         .run(&inputs(golden), |bytes| {
@@ -77,7 +77,7 @@ fn basyn_serve_takes_any_stream_and_answers_with_an_exit_code() {
     let image = dir.path().join("d.img");
     let content: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&image, &content).unwrap();
-    let golden = fixture("protocol/session-v5.bin");
+    let golden = fixture("protocol/session-v6.bin");
     // A hostile client: preamble, Hello of this version, then anything.
     let mut hello = Vec::new();
     {

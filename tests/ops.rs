@@ -294,9 +294,8 @@ fn an_interrupted_run_names_the_receiver_and_says_what_to_do_next() {
     let t = tmp();
     let a = t.path().join("a.img");
     random_image(&a, 12, 256 * MIB);
-    for (mode, next) in
-        [("sync", "rerun the same command: it resumes from the last checkpoint"), ("copy", "run a SYNC")]
-    {
+    let next = "rerun the same command: it resumes from the last checkpoint";
+    for mode in ["sync", "copy"] {
         let b = t.path().join(format!("{mode}.img"));
         let mut run = start(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", mode, "--bwlimit", "16M"]), &[]);
         wait_until(std::time::Duration::from_secs(60), "the receiver to be created", || b.exists() || !run.running());
@@ -415,4 +414,49 @@ fn progress_names_the_phase_counts_changes_and_shows_no_rate_for_what_was_not_re
     let check = basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "sync", "--recheck", "--progress"]));
     check.ok();
     assert!(check.stderr.lines().any(|l| l.starts_with("verifying ")), "{check:?}");
+}
+
+/// An interrupted COPY started again from zero. It now resumes: the leaves the source's
+/// checkpoint confirms are compared with the receiver (the source is not read for them)
+/// and only the rest is copied, in both directions.
+#[test]
+fn an_interrupted_copy_resumes_from_its_last_checkpoint() {
+    let t = tmp();
+    let size = 128 * MIB;
+    let src = t.path().join("src.img");
+    big_image(&src, 77, size);
+    for dir in [Dir::Push, Dir::Pull] {
+        let dst = t.path().join(format!("dst-{}.img", dir.word()));
+        let state = state_of(&src);
+        let _ = fs::remove_file(&state);
+        let args = action(dir, "copy", &src, &dst, &["--bwlimit", "24M"]);
+        let mut bg = start(&args, &[("BASYN_TEST_CHECKPOINT_MS", "50")]);
+        wait_until(std::time::Duration::from_secs(60), "a checkpoint of the source past a quarter", || {
+            !bg.running() || (state.exists() && size_of(&dst) > 0 && bg.written() > size as u64 / 3)
+        });
+        assert!(bg.running(), "the COPY ended before it could be interrupted{:?}", bg.finish());
+        // SAFETY: kill(2) on the child's pid.
+        unsafe { libc::kill(bg.pid() as i32, libc::SIGINT) };
+        bg.finish().fails(2, &["interrupted", "it resumes from the last checkpoint"]);
+        assert!(state.exists(), "{dir:?}: no checkpoint of the source was saved");
+
+        let mut again = args.clone();
+        again.extend(sv(&["--stat", "--verbose"]));
+        let r = basyn(&again);
+        r.ok();
+        assert_same(&src, &dst);
+        let out = format!("{}{}", r.stdout, r.stderr);
+        assert!(out.contains("resuming an interrupted COPY"), "{dir:?}: the rerun did not resume{r:?}");
+        let stat = r.stat();
+        let (source_read, _) = stat.reads(dir);
+        assert!(source_read < size as u64 * 3 / 4, "{dir:?}: the rerun read {source_read} bytes of the source{r:?}");
+        assert!(stat.written < size as u64 * 3 / 4, "{dir:?}: the rerun wrote {} bytes again{r:?}", stat.written);
+
+        // A rerun of the COPY that completed copies everything, as a COPY does.
+        let r = basyn(&again);
+        r.ok();
+        let out = format!("{}{}", r.stdout, r.stderr);
+        assert!(!out.contains("resuming"), "{dir:?}: a complete COPY was taken for an interrupted one{r:?}");
+        assert_eq!(r.stat().reads(dir).0, size as u64, "{dir:?}: a COPY did not read its whole source{r:?}");
+    }
 }

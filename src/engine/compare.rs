@@ -33,29 +33,35 @@ struct Local {
 /// Compares the local device with the endpoint's over the run's leaves, reading only
 /// what neither the local index nor the endpoint's state already knows.
 pub fn run(ctx: Ctx<'_>, purpose: Purpose) -> Result<Comparison, Fault> {
+    let leaves = ctx.layout().leaf_count();
+    run_first(ctx, purpose, leaves)
+}
+
+/// [`run`] over the first `leaves` leaves only (the part of a COPY that an
+/// interrupted run had done).
+pub fn run_first(ctx: Ctx<'_>, purpose: Purpose, leaves: u64) -> Result<Comparison, Fault> {
     let layout = ctx.layout();
     // Data is kept to send it (PUSH) or to digest its pieces when refining; it lives only
     // as long as the leaf is in the reader's channel.
     let keep_data = matches!(purpose, Purpose::Sync(_))
         && (ctx.params.refine.is_some() || purpose == Purpose::Sync(Direction::Push));
-    let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| ctx.index.leaf(i).is_some()).collect();
+    let skip: Vec<bool> = (0..leaves).map(|i| ctx.index.leaf(i).is_some()).collect();
     let local = ctx.local;
     std::thread::scope(|scope| {
-        let mut local_rx =
-            leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| match data {
-                Data::Skipped => Local { read: None, data: None, moved: false },
-                // A hole: its digests are those of zeros, and its data is read again (as the
-                // hole it is) only if it must be sent.
-                Data::Zero => {
-                    let zero = zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer));
-                    Local { read: Some(zero), data: None, moved: false }
-                }
-                Data::Read(data) => {
-                    let (d, pieces) = leaf_digest(&layout, &data);
-                    Local { read: Some((d, pieces)), data: keep_data.then_some(data), moved: true }
-                }
-            });
-        let mut w = Window::new(ctx, purpose);
+        let mut local_rx = leaf_reader::spawn(scope, local, layout, 0..leaves, skip, move |offset, data| match data {
+            Data::Skipped => Local { read: None, data: None, moved: false },
+            // A hole: its digests are those of zeros, and its data is read again (as the
+            // hole it is) only if it must be sent.
+            Data::Zero => {
+                let zero = zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer));
+                Local { read: Some(zero), data: None, moved: false }
+            }
+            Data::Read(data) => {
+                let (d, pieces) = leaf_digest(&layout, &data);
+                Local { read: Some((d, pieces)), data: keep_data.then_some(data), moved: true }
+            }
+        });
+        let mut w = Window::new(ctx, purpose).first_leaves(leaves);
         while let Some((first, remote)) = w.next_digest_batch()? {
             for (k, theirs) in remote.into_iter().enumerate() {
                 let leaf = local_rx.next().ok_or(Fault::Internal("local reader stopped"))??;

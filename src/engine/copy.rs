@@ -1,7 +1,9 @@
 //! COPY: stream every leaf from source to receiver in order, with reads, compression
 //! and sending overlapped (PUSH) or a window of reads in flight (PULL). Each side's
 //! state is built on the way: the source digests what it reads, the receiver what it
-//! writes.
+//! writes, and both are checkpointed, so that a rerun of an interrupted COPY resumes:
+//! the leaves the source's checkpoint confirms are compared (see `run::move_data`) and
+//! the copy goes on from the first leaf after them.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -18,18 +20,18 @@ use crate::tree::{leaf_digest, zero_leaf_digest};
 /// Bytes of reads kept in flight for PULL.
 const PULL_WINDOW: u64 = 32 << 20;
 
-/// Copies the run's leaves in `dir`; returns the bytes written.
-pub fn run(ctx: Ctx<'_>, dir: Direction) -> Result<u64, Fault> {
+/// Copies the run's leaves from leaf `from` on in `dir`; returns the bytes written.
+pub fn run(ctx: Ctx<'_>, dir: Direction, from: u64) -> Result<u64, Fault> {
     match dir {
-        Direction::Push => push(ctx),
-        Direction::Pull => pull(ctx),
+        Direction::Push => push(ctx, from),
+        Direction::Pull => pull(ctx, from),
     }
 }
 
 /// Source bytes between two decisions of an adapting compression level.
 const ADAPT_EVERY: u64 = 32 << 20;
 
-fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
+fn push(ctx: Ctx<'_>, from: u64) -> Result<u64, Fault> {
     let fixed = ctx.params.codec;
     let adaptive = match fixed {
         Codec::Zstd(level) if ctx.params.adapt => Some(Adaptive::new(level)),
@@ -52,7 +54,7 @@ fn push(ctx: Ctx<'_>) -> Result<u64, Fault> {
         }
     };
     let result = std::thread::scope(|scope| {
-        let rx = leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), Vec::new(), work);
+        let rx = leaf_reader::spawn(scope, local, layout, from..layout.leaf_count(), Vec::new(), work);
         let mut written = 0;
         let mut checkpoints = Checkpoints::new();
         // Bytes with data to compress sent since the period began (zero leaves cost
@@ -113,26 +115,45 @@ fn frames(offset: u64, data: &[u8], piece: usize, codec: Codec) -> Vec<BlockFram
     out
 }
 
-fn pull(mut ctx: Ctx<'_>) -> Result<u64, Fault> {
+/// A reply a PULL COPY waits for, in the order asked.
+enum Awaited {
+    /// A leaf's data.
+    Data { offset: u64, len: usize },
+    /// The source's checkpoint.
+    Flushed,
+}
+
+fn pull(mut ctx: Ctx<'_>, from: u64) -> Result<u64, Fault> {
     let layout = ctx.layout();
-    let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
+    let mut pending: VecDeque<Awaited> = VecDeque::new();
     let mut inflight = 0u64;
-    let mut next = 0u64;
+    let mut next = from;
     let mut written = 0u64;
     let mut checkpoints = Checkpoints::new();
     loop {
         while next < layout.leaf_count() && (pending.is_empty() || inflight + layout.buffer <= PULL_WINDOW) {
             let (offset, len) = layout.leaf_span(next);
             ctx.ep.ask_read(offset, len as u32)?;
-            pending.push_back((offset, len as usize));
+            pending.push_back(Awaited::Data { offset, len: len as usize });
             inflight += len;
             next += 1;
         }
-        let Some((offset, len)) = pending.pop_front() else { break };
+        let (offset, len) = match pending.pop_front() {
+            None => break,
+            Some(Awaited::Flushed) => {
+                ctx.ep.flushed()?;
+                continue;
+            }
+            Some(Awaited::Data { offset, len }) => (offset, len),
+        };
         let frame = ctx.ep.data(offset, len)?;
         written += ctx.write_local(frame)?;
         if checkpoints.due() {
+            // The receiver's state, and the source's (which the endpoint saves when asked
+            // to flush), so that a rerun knows how far this one came.
             ctx.index.checkpoint(ctx.local, Role::Receiver)?;
+            ctx.ep.ask_flush()?;
+            pending.push_back(Awaited::Flushed);
         }
         inflight -= len as u64;
         ctx.rep.advance(len as u64);

@@ -32,6 +32,8 @@ struct Ends {
     remote_state: StateSummary,
     /// What a SYNC with a bitmap compares the source with.
     basis: Option<Basis>,
+    /// The receiver was created or resized by this run: it holds nothing of the source.
+    renewed: bool,
 }
 
 /// Runs every phase the plan asks for over one endpoint (one SSH connection).
@@ -192,15 +194,15 @@ impl Session<'_> {
         };
         let req = self.open_request(access, plan.params.codec, plan.remote_state.clone());
         self.endpoint()?;
-        let sync = plan.action.is_some_and(|(_, m)| m == Mode::Sync);
-        self.interrupts.receiver_may_change(&self.receiver_name(Direction::Push), sync);
+        self.interrupts.receiver_may_change(&self.receiver_name(Direction::Push));
         let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
         if opened.created {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Push)));
         }
         self.note_larger(Direction::Push, opened.size, len);
-        let basis = self.prepare_bitmap(found, opened.created || opened.resized, Direction::Push, out)?;
-        Ok(Ends { local, index, len, remote_state: opened.state, basis })
+        let renewed = opened.created || opened.resized;
+        let basis = self.prepare_bitmap(found, renewed, Direction::Push, out)?;
+        Ok(Ends { local, index, len, remote_state: opened.state, basis, renewed })
     }
 
     /// PULL: the remote source and the bitmap first, then the local receiver.
@@ -221,8 +223,7 @@ impl Session<'_> {
             known_zero: plan.destination_is_zero,
         };
         DigestIndex::check_size(&layout(&plan.params, len), &plan.local).map_err(|e| Fault::State(e).refused())?;
-        let sync = plan.action.is_some_and(|(_, m)| m == Mode::Sync);
-        self.interrupts.receiver_may_change(&self.receiver_name(Direction::Pull), sync);
+        self.interrupts.receiver_may_change(&self.receiver_name(Direction::Pull));
         let local = Device::open_receiver(&plan.local, Side::Local, &spec).map_err(|e| Fault::Device(e).refused())?;
         if local.created() {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Pull)));
@@ -239,8 +240,9 @@ impl Session<'_> {
             Err(Error::Refused(f)) if local.resized() => return Err(f.transfer(&self.receiver_name(Direction::Pull))),
             Err(e) => return Err(e),
         };
-        let basis = self.prepare_bitmap(found, local.created() || local.resized(), Direction::Pull, out)?;
-        Ok(Ends { local, index, len, remote_state: opened.state, basis })
+        let renewed = local.created() || local.resized();
+        let basis = self.prepare_bitmap(found, renewed, Direction::Pull, out)?;
+        Ok(Ends { local, index, len, remote_state: opened.state, basis, renewed })
     }
 
     /// The run's parameters with the refinement decided. Every state keeps its leaves'
@@ -310,13 +312,29 @@ impl Session<'_> {
         params: &Params,
         bitmap: &mut Option<Outcome>,
     ) -> Result<bool, Fault> {
+        let resume = match mode {
+            Mode::Copy => resumed_copy(dir, ends, self.rep),
+            Mode::Sync => 0,
+        };
         let Ends { local, index, remote_state, basis, .. } = ends;
         let Session { rep, stats, ep, .. } = self;
         let (rep, ep) = (&**rep, ep.as_mut().ok_or(Fault::Internal("no endpoint"))?);
         let role = if dir == Direction::Pull { Role::Receiver } else { Role::Read };
         let ctx = Ctx { local, index, ep, params, rep };
         let c = match (mode, basis.as_ref(), bitmap.as_mut()) {
-            (Mode::Copy, ..) => Comparison { written: copy::run(ctx, dir)?, ..Comparison::default() },
+            (Mode::Copy, ..) if resume > 0 => {
+                rep.phase("comparing");
+                let Ctx { local, index, ep, params, rep } = ctx;
+                let prefix = compare::run_first(Ctx { local, index, ep, params, rep }, Purpose::Sync(dir), resume)?;
+                rep.log(format_args!(
+                    "{} of those {resume} blocks differed; copying from block {resume} on",
+                    prefix.differing
+                ));
+                rep.phase("sending");
+                let written = copy::run(Ctx { local, index, ep, params, rep }, dir, resume)?;
+                Comparison { written: prefix.written + written, ..prefix }
+            }
+            (Mode::Copy, ..) => Comparison { written: copy::run(ctx, dir, 0)?, ..Comparison::default() },
             (Mode::Sync, Some(b @ (Basis::File(_) | Basis::Nothing)), Some(out)) => {
                 rep.log(match b {
                     Basis::File(_) => "comparing the source with the bitmap: the receiver is not read",
@@ -330,7 +348,7 @@ impl Session<'_> {
         };
         absorb(stats, &c);
         stats.blocks_sent += match mode {
-            Mode::Copy => index.layout().leaf_count(),
+            Mode::Copy => index.layout().leaf_count() - resume + c.differing,
             Mode::Sync => c.differing,
         };
         rep.phase("flushing");
@@ -353,6 +371,26 @@ impl Session<'_> {
         }
         Ok(unchanged)
     }
+}
+
+/// How many leaves, from the first on, a COPY compares instead of copying (0: none): an
+/// interrupted COPY left a checkpoint of the source's state, and the receiver was not
+/// made anew, so it likely holds those leaves already. Comparing them costs a read of
+/// the receiver's part, which the source's state answers without reading the source;
+/// a rerun of a COPY that completed (its source state whole) copies everything again.
+fn resumed_copy(dir: Direction, ends: &Ends, rep: &Reporter) -> u64 {
+    let leaves = ends.index.layout().leaf_count();
+    let confirmed = match dir {
+        Direction::Push => ends.index.valid_prefix(),
+        Direction::Pull => ends.remote_state.confirmed,
+    };
+    if ends.renewed || confirmed == 0 || confirmed >= leaves {
+        return 0;
+    }
+    rep.log(format_args!(
+        "resuming an interrupted COPY: the source's checkpoint confirms its first {confirmed} of {leaves} blocks; comparing them with the receiver"
+    ));
+    confirmed
 }
 
 /// A regular SYNC: by walking both fresh trees, or by comparing digests.

@@ -176,12 +176,15 @@ pub(super) struct Window<'a> {
     next_batch: u64,
     /// Digest batches are of plain block digests, not leaf digests.
     plain: bool,
+    /// Leaves compared, from the first on (all of the run's unless told).
+    leaves: u64,
     checkpoints: Checkpoints,
 }
 
 impl<'a> Window<'a> {
     /// An empty window over `ctx`.
     pub fn new(ctx: Ctx<'a>, purpose: Purpose) -> Window<'a> {
+        let leaves = ctx.layout().leaf_count();
         Window {
             ctx,
             purpose,
@@ -194,6 +197,7 @@ impl<'a> Window<'a> {
             batches_out: 0,
             next_batch: 0,
             plain: false,
+            leaves,
             checkpoints: Checkpoints::new(),
         }
     }
@@ -202,6 +206,12 @@ impl<'a> Window<'a> {
     /// (the hash of each whole block, as the original's bitmap holds them).
     pub fn with_plain_batches(mut self) -> Window<'a> {
         self.plain = true;
+        self
+    }
+
+    /// The same window, comparing only the first `leaves` leaves.
+    pub fn first_leaves(mut self, leaves: u64) -> Window<'a> {
+        self.leaves = leaves.min(self.leaves);
         self
     }
 
@@ -266,10 +276,10 @@ impl<'a> Window<'a> {
     fn ask_digest_batches(&mut self) -> Result<(), Fault> {
         let layout = self.ctx.layout();
         let batch = (BATCH_BYTES / layout.buffer).max(1);
-        let batches = layout.leaf_count().div_ceil(batch);
+        let batches = self.leaves.div_ceil(batch);
         while self.follow.is_empty() && self.next_batch < batches && self.batches_out < WINDOW {
             let first = self.next_batch * batch;
-            let count = batch.min(layout.leaf_count() - first);
+            let count = batch.min(self.leaves - first);
             let offset = first * layout.buffer;
             let len = ((first + count) * layout.buffer).min(layout.device_size) - offset;
             let request = match self.plain {

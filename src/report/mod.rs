@@ -377,13 +377,9 @@ impl Interrupts {
 
     /// From now on `receiver` (with its side) may change: it is about to be opened, which
     /// may create or resize it. An interruption then names it, and says what to do.
-    pub fn receiver_may_change(&self, receiver: &str, sync: bool) {
+    pub fn receiver_may_change(&self, receiver: &str) {
         use std::sync::atomic::Ordering::SeqCst;
-        let next = if sync {
-            "rerun the same command: it resumes from the last checkpoint"
-        } else {
-            "rerun it, or run a SYNC, which goes on from the last checkpoint"
-        };
+        let next = "rerun the same command: it resumes from the last checkpoint";
         if CHANGED_MESSAGE.load(SeqCst).is_null() {
             let text = format!("basyn: interrupted; the receiving device {receiver} may be partly changed; {next}\n");
             let leaked: &'static mut [u8] = Box::leak(text.into_bytes().into_boxed_slice());

@@ -403,7 +403,8 @@ fn layout_of(req: &OpenRequest, size: u64) -> Layout {
 
 /// What the client learns of the device's state: its note, and its root if fresh.
 fn summary_of(index: &mut DigestIndex) -> StateSummary {
-    let mut summary = StateSummary { note: index.note().to_string(), ..StateSummary::default() };
+    let mut summary =
+        StateSummary { note: index.note().to_string(), confirmed: index.valid_prefix(), ..StateSummary::default() };
     if index.fresh()
         && let Some(t) = index.tree()
     {
