@@ -6,6 +6,7 @@
 
 pub mod bitmap_file;
 pub mod block;
+pub mod changes;
 pub mod cli;
 pub mod compress;
 pub mod device;
