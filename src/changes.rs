@@ -140,9 +140,19 @@ fn ranges_file(input: impl BufRead, name: &str, marks: &mut Marks) -> Result<(),
             [] => continue,
             [o, l] => match (number(o), number(l)) {
                 (Some(o), Some(l)) => (o, l),
-                _ => return Err(ChangesError { what: at(), why: format!("{:?} is not OFFSET LENGTH in bytes", line.trim()) }),
+                _ => {
+                    return Err(ChangesError {
+                        what: at(),
+                        why: format!("{:?} is not OFFSET LENGTH in bytes", line.trim()),
+                    });
+                }
             },
-            _ => return Err(ChangesError { what: at(), why: format!("{:?} is not OFFSET LENGTH in bytes", line.trim()) }),
+            _ => {
+                return Err(ChangesError {
+                    what: at(),
+                    why: format!("{:?} is not OFFSET LENGTH in bytes", line.trim()),
+                });
+            }
         };
         marks.mark(offset, len).map_err(|why| ChangesError { what: at(), why })?;
     }
@@ -200,7 +210,10 @@ fn thin_delta_xml(input: impl BufRead, name: &str, marks: &mut Marks) -> Result<
     let mut ids = None;
     loop {
         let at = |reader: &quick_xml::Reader<_>| format!("{name}: byte {}", reader.buffer_position());
-        let event = reader.read_event_into(&mut buf).map_err(|e| ChangesError { what: at(&reader), why: e.to_string() })?;
+        let event = reader.read_event_into(&mut buf).map_err(|e| ChangesError {
+            what: at(&reader),
+            why: format!("is not well-formed XML, or is cut short ({e})"),
+        })?;
         let fail = |why: String| ChangesError { what: at(&reader), why };
         let empty = matches!(event, Event::Empty(_));
         match (place, event) {
@@ -362,10 +375,7 @@ mod tests {
             (PLAIN.replace("\"128\"", "\"0\""), "not a thin pool block size"),
             (PLAIN.replace("length=\"1\"/>\n    <same", "length=\"x1\"/>\n    <same"), "not a number"),
             (PLAIN.replace("<same begin=\"3\"", "<evil begin=\"3\""), "unexpected element <evil>"),
-            (
-                format!("<!DOCTYPE lol [<!ENTITY a \"aaaaaaaa\"><!ENTITY b \"&a;&a;&a;\">]>\n{PLAIN}"),
-                "DOCTYPE",
-            ),
+            (format!("<!DOCTYPE lol [<!ENTITY a \"aaaaaaaa\"><!ENTITY b \"&a;&a;&a;\">]>\n{PLAIN}"), "DOCTYPE"),
             (PLAIN.replace("<same begin=\"0\" length=\"2\"/>", "&b;"), "entity reference"),
             (PLAIN.replace("begin=\"64\"", "begin=\"4096\""), "past the end of the device"),
             (PLAIN.replace("begin=\"64\"", "begin=\"18446744073709551615\""), "overflow"),

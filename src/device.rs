@@ -487,6 +487,12 @@ impl Device {
         }
     }
 
+    /// Most of the device will not be read, only scattered leaves of it (the rest is known
+    /// from a state): no read-ahead, which would read a window past each of them.
+    pub fn expect_scattered_reads(&self) {
+        advise_random(&self.file);
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`. The holes of a regular file are not
     /// read (they read as zeros) and not counted in [`Device::bytes_read`].
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {

@@ -10,7 +10,7 @@ mod generate;
 pub use generate::{Artifact, generate};
 
 use crate::compress::Codec;
-use crate::engine::{BitmapPlan, Direction, IndexPlan, Mode, Params, Plan, Transport};
+use crate::engine::{BitmapPlan, Direction, IndexPlan, Mode, Params, Plan, SincePlan, Transport};
 use crate::hash::HashAlgo;
 use crate::protocol::MAX_BLOCK;
 use crate::protocol::{StateMode, StateOptions};
@@ -89,6 +89,17 @@ struct RawArgs {
     /// Compression codec (default: zstd over SSH, none locally).
     #[arg(long, value_enum, ignore_case = true, value_name = "CODEC", help_heading = COMPARISON)]
     compress: Option<CompressArg>,
+
+    /// In a PUSH SYNC: the older snapshot of the source that the receiver was last synced
+    /// from (an LVM-thin snapshot kept until tonight's sync is done). Only what changed
+    /// since it is read from the source, when basyn can show the receiver holds it.
+    #[arg(long, value_name = "DEVICE", help_heading = COMPARISON)]
+    since: Option<PathBuf>,
+
+    /// With --since: what changed, as thin_delta's XML or a list of byte ranges
+    /// ("OFFSET LENGTH" lines), instead of asking the thin pool.
+    #[arg(long = "changed-ranges", value_name = "FILE", requires = "since", help_heading = COMPARISON)]
+    changed_ranges: Option<PathBuf>,
 
     /// Declare the receiver all zero (a new thin LV): nothing is read from it for the
     /// comparison and no zeros are written to it, so it stays thin.
@@ -514,6 +525,11 @@ fn usage_message(e: &clap::Error) -> String {
             msg.push_str(&format!(" (did you mean '{s}'?)"));
         }
     }
+    if let (clap::error::ErrorKind::MissingRequiredArgument, Some(ContextValue::Strings(missing))) =
+        (e.kind(), e.get(ContextKind::InvalidArg))
+    {
+        msg = format!("{} {}", msg.trim_end_matches(':'), missing.join(", "));
+    }
     if let Some(ContextValue::Strings(values)) = e.get(ContextKind::ValidValue) {
         msg.push_str(&format!("; possible values: {}", values.join(", ")));
     }
@@ -553,6 +569,7 @@ fn plan(raw: RawArgs, stat: &StatRequest) -> Result<Plan, String> {
     if raw.dry_run && bitmap.is_some() {
         return Err("--dry-run does not take -b/--bitmap".into());
     }
+    let since = since_plan(raw.since, raw.changed_ranges, action, bitmap.is_some())?;
     // Only a bitmap refresh goes without its receiver.
     let refresh = bitmap.as_ref().is_some_and(|b| b.refresh_only);
     let local = match raw.local {
@@ -578,10 +595,31 @@ fn plan(raw: RawArgs, stat: &StatRequest) -> Result<Plan, String> {
         dry_run: raw.dry_run,
         bwlimit: raw.bwlimit,
         bitmap,
+        since,
         state: raw.state.local(),
         remote_state: raw.state.remote(),
         output: Output { stat: stat.wanted(), verbose: raw.verbose, progress: raw.progress, debug: raw.debug },
     })
+}
+
+/// `--since OLDER [--changed-ranges FILE]`: only for a PUSH SYNC (the source and its
+/// older snapshot on this host), without a bitmap.
+fn since_plan(
+    since: Option<PathBuf>,
+    ranges: Option<PathBuf>,
+    action: Option<(Direction, Mode)>,
+    bitmap: bool,
+) -> Result<Option<SincePlan>, String> {
+    let Some(device) = since else { return Ok(None) };
+    match action {
+        Some((Direction::Push, Mode::Sync)) if bitmap => Err("--since does not take -b/--bitmap".into()),
+        Some((Direction::Push, Mode::Sync)) => Ok(Some(SincePlan { device, ranges })),
+        Some((Direction::Pull, _)) => {
+            Err("--since needs the source and its older snapshot on this host: run -a PUSH on the host that has them"
+                .into())
+        }
+        _ => Err("--since needs -a PUSH -m SYNC: it says what changed since the receiver was last synced".into()),
+    }
 }
 
 fn transport(

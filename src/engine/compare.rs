@@ -47,6 +47,9 @@ pub fn run_first(ctx: Ctx<'_>, purpose: Purpose, leaves: u64) -> Result<Comparis
         && (ctx.params.refine.is_some() || purpose == Purpose::Sync(Direction::Push));
     let skip: Vec<bool> = (0..leaves).map(|i| ctx.index.leaf(i).is_some()).collect();
     let local = ctx.local;
+    if skip.iter().filter(|&&s| s).count() * 2 > skip.len() {
+        local.expect_scattered_reads();
+    }
     std::thread::scope(|scope| {
         let mut local_rx = leaf_reader::spawn(scope, local, layout, 0..leaves, skip, move |offset, data| match data {
             Data::Skipped => Local { read: None, data: None, moved: false },

@@ -5,6 +5,7 @@
 
 use super::compare::{self, Purpose};
 use super::session::{Session, absorb, both_fresh, layout, name, roots_equal};
+use super::since::{self, Since};
 use super::window::{Comparison, Ctx};
 use super::{Direction, Error, Fault, Mode};
 use crate::compress::Codec;
@@ -19,6 +20,10 @@ impl Session<'_> {
         let plan = self.plan;
         let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Fault::from(e).refused())?;
         self.refuse_same_device(&local)?;
+        let since = match &plan.since {
+            Some(s) => since::prepare(s, &local, layout(&plan.params, local.size()), plan.state.trust, self.rep)?,
+            None => None,
+        };
         let req = self.open_request(Access::Inspect, Codec::None, plan.remote_state.clone());
         let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
         let (source_size, receiver_size) = match dir {
@@ -46,7 +51,7 @@ impl Session<'_> {
         }
         let c = match len {
             0 => Comparison::default(),
-            _ => self.dry_compare(&local, len, &opened.state)?,
+            _ => self.dry_compare(&local, len, &opened.state, since)?,
         };
         self.stats.local_read += local.bytes_read();
         absorb(self.stats, &c);
@@ -62,11 +67,15 @@ impl Session<'_> {
         local: &Device,
         len: u64,
         remote: &crate::protocol::StateSummary,
+        since: Option<Since>,
     ) -> Result<Comparison, Error> {
         let plan = self.plan;
         let mut index = DigestIndex::open_read_only(local, layout(&plan.params, len), &plan.state)
             .map_err(|e| Fault::State(e).refused())?;
         self.rep.log(format_args!("local {}", index.note()));
+        if let Some(since) = since {
+            since.apply(&mut index, remote, self.rep);
+        }
         self.rep.start("comparing", len);
         let fresh = both_fresh(&mut index, remote);
         let (ep, rep) = self.endpoint_and_reporter()?;

@@ -20,6 +20,7 @@ mod recheck;
 mod refine;
 mod run;
 mod session;
+mod since;
 mod window;
 
 use std::path::PathBuf;
@@ -109,6 +110,8 @@ pub struct Plan {
     pub bwlimit: Option<u64>,
     /// `-b/--bitmap`: the receiver's digests kept in a local file.
     pub bitmap: Option<BitmapPlan>,
+    /// `--since OLDER`: read only what changed since an older snapshot of the source.
+    pub since: Option<SincePlan>,
     /// State file options for the local device.
     pub state: StateOptions,
     /// State file options for the remote device.
@@ -129,6 +132,16 @@ pub struct BitmapPlan {
     pub update: bool,
     /// No receiver was given: only FILE is refreshed from the source.
     pub refresh_only: bool,
+}
+
+/// How `--since OLDER` finds what changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SincePlan {
+    /// OLDER: the older snapshot of the (local) source.
+    pub device: PathBuf,
+    /// `--changed-ranges FILE`: the changes as `thin_delta`'s XML or a ranges file;
+    /// `None`: asked of the thin pool.
+    pub ranges: Option<PathBuf>,
 }
 
 /// `basyn index DEVICE`: build or refresh a device's state.
@@ -299,6 +312,9 @@ pub enum Fault {
     /// The bitmap could not be used.
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
+    /// `--since` or `--changed-ranges` cannot be used as given.
+    #[error("{0}")]
+    Since(String),
     /// A bug in basyn.
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -11,7 +11,7 @@ use super::session::{
     Session, absorb, both_fresh, check_side_files, empty, layout, local_index, name, roots_equal, warn_unsaved,
 };
 use super::window::{Comparison, Ctx};
-use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap_sync, copy};
+use super::{Direction, Error, Fault, Mode, Params, Plan, bitmap_sync, copy, since};
 use crate::compress::Codec;
 use crate::device::{Device, ReceiverSpec, Side};
 use crate::digest_index::DigestIndex;
@@ -183,7 +183,11 @@ impl Session<'_> {
         if len == 0 {
             return Err(empty(Side::Local, &plan.local));
         }
-        let index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
+        let mut index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
+        let since = match &plan.since {
+            Some(s) => since::prepare(s, &local, *index.layout(), plan.state.trust, self.rep)?,
+            None => None,
+        };
         let found = self.find_bitmap(len, Direction::Push)?;
         let access = Access::Write {
             source_size: len,
@@ -200,6 +204,9 @@ impl Session<'_> {
             self.rep.log(format_args!("created {} ({len} bytes)", self.receiver_name(Direction::Push)));
         }
         self.note_larger(Direction::Push, opened.size, len);
+        if let Some(since) = since {
+            since.apply(&mut index, &opened.state, self.rep);
+        }
         let renewed = opened.created || opened.resized;
         let basis = self.prepare_bitmap(found, renewed, Direction::Push, out)?;
         Ok(Ends { local, index, len, remote_state: opened.state, basis, renewed })

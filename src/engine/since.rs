@@ -1,0 +1,122 @@
+//! `SYNC --since OLDER`: the source is a newer snapshot of the volume that OLDER is a
+//! snapshot of, and what changed between the two is known (from the thin pool's
+//! metadata, or `--changed-ranges FILE`). Only the changed leaves are read from the
+//! source; the others take their digests from OLDER's state.
+//!
+//! That is only right when all of this holds, and each part is checked: OLDER's state is
+//! fresh (OLDER was not written since it was saved; `--trust-state` accepts a state
+//! whose freshness cannot be verified), it was built with the run's layout, OLDER and
+//! the source have the same size, and the receiver's state is fresh and has OLDER's
+//! root, so the receiver holds exactly what OLDER holds. The one premise basyn cannot
+//! check is the user's: that the ranges list every change between OLDER and the source.
+//! If any checked part fails, `--verbose` says which and the run is a plain SYNC.
+
+use std::path::Path;
+
+use super::{Error, Fault, SincePlan};
+use crate::changes::{self, Changed};
+use crate::device::{Device, Side};
+use crate::digest_index::DigestIndex;
+use crate::protocol::{StateMode, StateOptions, StateSummary};
+use crate::report::{Reporter, human};
+use crate::tree::Layout;
+
+/// The older snapshot, its state and what changed since it, once the local premises
+/// hold.
+pub(super) struct Since {
+    /// OLDER, for messages.
+    name: String,
+    /// OLDER's fresh state.
+    index: DigestIndex,
+    /// The leaves that changed.
+    changed: Changed,
+}
+
+/// The local part, before the receiver is opened: reads the changes (a bad list is an
+/// error, exit 1) and checks OLDER and its state. `Ok(None)`, said in `--verbose`, if a
+/// premise fails and the run goes on as a plain SYNC.
+pub(super) fn prepare(
+    plan: &SincePlan,
+    source: &Device,
+    layout: Layout,
+    trust: bool,
+    rep: &Reporter,
+) -> Result<Option<Since>, Error> {
+    let name = format!("--since {}", plan.device.display());
+    let refuse = |why: String| Error::Refused(Box::new(Fault::Since(format!("{name}: {why}"))));
+    let older = Device::open_read(&plan.device, Side::Local).map_err(|e| refuse(e.problem.to_string()))?;
+    if older.identity().same_storage(source.identity()) {
+        return Err(refuse("is the source itself: name the older snapshot".into()));
+    }
+    let changed = match &plan.ranges {
+        Some(path) => read_ranges(path, &layout)?,
+        None => return Err(refuse("finding the changes needs --changed-ranges FILE on this build".into())),
+    };
+    let fallback = |why: String| {
+        rep.log(format_args!("{name}: {why}; running a plain SYNC, which reads the whole source"));
+        Ok(None)
+    };
+    if older.size() != source.size() {
+        return fallback(format!("its size {} differs from the source's {}", older.size(), source.size()));
+    }
+    let opts = StateOptions { mode: StateMode::Default, trust };
+    let index = match DigestIndex::open_read_only(&older, layout, &opts) {
+        Ok(index) => index,
+        Err(e) => return fallback(format!("its state cannot be used ({e})")),
+    };
+    if !index.fresh() {
+        return fallback(format!("its {}", index.note()));
+    }
+    Ok(Some(Since { name, index, changed }))
+}
+
+/// Reads `--changed-ranges FILE`; an error names the file and where in it.
+fn read_ranges(path: &Path, layout: &Layout) -> Result<Changed, Error> {
+    let name = format!("--changed-ranges {}", path.display());
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::Refused(Box::new(Fault::Since(format!("{name}: cannot be opened: {e}")))))?;
+    changes::read(std::io::BufReader::new(file), &name, layout)
+        .map_err(|e| Error::Refused(Box::new(Fault::Since(e.to_string()))))
+}
+
+impl Since {
+    /// The receiver's part, once it is open: if its state is fresh and holds OLDER's
+    /// root, the source's unchanged leaves take OLDER's digests in `index` (they are
+    /// then not read). Returns how many leaves were taken; 0, said in `--verbose`, if the
+    /// premise fails.
+    pub fn apply(mut self, index: &mut DigestIndex, receiver: &StateSummary, rep: &Reporter) -> u64 {
+        let name = &self.name;
+        let fallback = |why: &str| {
+            rep.log(format_args!("{name}: {why}; running a plain SYNC, which reads the whole source"));
+            0
+        };
+        if !receiver.fresh {
+            return fallback(
+                "the receiver's state is not fresh, so it cannot show that the receiver holds this snapshot",
+            );
+        }
+        let ours = self.index.tree().and_then(|t| t.root()).map(|r| r.as_bytes().to_vec());
+        if ours.is_none() || ours != receiver.root {
+            return fallback(
+                "the receiver does not hold this snapshot (its state's root differs): it was synced from another one, or changed since",
+            );
+        }
+        let leaves = index.layout().leaf_count();
+        let mut taken = 0;
+        for leaf in 0..leaves {
+            if self.changed.leaves[leaf as usize] || index.leaf(leaf).is_some() {
+                continue;
+            }
+            if let (Some(d), Some(pieces)) = (self.index.leaf(leaf), self.index.pieces(leaf)) {
+                index.learn(leaf, &d, &pieces);
+                taken += 1;
+            }
+        }
+        rep.log(format_args!(
+            "{name}: {} of {leaves} blocks changed ({} reported); {taken} unchanged blocks are taken from its state and not read",
+            self.changed.count(),
+            human(self.changed.bytes as f64)
+        ));
+        taken
+    }
+}
