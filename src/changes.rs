@@ -67,7 +67,7 @@ pub fn read(mut input: impl BufRead, name: &str, layout: &Layout) -> Result<Chan
     };
     let mut marks = Marks::new(layout);
     match first {
-        None => return Err(ChangesError { what: name.to_string(), why: "is empty".into() }),
+        None => Err(ChangesError { what: name.to_string(), why: "is empty".into() }),
         Some(b'<') => {
             let (ids, block) = thin_delta_xml(input, name, &mut marks)?;
             Ok(marks.done(Some(ids), Some(block)))
