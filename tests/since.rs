@@ -242,8 +242,8 @@ fn a_bad_changed_ranges_file_is_refused_and_nothing_is_written() {
     let before: Vec<Option<Vec<u8>>> = states.iter().map(|p| fs::read(p).ok()).collect();
     let receiver = read(&n.receiver);
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (xml[..xml.len() / 2].as_bytes().to_vec(), "cut short"),
-        (xml[..xml.rfind("</diff>").unwrap()].as_bytes().to_vec(), "ends before </superblock>"),
+        (xml.as_bytes()[..xml.len() / 2].to_vec(), "cut short"),
+        (xml.as_bytes()[..xml.rfind("</diff>").unwrap()].to_vec(), "ends before </superblock>"),
         (format!("<!DOCTYPE x [<!ENTITY a \"a\">]>{xml}").into_bytes(), "DOCTYPE"),
         (xml.replacen("<same", "<evil/><same", 1).into_bytes(), "unexpected element <evil>"),
         (xml.replace("begin=\"1000\"", "begin=\"99999\"").into_bytes(), "past the end of the device"),
