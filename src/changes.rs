@@ -19,11 +19,14 @@ const SECTOR: u64 = 512;
 /// The largest thin pool block the kernel accepts (1 GiB), in sectors.
 const MAX_BLOCK_SECTORS: u64 = 1 << 21;
 
-/// What a changed-ranges input says, in leaves of the run.
+/// What a changed-ranges input says, in leaves and pieces of the run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Changed {
     /// One flag per leaf: some byte of it changed.
     pub leaves: Vec<bool>,
+    /// One bit per piece ([`Layout::piece`]): some byte of it changed (a bit set of
+    /// 8 MiB for a 1 TiB device with 16 KiB pieces).
+    pieces: Vec<u64>,
     /// Bytes the input reports as changed (within the device).
     pub bytes: u64,
     /// The thin device ids `thin_delta` compared (its `diff left`, `right`), if the
@@ -37,6 +40,30 @@ impl Changed {
     /// How many leaves changed.
     pub fn count(&self) -> u64 {
         self.leaves.iter().filter(|&&c| c).count() as u64
+    }
+
+    fn piece_changed(&self, piece: u64) -> bool {
+        self.pieces[(piece / 64) as usize] & (1 << (piece % 64)) != 0
+    }
+
+    /// The changed runs of whole pieces in leaf `leaf`, as (offset, length) in bytes.
+    pub fn runs(&self, layout: &Layout, leaf: u64) -> Vec<(u64, u64)> {
+        let (offset, len) = layout.leaf_span(leaf);
+        let piece = layout.piece();
+        let first = offset / piece;
+        let count = layout.pieces_of(leaf);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for k in 0..count {
+            if !self.piece_changed(first + k) {
+                continue;
+            }
+            let (start, end) = (offset + k * piece, (offset + (k + 1) * piece).min(offset + len));
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == start => *l = end - *o,
+                _ => runs.push((start, end - start)),
+            }
+        }
+        runs
     }
 }
 
@@ -79,20 +106,22 @@ pub fn read(mut input: impl BufRead, name: &str, layout: &Layout) -> Result<Chan
     }
 }
 
-/// The leaves marked so far.
+/// The leaves and pieces marked so far.
 struct Marks {
     layout: Layout,
     leaves: Vec<bool>,
+    pieces: Vec<u64>,
     bytes: u64,
 }
 
 impl Marks {
     fn new(layout: &Layout) -> Marks {
-        Marks { layout: *layout, leaves: vec![false; layout.leaf_count() as usize], bytes: 0 }
+        let (leaves, pieces) = (layout.leaf_count() as usize, layout.device_size.div_ceil(layout.piece()));
+        Marks { layout: *layout, leaves: vec![false; leaves], pieces: vec![0; pieces.div_ceil(64) as usize], bytes: 0 }
     }
 
-    /// Marks the leaves `[offset, offset+len)` touches; an error names why it does not
-    /// fit the device.
+    /// Marks the leaves and pieces `[offset, offset+len)` touches; an error names why it
+    /// does not fit the device.
     fn mark(&mut self, offset: u64, len: u64) -> Result<(), String> {
         let size = self.layout.device_size;
         if len == 0 {
@@ -110,11 +139,15 @@ impl Marks {
         for leaf in offset / buffer..end.div_ceil(buffer) {
             self.leaves[leaf as usize] = true;
         }
+        let piece = self.layout.piece();
+        for p in offset / piece..end.div_ceil(piece) {
+            self.pieces[(p / 64) as usize] |= 1 << (p % 64);
+        }
         Ok(())
     }
 
     fn done(self, thin_ids: Option<(u64, u64)>, block_bytes: Option<u64>) -> Changed {
-        Changed { leaves: self.leaves, bytes: self.bytes, thin_ids, block_bytes }
+        Changed { leaves: self.leaves, pieces: self.pieces, bytes: self.bytes, thin_ids, block_bytes }
     }
 }
 
@@ -344,6 +377,13 @@ mod tests {
         let c = parse("# changed\n2097151 2\n\n0x600000 1 # one byte\n10485760 99999999\n", 12 * MIB).unwrap();
         assert_eq!(marked(&c), vec![0, 1, 3, 5]);
         assert_eq!(c.bytes, 2 + 1 + 2 * MIB);
+        // In 16 KiB pieces: the last of leaf 0, the first of leaf 1, one of leaf 3, all of leaf 5.
+        let l = layout(12 * MIB);
+        assert_eq!(c.runs(&l, 0), vec![(2 * MIB - 16384, 16384)]);
+        assert_eq!(c.runs(&l, 1), vec![(2 * MIB, 16384)]);
+        assert_eq!(c.runs(&l, 2), vec![]);
+        assert_eq!(c.runs(&l, 3), vec![(6 * MIB, 16384)]);
+        assert_eq!(c.runs(&l, 5), vec![(10 * MIB, 2 * MIB)]);
         assert_eq!(c.thin_ids, None);
     }
 

@@ -74,7 +74,7 @@ impl Session<'_> {
             .map_err(|e| Fault::State(e).refused())?;
         self.rep.log(format_args!("local {}", index.note()));
         if let Some(since) = since {
-            since.apply(&mut index, remote, self.rep);
+            since.apply(&mut index, local, remote, self.rep)?;
         }
         self.rep.start("comparing", len);
         let fresh = both_fresh(&mut index, remote);

@@ -205,7 +205,7 @@ impl Session<'_> {
         }
         self.note_larger(Direction::Push, opened.size, len);
         if let Some(since) = since {
-            since.apply(&mut index, &opened.state, self.rep);
+            since.apply(&mut index, &local, &opened.state, self.rep)?;
         }
         let renewed = opened.created || opened.resized;
         let basis = self.prepare_bitmap(found, renewed, Direction::Push, out)?;

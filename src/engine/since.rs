@@ -19,7 +19,7 @@ use crate::device::{Device, Side};
 use crate::digest_index::DigestIndex;
 use crate::protocol::{StateMode, StateOptions, StateSummary};
 use crate::report::{Reporter, human};
-use crate::tree::Layout;
+use crate::tree::{Layout, pieces_root};
 
 /// The older snapshot, its state and what changed since it, once the local premises
 /// hold.
@@ -81,14 +81,21 @@ fn read_ranges(path: &Path, layout: &Layout) -> Result<Changed, Error> {
 
 impl Since {
     /// The receiver's part, once it is open: if its state is fresh and holds OLDER's
-    /// root, the source's unchanged leaves take OLDER's digests in `index` (they are
-    /// then not read). Returns how many leaves were taken; 0, said in `--verbose`, if the
-    /// premise fails.
-    pub fn apply(mut self, index: &mut DigestIndex, receiver: &StateSummary, rep: &Reporter) -> u64 {
+    /// root, the source's leaves take OLDER's digests in `index`: the unchanged ones
+    /// whole, the changed ones with the digests of their changed pieces read from
+    /// `source` (only those pieces are read). Returns how many leaves were taken; 0, said
+    /// in `--verbose`, if the premise fails.
+    pub fn apply(
+        mut self,
+        index: &mut DigestIndex,
+        source: &Device,
+        receiver: &StateSummary,
+        rep: &Reporter,
+    ) -> Result<u64, Error> {
         let name = &self.name;
         let fallback = |why: &str| {
             rep.log(format_args!("{name}: {why}; running a plain SYNC, which reads the whole source"));
-            0
+            Ok(0)
         };
         if !receiver.fresh {
             return fallback(
@@ -101,22 +108,38 @@ impl Since {
                 "the receiver does not hold this snapshot (its state's root differs): it was synced from another one, or changed since",
             );
         }
-        let leaves = index.layout().leaf_count();
-        let mut taken = 0;
+        let layout = *index.layout();
+        let leaves = layout.leaf_count();
+        let (mut taken, mut buf) = (0, Vec::new());
+        source.expect_scattered_reads();
         for leaf in 0..leaves {
-            if self.changed.leaves[leaf as usize] || index.leaf(leaf).is_some() {
+            let (Some(d), Some(mut pieces)) = (self.index.leaf(leaf), self.index.pieces(leaf)) else { continue };
+            if index.leaf(leaf).is_some() {
                 continue;
             }
-            if let (Some(d), Some(pieces)) = (self.index.leaf(leaf), self.index.pieces(leaf)) {
+            if !self.changed.leaves[leaf as usize] {
                 index.learn(leaf, &d, &pieces);
                 taken += 1;
+                continue;
             }
+            let start = layout.leaf_span(leaf).0;
+            let piece = layout.piece();
+            for (offset, len) in self.changed.runs(&layout, leaf) {
+                buf.resize(len as usize, 0);
+                source.read_at(offset, &mut buf).map_err(|e| Fault::Device(e).refused())?;
+                let first = ((offset - start) / piece) as usize;
+                for (k, digest) in layout.hash.digest_pieces(&buf, piece as usize).into_iter().enumerate() {
+                    pieces[first + k] = digest;
+                }
+            }
+            index.learn(leaf, &pieces_root(&layout, &pieces), &pieces);
+            taken += 1;
         }
         rep.log(format_args!(
-            "{name}: {} of {leaves} blocks changed ({} reported); {taken} unchanged blocks are taken from its state and not read",
+            "{name}: {} of {leaves} blocks changed ({} reported); only their changed pieces were read, the rest is taken from its state",
             self.changed.count(),
             human(self.changed.bytes as f64)
         ));
-        taken
+        Ok(taken)
     }
 }
