@@ -5,12 +5,14 @@
 //! the sectors a loop device over tonight's image counts); every broken premise falls
 //! back to a plain SYNC and says why; a bad list is refused before anything is written.
 
+mod sshd;
 mod util;
 
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use sshd::{ALIAS, Sshd};
 use util::*;
 
 /// Image size: 32 leaves of 2 MiB, 1024 thin blocks of 64 KiB.
@@ -44,12 +46,7 @@ impl Nightly {
         let dir = tmp();
         let (last, tonight, receiver) =
             (dir.path().join("last.img"), dir.path().join("tonight.img"), dir.path().join("backup.img"));
-        let data = random_image(&last, 131, SIZE);
-        let mut next = data.clone();
-        for b in CHANGED_BLOCKS {
-            next[b * BLOCK + 17] ^= 0x5a;
-        }
-        write(&tonight, &next);
+        snapshots(&last, &tonight);
         // Last night's run: the receiver and both states (the snapshot's and the
         // receiver's) are fresh afterwards.
         basyn(&action(Dir::Push, "sync", &last, &receiver, &[])).ok();
@@ -69,6 +66,15 @@ impl Nightly {
     fn sync(&self) -> Run {
         self.sync_from(&self.tonight, &[])
     }
+}
+
+/// Last night's snapshot (random data) and tonight's: the same but in [`CHANGED_BLOCKS`].
+fn snapshots(last: &Path, tonight: &Path) {
+    let mut data = random_image(last, 131, SIZE);
+    for b in CHANGED_BLOCKS {
+        data[b * BLOCK + 17] ^= 0x5a;
+    }
+    write(tonight, &data);
 }
 
 /// Real `thin_delta` output for two thin devices of one pool: device 1 (last night)
@@ -305,4 +311,36 @@ fn a_dry_run_since_the_older_snapshot_reads_only_the_changes() {
     r.code(3);
     assert_eq!(r.stat().local_read, CHANGED_BYTES, "{r:?}");
     assert!(!same_stream(&n.tonight, &n.receiver), "a dry run wrote the receiver");
+}
+
+/// Over SSH, the nightly case: only the changed blocks are read from the source, the
+/// receiver answers from its state, and only the differing pieces cross the link.
+#[test]
+fn over_ssh_only_the_changes_are_read_and_only_their_differences_sent() {
+    if !require_tool("thin_restore") || !require_tool("thin_delta") {
+        return;
+    }
+    let Some(sshd) = Sshd::start() else { return };
+    let (last, tonight, receiver) = (sshd.local("last.img"), sshd.local("tonight.img"), sshd.remote("backup.img"));
+    snapshots(&last, &tonight);
+    let push = |source: &Path, extra: &[&str]| {
+        let mut args = sv(&["-l", s(source), "-r", s(&receiver), "-h", ALIAS, "-a", "push", "-m", "sync"]);
+        args.extend(sv(extra));
+        sshd.basyn(&args)
+    };
+    push(&last, &[]).ok();
+    let delta = sshd.local("delta.xml");
+    fs::write(&delta, thin_delta(last.parent().unwrap(), &CHANGED_BLOCKS)).unwrap();
+    let r = push(&tonight, &["--since", s(&last), "--changed-ranges", s(&delta), "--stat", "--verbose"]);
+    r.ok();
+    assert_same(&tonight, &receiver);
+    let stat = r.stat();
+    assert!(
+        (CHANGED_BYTES..=CHANGED_BYTES + 6 * 16384).contains(&stat.local_read),
+        "{} bytes read of the source{r:?}",
+        stat.local_read
+    );
+    // The receiver reads only around the differing pieces, to refine them to 4 KiB.
+    assert!(stat.remote_read <= 2 * 6 * 16384, "the receiver was read beyond the differing pieces{r:?}");
+    assert!(stat.tx < 256 * 1024, "{} bytes sent for 6 changed bytes{r:?}", stat.tx);
 }
