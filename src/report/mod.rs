@@ -123,7 +123,7 @@ impl Reporter {
         *self.progress.borrow_mut() = Some(Progress::new(phase, total));
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template("[{bar:30}] {msg}")
+            let style = ProgressStyle::with_template("[{wide_bar}] {msg}")
                 .map(|s| s.progress_chars("=> "))
                 .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);

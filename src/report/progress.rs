@@ -83,24 +83,38 @@ impl Progress {
         (moved > 0 && span >= 0.2).then(|| moved as f64 / span)
     }
 
-    /// The line: `comparing  42.0% 860.00 MiB/2.00 GiB  310.2 MiB/s  ETA 4s  elapsed 3s  17 differ`.
+    /// The line, short enough for a bar beside it in 80 columns:
+    /// `comparing  42.0% 860M/2.0G 310M/s ETA 4s elapsed 3s 17 differ`.
     pub fn line(&self, now: Instant) -> String {
         let pct = if self.total == 0 { 100.0 } else { self.done as f64 * 100.0 / self.total as f64 };
-        let rate = self.rate(now);
-        let (rate_text, eta) = match rate {
-            Some(r) => {
-                (format!("{}/s", super::human(r)), format!("ETA {}", clock((self.total - self.done) as f64 / r)))
-            }
-            None => ("-".to_string(), "ETA -".to_string()),
+        let (rate_text, eta) = match self.rate(now) {
+            Some(r) => (format!("{}/s", short(r)), clock((self.total - self.done) as f64 / r)),
+            None => ("-".to_string(), "-".to_string()),
         };
         let elapsed = clock(now.duration_since(self.started).as_secs_f64());
         format!(
-            "{:<9} {pct:5.1}% {}/{}  {rate_text}  {eta}  elapsed {elapsed}  {} differ",
+            "{:<9} {pct:5.1}% {}/{} {rate_text} ETA {eta} elapsed {elapsed} {} differ",
             self.phase,
-            super::human(self.done as f64),
-            super::human(self.total as f64),
+            short(self.done as f64),
+            short(self.total as f64),
             self.differing
         )
+    }
+}
+
+/// Bytes in binary units of one letter, as `--bwlimit` takes them, to three digits:
+/// `512B`, `860M`, `64.0G`, `1.5T`.
+fn short(bytes: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "K", "M", "G", "T", "P"];
+    let (mut v, mut u) = (bytes, 0);
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    match (u, v) {
+        (0, _) => format!("{v:.0}B"),
+        (_, 100.0..) => format!("{v:.0}{}", UNITS[u]),
+        _ => format!("{v:.1}{}", UNITS[u]),
     }
 }
 
@@ -110,7 +124,8 @@ fn clock(secs: f64) -> String {
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        3600..360_000 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => ">100h".to_string(),
     }
 }
 
@@ -125,7 +140,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(1);
         assert_eq!(p.rate(later), None);
         let line = p.line(later);
-        assert!(line.starts_with("comparing 100.0% 1.00 TiB/1.00 TiB  -  ETA -"), "{line}");
+        assert!(line.starts_with("comparing 100.0% 1.0T/1.0T - ETA -"), "{line}");
     }
 
     #[test]
@@ -149,9 +164,28 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_line_leaves_room_for_a_bar_in_80_columns() {
+        // A 64 TiB device, a day in, with a million differing blocks.
+        let mut p = Progress::new("verifying", 64 << 40);
+        p.samples.clear();
+        let t0 = p.started + Duration::from_secs(86_000);
+        p.samples.push_back((t0, 0));
+        p.moved = 1000 << 20;
+        p.done = 60 << 40;
+        p.samples.push_back((t0 + Duration::from_secs(1), 1000 << 20));
+        p.differing = 999_999;
+        let line = p.line(t0 + Duration::from_secs(1));
+        // The bar takes what is left of the terminal's width ("[", "] " and the line).
+        assert!(line.len() + 3 <= 80, "{} columns: {line}", line.len());
+        assert_eq!(short(512.0), "512B");
+        assert_eq!(short(1.5 * (1u64 << 40) as f64), "1.5T");
+    }
+
+    #[test]
     fn clocks_read_as_people_write_them() {
         assert_eq!(clock(4.4), "4s");
         assert_eq!(clock(187.0), "3m07s");
         assert_eq!(clock(7500.0), "2h05m");
+        assert_eq!(clock(1e9), ">100h");
     }
 }
