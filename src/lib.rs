@@ -31,4 +31,5 @@ pub mod stat_json;
 pub mod state;
 pub mod states;
 pub mod sysfs;
+pub mod thin;
 pub mod tree;
