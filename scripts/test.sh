@@ -21,6 +21,7 @@ command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v ip        >/dev/null || need+=(iproute2)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v thin_delta  >/dev/null || need+=(thin-provisioning-tools)
+command -v lvs         >/dev/null || need+=(lvm2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -344,3 +344,22 @@ fn over_ssh_only_the_changes_are_read_and_only_their_differences_sent() {
     assert!(stat.remote_read <= 2 * 6 * 16384, "the receiver was read beyond the differing pieces{r:?}");
     assert!(stat.tx < 256 * 1024, "{} bytes sent for 6 changed bytes{r:?}", stat.tx);
 }
+
+/// Without `--changed-ranges`, basyn asks the thin pool: `lvs` first. Image files are
+/// not logical volumes, so the premise fails, `--verbose` says so with the command it
+/// ran, and the run is a plain SYNC that ends identical.
+#[test]
+fn without_changed_ranges_image_files_are_not_thin_volumes_and_the_sync_reads_everything() {
+    if !require_tool("lvs") {
+        return;
+    }
+    let Some(n) = Nightly::new() else { return };
+    let args = action(Dir::Push, "sync", &n.tonight, &n.receiver, &["--since", s(&n.last), "--stat", "--verbose"]);
+    let r = basyn(&args);
+    r.ok();
+    assert!(said(&r, "running lvs --reportformat json"), "{r:?}");
+    assert!(said(&r, "running a plain SYNC"), "{r:?}");
+    assert!(!said(&r, "reserve_metadata_snap"), "a pool was touched for image files{r:?}");
+    assert_eq!(r.stat().local_read, SIZE as u64, "{r:?}");
+    assert_same(&n.tonight, &n.receiver);
+}

@@ -19,6 +19,7 @@ use crate::device::{Device, Side};
 use crate::digest_index::DigestIndex;
 use crate::protocol::{StateMode, StateOptions, StateSummary};
 use crate::report::{Reporter, human};
+use crate::thin::{self, ThinError};
 use crate::tree::{Layout, pieces_root};
 
 /// The older snapshot, its state and what changed since it, once the local premises
@@ -48,9 +49,9 @@ pub(super) fn prepare(
     if older.identity().same_storage(source.identity()) {
         return Err(refuse("is the source itself: name the older snapshot".into()));
     }
-    let changed = match &plan.ranges {
-        Some(path) => read_ranges(path, &layout)?,
-        None => return Err(refuse("finding the changes needs --changed-ranges FILE on this build".into())),
+    let from_file = match &plan.ranges {
+        Some(path) => Some(read_ranges(path, &layout)?),
+        None => None,
     };
     let fallback = |why: String| {
         rep.log(format_args!("{name}: {why}; running a plain SYNC, which reads the whole source"));
@@ -67,7 +68,47 @@ pub(super) fn prepare(
     if !index.fresh() {
         return fallback(format!("its {}", index.note()));
     }
+    let changed = match from_file {
+        Some(changed) => changed,
+        None => match ask_the_pool(&plan.device, source, &layout, rep) {
+            Ok(changed) => changed,
+            Err(why) => return fallback(why),
+        },
+    };
     Ok(Some(Since { name, index, changed }))
+}
+
+/// What changed between OLDER and the source, from their thin pool's metadata (the
+/// commands are shown in `--verbose`). `Err` says why not: a premise that does not hold
+/// (not thin volumes of one pool) is only said in `--verbose`; a command that failed
+/// is warned about too, since it may need the operator (a metadata snapshot held by
+/// another tool).
+fn ask_the_pool(older: &Path, source: &Device, layout: &Layout, rep: &Reporter) -> Result<Changed, String> {
+    let mut say = |command: &str| rep.log(format_args!("running {command}"));
+    let failed = |why: String| {
+        rep.warn(format_args!("--since {}: {why}; running a plain SYNC", older.display()));
+        why
+    };
+    let delta = match thin::live_delta(older, source.path(), &mut say) {
+        Ok(delta) => delta,
+        Err(ThinError::Premise(why)) => return Err(why),
+        Err(e @ ThinError::Failed(_)) => return Err(failed(e.to_string())),
+    };
+    let changed =
+        changes::read(delta.xml.as_bytes(), "thin_delta's output", layout).map_err(|e| failed(e.to_string()))?;
+    if changed.thin_ids != Some((delta.since_id, delta.source_id)) {
+        return Err(failed(format!(
+            "thin_delta compared thin devices {:?}, not {} and {}",
+            changed.thin_ids, delta.since_id, delta.source_id
+        )));
+    }
+    if changed.block_bytes != Some(delta.block_sectors * 512) {
+        return Err(failed(format!(
+            "thin_delta's block size {:?} bytes is not the pool's {} sectors",
+            changed.block_bytes, delta.block_sectors
+        )));
+    }
+    Ok(changed)
 }
 
 /// Reads `--changed-ranges FILE`; an error names the file and where in it.
