@@ -14,6 +14,7 @@ pub mod digest_index;
 pub mod endpoint;
 pub mod engine;
 pub mod hash;
+pub mod json;
 pub mod leaf_reader;
 pub mod lease;
 pub mod link;

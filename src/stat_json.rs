@@ -2,6 +2,7 @@
 //! object, for monitoring. Its fields are documented in `docs/usage.md` ("--stat=json");
 //! a field is only ever added, never renamed or given another meaning.
 
+use crate::json;
 use crate::report::Stats;
 
 /// What a run was, beside its figures: the JSON object says it, so that a monitor needs
@@ -26,7 +27,7 @@ pub fn render(stats: &Stats, facts: &RunFacts, exit_code: i32, error: Option<&st
         Some(_) => (0, stats.bytes_written),
         None => (0, 0),
     };
-    let object = serde_json::json!({
+    let object = json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "command": facts.command,
         "action": facts.action,
@@ -55,7 +56,7 @@ pub fn render(stats: &Stats, facts: &RunFacts, exit_code: i32, error: Option<&st
         "remote_written_bytes": remote_written,
         "tree_nodes_compared": stats.nodes_compared,
     });
-    format!("{object}\n")
+    format!("{}\n", json::render(&object))
 }
 
 #[cfg(test)]
@@ -84,7 +85,7 @@ mod tests {
         let facts = RunFacts { command: "run", action: Some("PULL"), mode: Some("SYNC"), recheck: false };
         let text = render(&stats, &facts, 2, Some("it broke"));
         assert!(text.ends_with("}\n") && text.matches('\n').count() == 1, "{text}");
-        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let v: json::Value = json::parse(&text).expect("valid JSON");
         assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
         assert_eq!((v["exit_code"].as_i64(), v["error"].as_str()), (Some(2), Some("it broke")));
         assert_eq!(
@@ -96,8 +97,7 @@ mod tests {
         assert_eq!((v["local_written_bytes"].as_u64(), v["remote_written_bytes"].as_u64()), (Some(12288), Some(0)));
         assert_eq!(v["effective_bandwidth_bytes_per_second"].as_f64(), Some((1u64 << 20) as f64 / 1.5));
         let local = Stats { over_ssh: false, blocks_sent: 0, data_sent: 0, zeros_sent: 0, bytes_written: 0, ..stats };
-        let v: serde_json::Value =
-            serde_json::from_str(&render(&local, &RunFacts::default(), 0, None)).expect("valid JSON");
+        let v: json::Value = json::parse(&render(&local, &RunFacts::default(), 0, None)).expect("valid JSON");
         assert!(v["real_bandwidth_bytes_per_second"].is_null() && v["effective_bandwidth_bytes_per_second"].is_null());
         assert!(v["error"].is_null() && v["action"].is_null());
         assert_eq!(v["link"], "pipe");
