@@ -4,8 +4,12 @@
 //! fresh, the trees are walked instead, one round trip per level, and nothing that is
 //! equal is ever read.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::window::{Comparison, Ctx, WINDOW, Window};
 use super::{Direction, Fault};
+use crate::device::Device;
+use crate::digest_index::DigestIndex;
 use crate::hash::Digest;
 use crate::leaf_reader::{self, Buf, Data, Leaf};
 use crate::tree::{leaf_digest, zero_leaf_digest};
@@ -76,6 +80,35 @@ pub fn run_first(ctx: Ctx<'_>, purpose: Purpose, leaves: u64) -> Result<Comparis
         }
         Ok(w.out)
     })
+}
+
+/// Reads and digests the local device's unknown leaves, in order, into `index` until
+/// `enough` is set (the endpoint is connected): the seconds an SSH connection takes to
+/// set up are spent hashing, and the comparison then skips what is known. Returns the
+/// leaves learnt; a read error only stops it (the comparison meets it again).
+pub fn hash_ahead(local: &Device, index: &mut DigestIndex, enough: &AtomicBool) -> u64 {
+    let layout = *index.layout();
+    let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| index.leaf(i).is_some()).collect();
+    let mut learnt = 0;
+    std::thread::scope(|scope| {
+        let leaves =
+            leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| match data {
+                Data::Skipped => None,
+                Data::Zero => Some(zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer))),
+                Data::Read(data) => Some(leaf_digest(&layout, &data)),
+            });
+        for leaf in leaves {
+            if enough.load(Ordering::Acquire) {
+                break;
+            }
+            let Ok(leaf) = leaf else { break };
+            if let Some((d, pieces)) = leaf.value {
+                index.learn(leaf.index, &d, &pieces);
+                learnt += 1;
+            }
+        }
+    });
+    learnt
 }
 
 /// One leaf of a full comparison: ours (read or known) against theirs.

@@ -197,7 +197,7 @@ impl Session<'_> {
             known_zero: plan.destination_is_zero,
         };
         let req = self.open_request(access, plan.params.codec, plan.remote_state.clone());
-        self.endpoint()?;
+        self.connect_hashing(&local, &mut index, since.is_none())?;
         self.interrupts.receiver_may_change(&self.receiver_name(Direction::Push));
         let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
         if opened.created {
@@ -210,6 +210,30 @@ impl Session<'_> {
         let renewed = opened.created || opened.resized;
         let basis = self.prepare_bitmap(found, renewed, Direction::Push, out)?;
         Ok(Ends { local, index, len, remote_state: opened.state, basis, renewed })
+    }
+
+    /// Connects the endpoint. For a SYNC over SSH whose local source has unknown leaves
+    /// (and no `--since` or bitmap decides what is read), the source is hashed meanwhile
+    /// on other threads: setting up the connection takes a good part of a second.
+    fn connect_hashing(&mut self, local: &Device, index: &mut DigestIndex, may_read: bool) -> Result<(), Error> {
+        let plan = self.plan;
+        let worth = matches!(plan.transport, Transport::Ssh(_))
+            && plan.action.is_some_and(|(_, m)| m == Mode::Sync)
+            && plan.bitmap.is_none()
+            && may_read
+            && !index.fresh();
+        if !worth {
+            return self.endpoint().map(|_| ());
+        }
+        let enough = std::sync::atomic::AtomicBool::new(false);
+        let (connected, learnt) = std::thread::scope(|scope| {
+            let hasher = scope.spawn(|| compare::hash_ahead(local, index, &enough));
+            let connected = self.endpoint().map(|_| ());
+            enough.store(true, std::sync::atomic::Ordering::Release);
+            (connected, hasher.join().unwrap_or(0))
+        });
+        self.rep.debug(format_args!("{learnt} blocks hashed while connecting"));
+        connected
     }
 
     /// PULL: the remote source and the bitmap first, then the local receiver.
