@@ -66,7 +66,9 @@ pub(super) fn prepare(
         Err(e) => return fallback(format!("its state cannot be used ({e})")),
     };
     if !index.fresh() {
-        return fallback(format!("its {}", index.note()));
+        // Its note is written for a run that rebuilds the state; this one only reads it.
+        let note = index.note().replace(", building it", "").replace("; rebuilding it", "");
+        return fallback(format!("its {note}"));
     }
     let changed = match from_file {
         Some(changed) => changed,
