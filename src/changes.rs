@@ -171,21 +171,11 @@ fn ranges_file(input: impl BufRead, name: &str, marks: &mut Marks) -> Result<(),
         let fields: Vec<&str> = line.split_ascii_whitespace().collect();
         let (offset, len) = match fields[..] {
             [] => continue,
-            [o, l] => match (number(o), number(l)) {
-                (Some(o), Some(l)) => (o, l),
-                _ => {
-                    return Err(ChangesError {
-                        what: at(),
-                        why: format!("{:?} is not OFFSET LENGTH in bytes", line.trim()),
-                    });
-                }
-            },
-            _ => {
-                return Err(ChangesError {
-                    what: at(),
-                    why: format!("{:?} is not OFFSET LENGTH in bytes", line.trim()),
-                });
-            }
+            [o, l] => (number(o), number(l)),
+            _ => (None, None),
+        };
+        let (Some(offset), Some(len)) = (offset, len) else {
+            return Err(ChangesError { what: at(), why: format!("{:?} is not OFFSET LENGTH in bytes", line.trim()) });
         };
         marks.mark(offset, len).map_err(|why| ChangesError { what: at(), why })?;
     }

@@ -12,7 +12,7 @@ use crate::device::Device;
 use crate::digest_index::DigestIndex;
 use crate::hash::Digest;
 use crate::leaf_reader::{self, Buf, Data, Leaf};
-use crate::tree::{leaf_digest, zero_leaf_digest};
+use crate::tree::{Layout, leaf_digest, zero_leaf_digest};
 
 /// What to do with differing blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,17 +55,12 @@ pub fn run_first(ctx: Ctx<'_>, purpose: Purpose, leaves: u64) -> Result<Comparis
         local.expect_scattered_reads();
     }
     std::thread::scope(|scope| {
-        let mut local_rx = leaf_reader::spawn(scope, local, layout, 0..leaves, skip, move |offset, data| match data {
-            Data::Skipped => Local { read: None, data: None, moved: false },
-            // A hole: its digests are those of zeros, and its data is read again (as the
-            // hole it is) only if it must be sent.
-            Data::Zero => {
-                let zero = zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer));
-                Local { read: Some(zero), data: None, moved: false }
-            }
-            Data::Read(data) => {
-                let (d, pieces) = leaf_digest(&layout, &data);
-                Local { read: Some((d, pieces)), data: keep_data.then_some(data), moved: true }
+        let mut local_rx = leaf_reader::spawn(scope, local, layout, 0..leaves, skip, move |offset, data| {
+            let read = digests_of(&layout, offset, &data);
+            match data {
+                Data::Read(data) => Local { read, data: keep_data.then_some(data), moved: true },
+                // A hole's data is read again (as the hole it is) only if it must be sent.
+                _ => Local { read, data: None, moved: false },
             }
         });
         let mut w = Window::new(ctx, purpose).first_leaves(leaves);
@@ -82,6 +77,16 @@ pub fn run_first(ctx: Ctx<'_>, purpose: Purpose, leaves: u64) -> Result<Comparis
     })
 }
 
+/// The leaf digest and piece digests of what the reader delivered for the leaf at
+/// `offset`: a hole's are those of zeros; `None` for a leaf the index knows.
+fn digests_of(layout: &Layout, offset: u64, data: &Data) -> Option<(Digest, Vec<Digest>)> {
+    match data {
+        Data::Skipped => None,
+        Data::Zero => Some(zero_leaf_digest(layout, layout.leaf_len(offset / layout.buffer))),
+        Data::Read(bytes) => Some(leaf_digest(layout, bytes)),
+    }
+}
+
 /// Reads and digests the local device's unknown leaves, in order, into `index` until
 /// `enough` is set (the endpoint is connected): the seconds an SSH connection takes to
 /// set up are spent hashing, and the comparison then skips what is known. Returns the
@@ -91,12 +96,9 @@ pub fn hash_ahead(local: &Device, index: &mut DigestIndex, enough: &AtomicBool) 
     let skip: Vec<bool> = (0..layout.leaf_count()).map(|i| index.leaf(i).is_some()).collect();
     let mut learnt = 0;
     std::thread::scope(|scope| {
-        let leaves =
-            leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| match data {
-                Data::Skipped => None,
-                Data::Zero => Some(zero_leaf_digest(&layout, layout.leaf_len(offset / layout.buffer))),
-                Data::Read(data) => Some(leaf_digest(&layout, &data)),
-            });
+        let leaves = leaf_reader::spawn(scope, local, layout, 0..layout.leaf_count(), skip, move |offset, data| {
+            digests_of(&layout, offset, &data)
+        });
         for leaf in leaves {
             if enough.load(Ordering::Acquire) {
                 break;

@@ -20,10 +20,8 @@ impl Session<'_> {
         let plan = self.plan;
         let local = Device::open_read(&plan.local, Side::Local).map_err(|e| Fault::from(e).refused())?;
         self.refuse_same_device(&local)?;
-        let since = match &plan.since {
-            Some(s) => since::prepare(s, &local, layout(&plan.params, local.size()), plan.state.trust, self.rep)?,
-            None => None,
-        };
+        let layout_now = layout(&plan.params, local.size());
+        let since = since::prepare(plan.since.as_ref(), &local, layout_now, plan.state.trust, self.rep)?;
         let req = self.open_request(Access::Inspect, Codec::None, plan.remote_state.clone());
         let opened = self.endpoint()?.open(req).map_err(|e| Fault::from(e).refused())?;
         let (source_size, receiver_size) = match dir {

@@ -184,10 +184,7 @@ impl Session<'_> {
             return Err(empty(Side::Local, &plan.local));
         }
         let mut index = local_index(&local, &plan.params, len, &plan.state, self.rep)?;
-        let since = match &plan.since {
-            Some(s) => since::prepare(s, &local, *index.layout(), plan.state.trust, self.rep)?,
-            None => None,
-        };
+        let since = since::prepare(plan.since.as_ref(), &local, *index.layout(), plan.state.trust, self.rep)?;
         let found = self.find_bitmap(len, Direction::Push)?;
         let access = Access::Write {
             source_size: len,
@@ -230,8 +227,9 @@ impl Session<'_> {
             let hasher = scope.spawn(|| compare::hash_ahead(local, index, &enough));
             let connected = self.endpoint().map(|_| ());
             enough.store(true, std::sync::atomic::Ordering::Release);
-            (connected, hasher.join().unwrap_or(0))
+            (connected, hasher.join())
         });
+        let learnt = learnt.map_err(|_| Fault::Internal("hashing while connecting panicked").refused())?;
         self.rep.debug(format_args!("{learnt} blocks hashed while connecting"));
         connected
     }
@@ -351,18 +349,17 @@ impl Session<'_> {
         let Session { rep, stats, ep, .. } = self;
         let (rep, ep) = (&**rep, ep.as_mut().ok_or(Fault::Internal("no endpoint"))?);
         let role = if dir == Direction::Pull { Role::Receiver } else { Role::Read };
-        let ctx = Ctx { local, index, ep, params, rep };
+        let mut ctx = Ctx { local, index, ep, params, rep };
         let c = match (mode, basis.as_ref(), bitmap.as_mut()) {
             (Mode::Copy, ..) if resume > 0 => {
                 rep.phase("comparing");
-                let Ctx { local, index, ep, params, rep } = ctx;
-                let prefix = compare::run_first(Ctx { local, index, ep, params, rep }, Purpose::Sync(dir), resume)?;
+                let prefix = compare::run_first(ctx.reborrow(), Purpose::Sync(dir), resume)?;
                 rep.log(format_args!(
                     "{} of those {resume} blocks differed; copying from block {resume} on",
                     prefix.differing
                 ));
                 rep.phase("sending");
-                let written = copy::run(Ctx { local, index, ep, params, rep }, dir, resume)?;
+                let written = copy::run(ctx, dir, resume)?;
                 Comparison { written: prefix.written + written, ..prefix }
             }
             (Mode::Copy, ..) => Comparison { written: copy::run(ctx, dir, 0)?, ..Comparison::default() },

@@ -34,15 +34,16 @@ pub(super) struct Since {
 }
 
 /// The local part, before the receiver is opened: reads the changes (a bad list is an
-/// error, exit 1) and checks OLDER and its state. `Ok(None)`, said in `--verbose`, if a
-/// premise fails and the run goes on as a plain SYNC.
+/// error, exit 1) and checks OLDER and its state. `Ok(None)` without `--since`, and,
+/// said in `--verbose`, if a premise fails and the run goes on as a plain SYNC.
 pub(super) fn prepare(
-    plan: &SincePlan,
+    plan: Option<&SincePlan>,
     source: &Device,
     layout: Layout,
     trust: bool,
     rep: &Reporter,
 ) -> Result<Option<Since>, Error> {
+    let Some(plan) = plan else { return Ok(None) };
     let name = format!("--since {}", plan.device.display());
     let refuse = |why: String| Error::Refused(Box::new(Fault::Since(format!("{name}: {why}"))));
     let older = Device::open_read(&plan.device, Side::Local).map_err(|e| refuse(e.problem.to_string()))?;

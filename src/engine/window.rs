@@ -33,6 +33,11 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The same context, lent for one phase of a run (the next phase takes it back).
+    pub fn reborrow(&mut self) -> Ctx<'_> {
+        Ctx { local: self.local, index: &mut *self.index, ep: &mut *self.ep, params: self.params, rep: self.rep }
+    }
+
     /// The leaves of the run (its length is the layout's device size).
     pub fn layout(&self) -> Layout {
         *self.index.layout()
