@@ -25,7 +25,8 @@ use crate::ssh::Target;
 /// Where the far endpoint runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// `basyn serve` as a child process on this machine.
+    /// `basyn serve` on this machine: on a thread of this process (a child process
+    /// over pipes under `--bwlimit`).
     Local,
     /// `basyn serve` on another host, over SSH.
     Ssh(Target),
@@ -149,6 +150,8 @@ pub struct Endpoint {
     /// Bytes of device data that crossed to the receiver: as data, and as zero tokens.
     moved: (u64, u64),
     finished: bool,
+    /// The endpoint runs on a thread of this process.
+    in_process: bool,
 }
 
 impl Endpoint {
@@ -163,6 +166,18 @@ impl Endpoint {
         log: &dyn Fn(String),
     ) -> Result<Endpoint, EndpointError> {
         let link = match transport {
+            // On a thread of this process, frames handed over whole; a rate cap needs a
+            // byte stream to pace, which a child's pipes are.
+            Transport::Local if bwlimit.is_none() => {
+                let (requests, replies, process) = crate::serve::start_on_a_thread(device)?;
+                let (tx, rx) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+                let reader = FrameReader::<std::io::Empty>::queued(replies, rx.clone());
+                let writer = FrameWriter::queued(requests, tx.clone());
+                let label = format!("remote {}", device.display());
+                let mut ep = Endpoint::assemble((reader, writer), process, label, timeout, (tx, rx))?;
+                ep.in_process = true;
+                return Ok(ep);
+            }
             Transport::Local => Link::local_child(device)?,
             Transport::Ssh(target) => crate::ssh::connect(target, device, log)?,
         };
@@ -184,6 +199,19 @@ impl Endpoint {
         let rx = Arc::new(Counter::default());
         let Link { reader, writer, process, label } = link;
         let frames = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, reader), rx.clone());
+        let writer = FrameWriter::new(BufWriter::with_capacity(1 << 20, writer), tx.clone());
+        Endpoint::assemble((frames, writer), process, label, timeout, (tx, rx))
+    }
+
+    /// Handshakes over `frames` (replies, requests); `counters` count their bytes (sent,
+    /// received).
+    fn assemble<R: std::io::Read + Send + 'static>(
+        (frames, writer): (FrameReader<R>, FrameWriter<BufWriter<Box<dyn Write + Send>>>),
+        process: Box<dyn Process>,
+        label: String,
+        timeout: Option<Duration>,
+        (tx, rx): (Arc<Counter>, Arc<Counter>),
+    ) -> Result<Endpoint, EndpointError> {
         let (send, replies) = mpsc::channel();
         let reader = std::thread::Builder::new()
             .name("basyn-replies".into())
@@ -204,7 +232,7 @@ impl Endpoint {
             None => None,
         };
         let mut ep = Endpoint {
-            writer: Some(FrameWriter::new(BufWriter::with_capacity(1 << 20, writer), tx.clone())),
+            writer: Some(writer),
             replies,
             reader: Some(reader),
             process,
@@ -217,6 +245,7 @@ impl Endpoint {
             rx,
             moved: (0, 0),
             finished: false,
+            in_process: false,
         };
         let hello = Message::Hello { version: u32::from(VERSION), features: FEATURES };
         let sent = ep.writer_mut().and_then(|w| w.start().and_then(|()| w.message(hello)).map_err(ProtocolError::from));
@@ -233,6 +262,12 @@ impl Endpoint {
             }
             other => Err(ep.unexpected(Frame::Control(other), "the handshake")),
         }
+    }
+
+    /// True if the endpoint runs on a thread of this process (a local run): its memory
+    /// and the client's are one process's.
+    pub fn in_process(&self) -> bool {
+        self.in_process
     }
 
     /// The far device as messages name it.
@@ -328,7 +363,7 @@ impl Endpoint {
     /// Sends data for the endpoint's device to verify and write (no reply).
     pub fn write(&mut self, block: BlockFrame) -> Result<(), EndpointError> {
         self.count(&block);
-        self.send(&Frame::Block(block))
+        self.send_owned(Frame::Block(block))
     }
 
     /// Asks the endpoint to make every write durable and checkpoint its state; the reply
@@ -377,6 +412,12 @@ impl Endpoint {
     /// Queues a frame (flushed before the next wait for a reply).
     fn send(&mut self, frame: &Frame) -> Result<(), EndpointError> {
         let sent = self.writer_mut().and_then(|w| w.send(frame).map_err(ProtocolError::from));
+        sent.map_err(|e| self.fail("sending", e))
+    }
+
+    /// [`Endpoint::send`] of a frame a local endpoint may take as it is.
+    fn send_owned(&mut self, frame: Frame) -> Result<(), EndpointError> {
+        let sent = self.writer_mut().and_then(|w| w.send_owned(frame).map_err(ProtocolError::from));
         sent.map_err(|e| self.fail("sending", e))
     }
 

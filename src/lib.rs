@@ -22,6 +22,7 @@ pub mod occupancy;
 pub mod ordered;
 pub mod piece_table;
 pub mod protocol;
+pub mod queue;
 pub mod report;
 pub mod restrict;
 pub mod serve;

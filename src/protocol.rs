@@ -316,6 +316,41 @@ impl Frame {
             Frame::Digests(d) => format!("digest list of {} bytes", d.len()),
         }
     }
+
+    /// The frame's kind and the bytes of its body on a stream, checked against that
+    /// kind's limit as a reader of the stream checks it: a frame handed over whole
+    /// meets the same limits as one that crosses the wire.
+    fn body_len(&self) -> io::Result<usize> {
+        let (kind, len) = match self {
+            Frame::Control(m) => {
+                (KIND_CONTROL, postcard::to_stdvec(m).map_err(|e| io::Error::other(e.to_string()))?.len())
+            }
+            Frame::Block(b) => {
+                let digests = match &b.check {
+                    Check::None => &[][..],
+                    Check::Leaves(d) | Check::Pieces { digests: d, .. } => &d[..],
+                };
+                let digest_bytes: usize = digests.iter().map(|d| d.as_bytes().len()).sum();
+                (KIND_BLOCK, BLOCK_HEADER + digest_bytes + b.payload.len())
+            }
+            Frame::Digests(d) => (KIND_DIGESTS, d.len()),
+        };
+        let max = max_body(kind).unwrap_or(0);
+        if len > max {
+            return Err(io::Error::other(ProtocolError::TooLong { kind, len, max }));
+        }
+        Ok(len)
+    }
+}
+
+/// The largest body a frame of `kind` may have; `None` for an unknown kind.
+fn max_body(kind: u8) -> Option<usize> {
+    match kind {
+        KIND_CONTROL => Some(MAX_CONTROL),
+        KIND_BLOCK => Some(MAX_BLOCK + BLOCK_HEADER + MAX_DIGESTS),
+        KIND_DIGESTS => Some(MAX_DIGESTS),
+        _ => None,
+    }
 }
 
 /// A broken stream or a frame that breaks the protocol.
@@ -402,28 +437,71 @@ impl Counter {
     }
 }
 
-/// Writes frames to a byte stream, counting bytes.
+/// Frames that a local endpoint's thread and the client hand each other whole.
+pub type FrameQueue = (crate::queue::Sender<Frame>, crate::queue::Receiver<Frame>);
+
+/// Writes frames to a byte stream, counting bytes; or, between two threads of this
+/// process, hands them over whole (counting the bytes they would take on a stream).
 pub struct FrameWriter<W: Write> {
-    inner: W,
+    out: Out<W>,
     count: Arc<Counter>,
+}
+
+enum Out<W> {
+    Stream(W),
+    Queue(crate::queue::Sender<Frame>),
 }
 
 impl<W: Write> FrameWriter<W> {
     /// Wraps `inner`; call [`FrameWriter::start`] first.
     pub fn new(inner: W, count: Arc<Counter>) -> Self {
-        FrameWriter { inner, count }
+        FrameWriter { out: Out::Stream(inner), count }
     }
 
-    /// Writes the preamble: magic and version.
+    /// Hands frames to `queue`, to a reader on another thread of this process.
+    pub fn queued(queue: crate::queue::Sender<Frame>, count: Arc<Counter>) -> Self {
+        FrameWriter { out: Out::Queue(queue), count }
+    }
+
+    /// Writes the preamble: magic and version (a queue needs none: both ends are this
+    /// build).
     pub fn start(&mut self) -> io::Result<()> {
-        self.inner.write_all(&MAGIC)?;
-        self.inner.write_all(&VERSION.to_be_bytes())?;
         self.count.add(PREAMBLE);
-        self.inner.flush()
+        match &mut self.out {
+            Out::Stream(w) => {
+                w.write_all(&MAGIC)?;
+                w.write_all(&VERSION.to_be_bytes())?;
+                w.flush()
+            }
+            Out::Queue(_) => Ok(()),
+        }
     }
 
     /// Writes one frame (buffered; see [`FrameWriter::flush`]).
     pub fn send(&mut self, frame: &Frame) -> io::Result<()> {
+        match &mut self.out {
+            Out::Stream(_) => self.encode(frame),
+            Out::Queue(_) => self.hand_over(frame.clone()),
+        }
+    }
+
+    /// Like [`FrameWriter::send`], but a queue takes the frame as it is, data and all.
+    pub fn send_owned(&mut self, frame: Frame) -> io::Result<()> {
+        match &mut self.out {
+            Out::Stream(_) => self.encode(&frame),
+            Out::Queue(_) => self.hand_over(frame),
+        }
+    }
+
+    fn hand_over(&mut self, frame: Frame) -> io::Result<()> {
+        let Out::Queue(q) = &mut self.out else { return self.encode(&frame) };
+        let len = FRAME_HEADER + frame.body_len()?;
+        q.send(frame, len).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        self.count.add(len);
+        Ok(())
+    }
+
+    fn encode(&mut self, frame: &Frame) -> io::Result<()> {
         match frame {
             Frame::Control(m) => {
                 let body = postcard::to_stdvec(m).map_err(|e| io::Error::other(e.to_string()))?;
@@ -455,19 +533,20 @@ impl<W: Write> FrameWriter<W> {
 
     /// Sends a control message and flushes.
     pub fn message(&mut self, m: Message) -> io::Result<()> {
-        self.send(&Frame::Control(m))?;
+        self.send_owned(Frame::Control(m))?;
         self.flush()
     }
 
     fn raw(&mut self, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
+        let Out::Stream(w) = &mut self.out else { return Err(io::Error::other("raw bytes into a frame queue")) };
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let len32 = u32::try_from(len).map_err(|_| io::Error::other("frame too long"))?;
         let mut head = [0u8; FRAME_HEADER];
         head[0] = kind;
         head[1..].copy_from_slice(&len32.to_le_bytes());
-        self.inner.write_all(&head)?;
+        w.write_all(&head)?;
         for p in parts {
-            self.inner.write_all(p)?;
+            w.write_all(p)?;
         }
         self.count.add(FRAME_HEADER + len);
         Ok(())
@@ -475,27 +554,47 @@ impl<W: Write> FrameWriter<W> {
 
     /// Flushes buffered frames to the stream.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        match &mut self.out {
+            Out::Stream(w) => w.flush(),
+            Out::Queue(_) => Ok(()),
+        }
     }
 }
 
 /// Reads frames from a byte stream, checking every limit before allocating.
 pub struct FrameReader<R: Read> {
-    inner: R,
+    inner: In<R>,
     count: Arc<Counter>,
+}
+
+enum In<R> {
+    Stream(R),
+    Queue(crate::queue::Receiver<Frame>),
 }
 
 impl<R: Read> FrameReader<R> {
     /// Wraps `inner`; call [`FrameReader::start`] first.
     pub fn new(inner: R, count: Arc<Counter>) -> Self {
-        FrameReader { inner, count }
+        FrameReader { inner: In::Stream(inner), count }
+    }
+
+    /// Takes frames whole from `queue`, from a writer on another thread of this process.
+    pub fn queued(queue: crate::queue::Receiver<Frame>, count: Arc<Counter>) -> Self {
+        FrameReader { inner: In::Queue(queue), count }
     }
 
     /// Reads and checks the preamble: the magic, then the version, so that another
     /// version of basyn is named as such.
     pub fn start(&mut self) -> Result<(), ProtocolError> {
+        let inner = match &mut self.inner {
+            In::Stream(r) => r,
+            In::Queue(_) => {
+                self.count.add(PREAMBLE);
+                return Ok(());
+            }
+        };
         let mut got = Vec::with_capacity(PREAMBLE);
-        (&mut self.inner).take(PREAMBLE as u64).read_to_end(&mut got)?;
+        inner.take(PREAMBLE as u64).read_to_end(&mut got)?;
         self.count.add(got.len());
         if got.is_empty() {
             return Err(ProtocolError::Closed);
@@ -512,20 +611,23 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads the next frame; `Ok(None)` on a clean end of stream between frames.
     pub fn recv(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        let inner = match &mut self.inner {
+            In::Stream(r) => r,
+            In::Queue(q) => {
+                let Some(frame) = q.recv() else { return Ok(None) };
+                self.count.add(FRAME_HEADER + frame.body_len()?);
+                return Ok(Some(frame));
+            }
+        };
         let mut head = [0u8; FRAME_HEADER];
-        match read_full(&mut self.inner, &mut head)? {
+        match read_full(inner, &mut head)? {
             0 => return Ok(None),
             FRAME_HEADER => {}
             _ => return Err(ProtocolError::Closed),
         }
         let kind = head[0];
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let max = match kind {
-            KIND_CONTROL => MAX_CONTROL,
-            KIND_BLOCK => MAX_BLOCK + BLOCK_HEADER + MAX_DIGESTS,
-            KIND_DIGESTS => MAX_DIGESTS,
-            other => return Err(ProtocolError::BadKind(other)),
-        };
+        let max = max_body(kind).ok_or(ProtocolError::BadKind(kind))?;
         if len > max {
             return Err(ProtocolError::TooLong { kind, len, max });
         }
@@ -533,14 +635,14 @@ impl<R: Read> FrameReader<R> {
             // The header and digests first, then the payload straight into a buffer of
             // its own: a block's data is not copied out of the frame again.
             let mut meta = vec![0u8; BLOCK_HEADER];
-            if read_full(&mut self.inner, &mut meta)? != BLOCK_HEADER {
+            if read_full(inner, &mut meta)? != BLOCK_HEADER {
                 return Err(ProtocolError::Closed);
             }
             let digests = block_digests_len(&meta)?.min(len - BLOCK_HEADER);
             meta.resize(BLOCK_HEADER + digests, 0);
             let mut payload = vec![0u8; len - meta.len()];
-            if read_full(&mut self.inner, &mut meta[BLOCK_HEADER..])? != digests
-                || read_full(&mut self.inner, &mut payload)? != payload.len()
+            if read_full(inner, &mut meta[BLOCK_HEADER..])? != digests
+                || read_full(inner, &mut payload)? != payload.len()
             {
                 return Err(ProtocolError::Closed);
             }
@@ -548,7 +650,7 @@ impl<R: Read> FrameReader<R> {
             return decode_block(&meta, payload).map(|b| Some(Frame::Block(b)));
         }
         let mut body = vec![0u8; len];
-        if read_full(&mut self.inner, &mut body)? != len {
+        if read_full(inner, &mut body)? != len {
             return Err(ProtocolError::Closed);
         }
         self.count.add(FRAME_HEADER + len);
@@ -704,6 +806,44 @@ mod tests {
             Frame::Digests(vec![1, 2, 3, 4]),
         ];
         assert_eq!(round_trip(&frames), frames);
+    }
+
+    #[test]
+    fn frames_handed_over_whole_arrive_as_sent_and_count_as_on_a_stream() {
+        let frames = golden_session();
+        let mut bytes = Vec::new();
+        let streamed = Arc::new(Counter::default());
+        let mut w = FrameWriter::new(&mut bytes, streamed.clone());
+        w.start().unwrap();
+        for f in &frames {
+            w.send(f).unwrap();
+        }
+        let (tx, rx, _) = crate::queue::bounded(1 << 20);
+        let (sent, received) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+        let mut w = FrameWriter::<std::io::Sink>::queued(tx, sent.clone());
+        let mut r = FrameReader::<std::io::Empty>::queued(rx, received.clone());
+        w.start().unwrap();
+        r.start().unwrap();
+        let mut got = Vec::new();
+        for f in frames.clone() {
+            w.send_owned(f).unwrap();
+            got.push(r.recv().unwrap().unwrap());
+        }
+        drop(w);
+        assert!(r.recv().unwrap().is_none(), "the writer's end is the stream's end");
+        assert_eq!(got, frames);
+        assert_eq!(sent.get(), bytes.len() as u64);
+        assert_eq!(received.get(), bytes.len() as u64);
+    }
+
+    #[test]
+    fn a_handed_over_frame_meets_the_stream_limits() {
+        let (tx, _rx, _) = crate::queue::bounded(1 << 20);
+        let mut w = FrameWriter::<std::io::Sink>::queued(tx, Arc::default());
+        let too_long = Frame::Control(Message::Abort { code: AbortCode::Failed, message: "x".repeat(MAX_CONTROL) });
+        let e = w.send_owned(too_long).unwrap_err();
+        assert!(e.to_string().contains("more than the limit"), "{e}");
+        assert!(w.send_owned(Frame::Digests(vec![0; MAX_DIGESTS + 1])).is_err());
     }
 
     /// A version-5 session whose encoding must never change (`fixtures/protocol/`).

@@ -3,7 +3,10 @@
 //! command line and that device's state file. `work`: what a session does on worker
 //! threads (checking blocks, answering reads) and the digests it answers.
 
+mod thread;
 mod work;
+
+pub use thread::start as start_on_a_thread;
 
 use work::{Answers, Checking, Learnt, ReadJob, check_block, digest_range, plain_digests, send_replies};
 
@@ -77,8 +80,15 @@ fn invalid(what: String, doing: &'static str) -> Abort {
 /// [`HEARTBEAT`], so that the client can tell a server busy on a slow disk from one that
 /// is stopped or cut off.
 pub fn serve(config: &Config, input: impl Read, output: impl Write + Send) -> i32 {
-    let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, input), Arc::new(Counter::default()));
-    let w = Mutex::new(FrameWriter::new(BufWriter::with_capacity(1 << 20, output), Arc::new(Counter::default())));
+    let r = FrameReader::new(BufReader::with_capacity(1 << 20, input), Arc::new(Counter::default()));
+    let w = FrameWriter::new(BufWriter::with_capacity(1 << 20, output), Arc::new(Counter::default()));
+    serve_frames(config, r, w)
+}
+
+/// [`serve`] over frames, from a stream or handed over whole by a client on another
+/// thread of this process ([`crate::endpoint::Endpoint::connect`] for a local run).
+pub fn serve_frames<R: Read, W: Write + Send>(config: &Config, mut r: FrameReader<R>, w: FrameWriter<W>) -> i32 {
+    let w = Mutex::new(w);
     let result = std::thread::scope(|scope| {
         {
             let mut w = lock(&w);
@@ -172,7 +182,7 @@ fn session<R: Read, W: Write + Send>(
             if let Some(reply) = server.handle(frame)? {
                 let close = matches!(reply, Frame::Control(Message::Closed(_)));
                 let mut w = lock(w);
-                w.send(&reply)?;
+                w.send_owned(reply)?;
                 w.flush()?;
                 if close {
                     return Ok(());

@@ -98,7 +98,7 @@ pub(super) fn send_replies<W: Write>(
             Ok(_) if failed => Ok(Vec::new()),
             Ok((reply, leaves)) => {
                 let mut w = lock(w);
-                w.send(&reply).and_then(|()| w.flush()).map(|()| leaves).map_err(Abort::from)
+                w.send_owned(reply).and_then(|()| w.flush()).map(|()| leaves).map_err(Abort::from)
             }
             Err(e) => Err(Abort::from(e)),
         };
