@@ -113,6 +113,11 @@ impl BlockFrame {
         BlockFrame { offset, raw_len: data.len() as u32, codec: pc, check, payload }
     }
 
+    /// `data` at `offset` as it is, uncompressed (the caller knows it is not all zero).
+    pub fn raw(offset: u64, data: Vec<u8>, check: Check) -> BlockFrame {
+        BlockFrame { offset, raw_len: data.len() as u32, codec: PayloadCodec::Raw, check, payload: data }
+    }
+
     /// A run of `len` zeros at `offset`, to be checked against `check`: a token, no data.
     pub fn zeros(offset: u64, len: u32, check: Check) -> BlockFrame {
         BlockFrame { offset, raw_len: len, codec: PayloadCodec::Zero, check, payload: Vec::new() }
@@ -199,6 +204,15 @@ impl VerifiedBlock {
     /// The bytes, unless the block is a run of zeros (`None`).
     pub fn bytes(&self) -> Option<&[u8]> {
         match &self.data {
+            Data::Bytes(b) => Some(b),
+            Data::Zero(_) => None,
+        }
+    }
+
+    /// The bytes as a vector, unless the block is a run of zeros: once written, what
+    /// the buffer is worth again.
+    pub fn into_bytes(self) -> Option<Vec<u8>> {
+        match self.data {
             Data::Bytes(b) => Some(b),
             Data::Zero(_) => None,
         }

@@ -11,6 +11,7 @@
 //! fresh pages for every leaf.
 
 use std::ops::{Deref, Range};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::Scope;
@@ -20,8 +21,10 @@ use crate::tree::Layout;
 
 /// Leaves read ahead of the consumer, over all workers.
 pub const DEPTH: usize = 4;
-/// Idle buffers a pool keeps at most.
-const MAX_IDLE: usize = 64;
+/// Idle buffers the pool keeps at most: about what one pass holds at its peak (workers
+/// reading, [`DEPTH`] ahead, one being used), so that idle buffers never add much to what
+/// was live.
+const MAX_IDLE: usize = 8;
 /// Most worker threads one reader uses.
 const MAX_WORKERS: usize = 4;
 
@@ -31,13 +34,26 @@ pub fn workers() -> usize {
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WORKERS))
 }
 
-/// Idle buffers kept for reuse.
-#[derive(Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
+/// Idle buffers kept for reuse, by every reader of the process: a buffer that carried a
+/// leaf's data to the writer of a local run (moved, not copied) comes back here too.
+/// Only buffers that can hold the largest leaf read so far are kept, so that the pool
+/// does not fill with the odd-sized parts of leaves.
+struct Pool {
+    idle: Mutex<Vec<Vec<u8>>>,
+    largest: AtomicUsize,
+}
+
+/// The process's pool.
+static POOL: Pool = Pool { idle: Mutex::new(Vec::new()), largest: AtomicUsize::new(0) };
 
 impl Pool {
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut buf = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        self.largest.fetch_max(len, Ordering::Relaxed);
+        let mut buf = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        if buf.capacity() < len {
+            // Growing would copy what it holds for nothing.
+            buf = Vec::new();
+        }
         // Every byte is overwritten by the read: only a first use pays for zeroing.
         buf.resize(len, 0);
         buf
@@ -47,18 +63,40 @@ impl Pool {
         // Consumers hand buffers back in bursts (a window of replies at once): keeping
         // them all costs no more than the peak that was live, and spares faulting in
         // fresh pages for the next burst.
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if buf.capacity() < self.largest.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(buf);
         }
     }
 }
 
-/// A leaf's bytes (or part of them), in a buffer that goes back to its reader's pool
-/// when dropped.
+/// Gives a buffer that held a leaf's data (a block's, once written) back to the pool.
+pub fn recycle(buf: Vec<u8>) {
+    POOL.give(buf);
+}
+
+/// A buffer of `len` bytes from the pool, for a read that is not a pass (a server's
+/// answer to a read request); [`recycle`] gives it back.
+pub fn buffer(len: usize) -> Vec<u8> {
+    POOL.take(len)
+}
+
+/// A leaf's bytes (or part of them), in a buffer that goes back to the pool when dropped.
 pub struct Buf {
     bytes: Vec<u8>,
-    pool: Option<Arc<Pool>>,
+    pooled: bool,
+}
+
+impl Buf {
+    /// The bytes as a vector of their own, to be moved on (into a block), not copied;
+    /// [`recycle`] gives it back once it is done with.
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.pooled = false;
+        std::mem::take(&mut self.bytes)
+    }
 }
 
 impl Deref for Buf {
@@ -71,14 +109,14 @@ impl Deref for Buf {
 impl From<Vec<u8>> for Buf {
     /// A buffer of its own, not pooled.
     fn from(bytes: Vec<u8>) -> Buf {
-        Buf { bytes, pool: None }
+        Buf { bytes, pooled: false }
     }
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            pool.give(std::mem::take(&mut self.bytes));
+        if self.pooled {
+            POOL.give(std::mem::take(&mut self.bytes));
         }
     }
 }
@@ -163,14 +201,12 @@ where
     let depth = DEPTH.div_ceil(k);
     let skip = Arc::new(skip);
     let work = Arc::new(work);
-    let pool = Arc::new(Pool::default());
     let running = Arc::new(std::sync::atomic::AtomicUsize::new(k));
     let mut rxs = Vec::with_capacity(k);
     for t in 0..k {
         let (tx, rx) = sync_channel(depth);
         rxs.push(rx);
-        let (skip, work, pool, running) =
-            (Arc::clone(&skip), Arc::clone(&work), Arc::clone(&pool), Arc::clone(&running));
+        let (skip, work, running) = (Arc::clone(&skip), Arc::clone(&work), Arc::clone(&running));
         let start = leaves.start + t as u64;
         let end = leaves.end;
         scope.spawn(move || {
@@ -185,11 +221,11 @@ where
                     Ok(Leaf { index, offset, len, value: work(offset, Data::Zero) })
                 } else {
                     read = true;
-                    let mut bytes = pool.take(len);
+                    let mut bytes = POOL.take(len);
                     let got = device.read_at(offset, &mut bytes);
                     device.done_with(offset, len as u64);
                     got.map(|()| {
-                        let buf = Buf { bytes, pool: Some(Arc::clone(&pool)) };
+                        let buf = Buf { bytes, pooled: true };
                         Leaf { index, offset, len, value: work(offset, Data::Read(buf)) }
                     })
                 };

@@ -13,11 +13,13 @@ use super::{Direction, Fault};
 use crate::block::{BlockFrame, Check};
 use crate::compress::{Adaptive, Codec, PayloadCodec};
 use crate::hash::is_zero;
-use crate::leaf_reader::{self, Data};
+use crate::leaf_reader::{self, Buf, Data};
 use crate::stamp::Role;
 use crate::tree::{leaf_digest, zero_leaf_digest};
 
-/// Bytes of reads kept in flight for PULL.
+/// Bytes of reads kept in flight for PULL; a quarter of it when the endpoint runs on a
+/// thread of this process: its replies come back at once, and its buffers are this
+/// process's memory.
 const PULL_WINDOW: u64 = 32 << 20;
 
 /// Copies the run's leaves from leaf `from` on in `dir`; returns the bytes written.
@@ -45,7 +47,7 @@ fn push(ctx: Ctx<'_>, from: u64) -> Result<u64, Fault> {
         Data::Read(data) => {
             let digests = track.then(|| leaf_digest(&layout, &data));
             let codec = adaptive.map_or(fixed, Adaptive::codec);
-            (frames(offset, &data, layout.piece() as usize, codec), digests)
+            (frames(offset, data, layout.piece() as usize, codec), digests)
         }
         _ => {
             let len = layout.leaf_len(offset / layout.buffer);
@@ -99,9 +101,10 @@ fn push(ctx: Ctx<'_>, from: u64) -> Result<u64, Fault> {
 }
 
 /// A leaf's data at `offset` as frames: runs of all-zero pieces become zero tokens, the
-/// rest data, so that zeros never cross the wire as bytes.
-fn frames(offset: u64, data: &[u8], piece: usize, codec: Codec) -> Vec<BlockFrame> {
-    let mut out = Vec::new();
+/// rest data, so that zeros never cross the wire as bytes. A leaf sent whole and
+/// uncompressed (a local run's) moves its buffer into the frame instead of copying it.
+fn frames(offset: u64, data: Buf, piece: usize, codec: Codec) -> Vec<BlockFrame> {
+    let mut runs = Vec::new();
     let mut start = 0;
     while start < data.len() {
         let zero = is_zero(&data[start..(start + piece).min(data.len())]);
@@ -109,10 +112,15 @@ fn frames(offset: u64, data: &[u8], piece: usize, codec: Codec) -> Vec<BlockFram
         while end < data.len() && is_zero(&data[end..(end + piece).min(data.len())]) == zero {
             end = (end + piece).min(data.len());
         }
-        out.push(BlockFrame::encode(offset + start as u64, &data[start..end], codec, Check::None));
+        runs.push((start, end, zero));
         start = end;
     }
-    out
+    if let ([(_, _, false)], Codec::None) = (&runs[..], codec) {
+        return vec![BlockFrame::raw(offset, data.into_vec(), Check::None)];
+    }
+    runs.into_iter()
+        .map(|(start, end, _)| BlockFrame::encode(offset + start as u64, &data[start..end], codec, Check::None))
+        .collect()
 }
 
 /// A reply a PULL COPY waits for, in the order asked.
@@ -130,8 +138,9 @@ fn pull(mut ctx: Ctx<'_>, from: u64) -> Result<u64, Fault> {
     let mut next = from;
     let mut written = 0u64;
     let mut checkpoints = Checkpoints::new();
+    let window = if ctx.ep.in_process() { PULL_WINDOW / 4 } else { PULL_WINDOW };
     loop {
-        while next < layout.leaf_count() && (pending.is_empty() || inflight + layout.buffer <= PULL_WINDOW) {
+        while next < layout.leaf_count() && (pending.is_empty() || inflight + layout.buffer <= window) {
             let (offset, len) = layout.leaf_span(next);
             ctx.ep.ask_read(offset, len as u32)?;
             pending.push_back(Awaited::Data { offset, len: len as usize });
@@ -172,11 +181,22 @@ mod tests {
         data[3 * 1024] = 1;
         data[4 * 1024 + 5] = 2;
         data[10 * 1024 - 1] = 3;
-        let f = frames(1 << 20, &data, 1024, Codec::None);
+        let f = frames(1 << 20, Buf::from(data), 1024, Codec::None);
         let shape: Vec<(u64, u32, bool)> =
             f.iter().map(|b| (b.offset - (1 << 20), b.raw_len, b.codec == PayloadCodec::Zero)).collect();
         assert_eq!(shape, vec![(0, 3072, true), (3072, 2048, false), (5120, 4096, true), (9216, 1024, false)]);
-        assert_eq!(frames(0, &[0u8; 5000], 1024, Codec::Zstd(3)).len(), 1);
-        assert!(frames(0, &[], 1024, Codec::None).is_empty());
+        assert_eq!(frames(0, Buf::from(vec![0u8; 5000]), 1024, Codec::Zstd(3)).len(), 1);
+        assert!(frames(0, Buf::from(Vec::new()), 1024, Codec::None).is_empty());
+    }
+
+    #[test]
+    fn a_leaf_of_data_sent_uncompressed_moves_its_buffer_into_the_frame() {
+        let data = vec![7u8; 8192];
+        let at = data.as_ptr();
+        let f = frames(4096, Buf::from(data), 1024, Codec::None);
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].offset, f[0].raw_len, f[0].codec), (4096, 8192, PayloadCodec::Raw));
+        assert_eq!(f[0].payload.as_ptr(), at, "the data was copied");
+        assert_eq!(f[0].payload, vec![7u8; 8192]);
     }
 }

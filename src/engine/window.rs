@@ -53,6 +53,9 @@ impl Ctx<'_> {
             .map_err(|source| Fault::Verify { device: format!("local {}", self.local.path().display()), source })?;
         let issued = self.local.write_at(&block)?;
         self.index.wrote(&block, issued);
+        if let Some(buf) = block.into_bytes() {
+            crate::leaf_reader::recycle(buf);
+        }
         Ok(issued)
     }
 }

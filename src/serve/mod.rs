@@ -163,7 +163,7 @@ fn session<R: Read, W: Write + Send>(
             let frame = match (frame, server.receiving()) {
                 (Frame::Block(block), Some((limit, layout))) => {
                     checking.give((block, limit, layout));
-                    server.write_checked(&mut checking, 2 * workers)?;
+                    server.write_checked(&mut checking, workers)?;
                     continue;
                 }
                 (frame, _) => frame,
@@ -265,6 +265,9 @@ impl Server<'_> {
                 .map_err(|()| invalid("a data block".into(), "checking it (a worker failed)"))?
                 .map_err(|e| o.refused_block(e))?;
             o.write(&block)?;
+            if let Some(buf) = block.into_bytes() {
+                leaf_reader::recycle(buf);
+            }
         }
         Ok(())
     }

@@ -77,10 +77,23 @@ impl ReadJob {
         if device.is_hole(offset, u64::from(len)) {
             return Ok((Frame::Block(BlockFrame::zeros(offset, len, Check::None)), Vec::new()));
         }
-        let mut buf = vec![0u8; len as usize];
-        device.read_at(offset, &mut buf)?;
+        let mut buf = leaf_reader::buffer(len as usize);
+        if let Err(e) = device.read_at(offset, &mut buf) {
+            leaf_reader::recycle(buf);
+            return Err(e);
+        }
         let leaves = learn.map_or_else(Vec::new, |l| whole_leaves(&l, offset, &buf, |_| true));
-        Ok((Frame::Block(BlockFrame::encode(offset, &buf, codec, Check::None)), leaves))
+        // Uncompressed data (a local run's) moves on in its buffer, which the writer
+        // gives back to the pool; anything else is encoded from it.
+        let block = match codec {
+            Codec::None if !crate::hash::is_zero(&buf) => BlockFrame::raw(offset, buf, Check::None),
+            _ => {
+                let block = BlockFrame::encode(offset, &buf, codec, Check::None);
+                leaf_reader::recycle(buf);
+                block
+            }
+        };
+        Ok((Frame::Block(block), leaves))
     }
 }
 
