@@ -41,10 +41,12 @@ pub fn workers() -> usize {
 struct Pool {
     idle: Mutex<Vec<Vec<u8>>>,
     largest: AtomicUsize,
+    /// Buffers lent out as vectors ([`Buf::into_vec`], [`buffer`]) and not recycled yet.
+    lent: AtomicUsize,
 }
 
 /// The process's pool.
-static POOL: Pool = Pool { idle: Mutex::new(Vec::new()), largest: AtomicUsize::new(0) };
+static POOL: Pool = Pool { idle: Mutex::new(Vec::new()), largest: AtomicUsize::new(0), lent: AtomicUsize::new(0) };
 
 impl Pool {
     fn take(&self, len: usize) -> Vec<u8> {
@@ -75,12 +77,22 @@ impl Pool {
 
 /// Gives a buffer that held a leaf's data (a block's, once written) back to the pool.
 pub fn recycle(buf: Vec<u8>) {
-    POOL.give(buf);
+    // Only as many as were lent out: a buffer of other origin (a copy, a payload off the
+    // wire) is freed as it would have been. Keeping those too would leave their
+    // allocator's memory behind as well as fill the pool (+14 MiB in a local SYNC).
+    if buf.capacity() < POOL.largest.load(Ordering::Relaxed) {
+        return;
+    }
+    let lent = POOL.lent.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    if lent.is_ok() {
+        POOL.give(buf);
+    }
 }
 
 /// A buffer of `len` bytes from the pool, for a read that is not a pass (a server's
 /// answer to a read request); [`recycle`] gives it back.
 pub fn buffer(len: usize) -> Vec<u8> {
+    POOL.lent.fetch_add(1, Ordering::AcqRel);
     POOL.take(len)
 }
 
@@ -94,6 +106,9 @@ impl Buf {
     /// The bytes as a vector of their own, to be moved on (into a block), not copied;
     /// [`recycle`] gives it back once it is done with.
     pub fn into_vec(mut self) -> Vec<u8> {
+        if self.pooled {
+            POOL.lent.fetch_add(1, Ordering::AcqRel);
+        }
         self.pooled = false;
         std::mem::take(&mut self.bytes)
     }
