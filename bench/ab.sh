@@ -7,10 +7,11 @@
 #   bench/ab.sh A_BINARY B_BINARY [SIZE=2G]
 #   env: PAIRS=7 (runs of each binary per scenario)
 #        SCENARIOS="S1 S1z S2 S2f S3f PULL"
+#        AB_DIR=/var/tmp (where the work directory goes; /dev/shm keeps the disk out)
 #
 # Data (bench_make_images in bench/lib.sh): the ext4 image of /usr files and its changed
 # copy, the source on one ext4 file system and the receiver on another, each on a loop
-# device over a file in /var/tmp. Scenarios, each from the receiver as stated (prepared
+# device over a file in AB_DIR. Scenarios, each from the receiver as stated (prepared
 # untimed before every run):
 #   S1   PUSH COPY onto a new file           S1z  PUSH SYNC onto a zeroed (sparse) file
 #   S2   PUSH SYNC --no-state onto the old image
@@ -23,7 +24,7 @@
 # fails the benchmark. Run it as root on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,24p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,25p' "$0" >&2; exit 2; }
 A=$(realpath "$1") B=$(realpath "$2") size=${3:-2G}
 PAIRS=${PAIRS:-7}
 SCENARIOS=${SCENARIOS:-S1 S1z S2 S2f S3f PULL}
@@ -32,7 +33,7 @@ for tool in python3 mke2fs mkfs.ext4 losetup cmp tar numfmt; do
 done
 . bench/lib.sh
 
-work=$(mktemp -d /var/tmp/basyn-ab.XXXXXX)
+work=$(mktemp -d "${AB_DIR:-/var/tmp}/basyn-ab.XXXXXX")
 loops=()
 cleanup() {
   for d in "$work/tx" "$work/rx"; do mountpoint -q "$d" 2>/dev/null && umount "$d"; done

@@ -55,8 +55,9 @@
 #   traffic; SSH_COUNT=lo uses it instead, with plain ssh. Its delta is also in the log.)
 # - peak RSS local / remote: the largest process on each end, max over the timed runs.
 #   Local: wait4's ru_maxrss of the command (its largest process, ssh clients included; not
-#   basyn's ssh ControlMaster, which runs detached); for local basyn the client and its
-#   `basyn serve` child separately (their VmHWM, sampled every 10 ms).
+#   basyn's ssh ControlMaster, which runs detached); for local basyn the client and a
+#   `basyn serve` child separately if there is one (their VmHWM, sampled every 10 ms;
+#   since 2b21a3a a local endpoint is a thread of the client, one process).
 #   Remote: the remote command run under /usr/bin/time -f %M (basyn through --remote-path).
 # - source read / written, receiver read / written: MiB that reached each side's loop
 #   device (/sys/class/block/loopN/stat, sectors read and written, after `sync -f`), in the
