@@ -614,8 +614,9 @@ impl<R: Read> FrameReader<R> {
         let inner = match &mut self.inner {
             In::Stream(r) => r,
             In::Queue(q) => {
-                let Some(frame) = q.recv() else { return Ok(None) };
-                self.count.add(FRAME_HEADER + frame.body_len()?);
+                // Its writer measured it against the limits, and weighed it in bytes.
+                let Some((frame, len)) = q.recv_weighed() else { return Ok(None) };
+                self.count.add(len);
                 return Ok(Some(frame));
             }
         };

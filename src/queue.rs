@@ -91,6 +91,11 @@ impl<T> Receiver<T> {
     /// The next item, waiting for one; `None` once the sender is gone and nothing is
     /// left, or the queue was cut.
     pub fn recv(&self) -> Option<T> {
+        self.recv_weighed().map(|(item, _)| item)
+    }
+
+    /// [`Receiver::recv`], with the weight the item was sent with.
+    pub fn recv_weighed(&self) -> Option<(T, usize)> {
         let mut s = self.0.lock();
         loop {
             if s.cut {
@@ -100,7 +105,7 @@ impl<T> Receiver<T> {
                 s.bytes -= weight;
                 drop(s);
                 self.0.changed.notify_all();
-                return Some(item);
+                return Some((item, weight));
             }
             if s.sender_gone {
                 return None;
