@@ -134,7 +134,7 @@ pub(super) const WINDOW: usize = 4;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Memory that pending replies and kept data may hold; half of it when the endpoint
 /// runs on a thread of this process, whose own reads then count in the same process
-/// (its replies come back at once, and the A/B in `docs/benchmarks.md` shows no loss).
+/// (its replies come back at once; `docs/design.md` has the A/B).
 const BUDGET: u64 = 16 << 20;
 /// How often long runs make their progress durable and save checkpoints.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
