@@ -37,6 +37,12 @@ pub const FORMAT_VERSION: u32 = 3;
 const MAX_HEADER: usize = 64 << 10;
 const PREFIX_LEN: usize = 16;
 const CHECKSUM_LEN: usize = 32;
+/// Piece digests read into memory when a state is loaded, at most: those of a small
+/// device. A larger state's stay in its file, read a leaf at a time when a leaf differs,
+/// so that loading costs a pass over the file and no allocation per leaf (an unchanged
+/// run never needs them), and memory stays flat whatever the device's size.
+pub const HOLD_PIECES: u64 = 64 << 10;
+
 /// Largest state file read: the digests of 8 TiB of data at 16 KiB pieces, and a header.
 pub const MAX_STATE: u64 = (16 << 30) + (MAX_HEADER + PREFIX_LEN + CHECKSUM_LEN) as u64;
 
@@ -352,7 +358,7 @@ fn read_section(file: &mut File, len: u64, sum: &mut Checksum) -> io::Result<Vec
 
 /// Checksums `len` bytes of `file` without keeping them.
 fn skim(file: &mut File, len: u64, sum: &mut Checksum) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 64 << 10];
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
@@ -492,10 +498,10 @@ impl StateFile {
     /// Loads and verifies the state; `Ok(None)` if there is none yet. The header is
     /// read and checked first: a file longer than the header implies (or than
     /// [`MAX_STATE`]) is refused before the rest is read. The file is read once, in
-    /// order, and checksummed as it goes; piece digests too many to keep in memory
-    /// ([`piece_table::budget`]) stay in the file, which is kept open and read when needed.
+    /// order, and checksummed as it goes; piece digests past [`HOLD_PIECES`] bytes stay in
+    /// the file, which is kept open, and a leaf's are read when they are asked for.
     pub fn load(&self) -> Result<Option<State>, StateError> {
-        self.load_within(piece_table::budget() as u64)
+        self.load_within(HOLD_PIECES.min(piece_table::budget() as u64))
     }
 
     /// [`StateFile::load`], keeping at most `budget` bytes of piece digests in memory.
