@@ -139,6 +139,24 @@ impl Checksum {
     }
 }
 
+/// The SHA-256 and BLAKE2b-512 of everything `r` yields, read in 64 KiB pieces: what
+/// `sha256sum` and `b2sum` print for a file (an executable checked on another host).
+pub fn file_digests(r: &mut dyn std::io::Read) -> std::io::Result<(Digest, Digest)> {
+    let (mut sha, mut b2) = (sha2::Sha256::new(), blake2::Blake2b512::new());
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sha.update(&buf[..n]);
+        b2.update(&buf[..n]);
+    }
+    Ok((Digest::from_slice(&sha.finalize()), Digest::from_slice(&b2.finalize())))
+}
+
 /// True if every byte of `data` is zero (the empty slice included). Looks at every
 /// byte: data whose only non-zero byte is its last is not zero.
 pub fn is_zero(data: &[u8]) -> bool {
