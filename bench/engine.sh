@@ -34,6 +34,8 @@
 #   S2f 1% change, the receiver's state fresh (untimed `basyn index`), the source without
 #       one; blocksync-fast with a saved digest file of the receiver
 #   S3  no change, no states; S3f no change, both states (or the digest file) fresh
+#       (floors: b3sum of the source for S3 locally; `true`, timed the same way, for S3f
+#       locally; `ssh host true` for S3f over ssh)
 # blocksync-fast "stateless" means what a user does without a kept digest: the digest of
 # the destination made over ssh into a file, then --make-delta piped into --apply-delta.
 # Every file lives on one of two ext4 file systems, each on its own loop device: the
@@ -615,6 +617,8 @@ for place in $PLACES; do
     fi
     if [ "$place" = local ]; then
       [ -z "$bsf" ] || row peer "blocksync-fast, saved digest" $dprep "$bsf -s $SRC -d $DST -f $DIG"
+      # What the timing itself costs (start, wait, `sync RECEIVER`): S3f's floor.
+      [ "$scen" = S2f ] || row floor "true, timed the same way (floor)" p_same "true"
     else
       [ -z "$bsf" ] || row peer "blocksync-fast, saved digest" $dprep \
         "$bsf --make-delta -s $SRC -f $DIG | $ssh benchhost \"${RT}$bsf --apply-delta -d $DST\""
