@@ -271,6 +271,21 @@ impl DigestIndex {
         self.pieces.get(i)
     }
 
+    /// True if `[offset, offset + len)`, within one leaf and on its piece boundaries
+    /// (the end may be the leaf's), is known to hold only zeros: answered without reading.
+    pub fn known_zero(&self, offset: u64, len: u64) -> bool {
+        let (b, piece) = (self.layout.buffer, self.layout.piece());
+        let leaf = offset / b;
+        let (start, leaf_len) = (leaf * b, self.layout.leaf_len(leaf));
+        let (from, to) = (offset - start, offset - start + len);
+        let aligned = from.is_multiple_of(piece) && (to.is_multiple_of(piece) || to == leaf_len);
+        len > 0
+            && to <= leaf_len
+            && aligned
+            && self.leaf(leaf).is_some()
+            && self.pieces.pieces_zero(leaf, from / piece, (to - from).div_ceil(piece))
+    }
+
     /// Records leaf `i`'s digest and, when given one per piece, its piece digests, as
     /// just read or made durable.
     pub fn learn(&mut self, i: u64, digest: &Digest, pieces: &[Digest]) {
@@ -348,7 +363,8 @@ impl DigestIndex {
     }
 
     /// A write inside one leaf: pieces it covers whole get the digests of the written
-    /// data; pieces it covers in part are dirty, read back once durable. If the leaf's
+    /// data, and so do pieces it covers in part where the rest was known to be zero;
+    /// other pieces it covers in part are dirty, read back once durable. If the leaf's
     /// pieces were not known, the whole leaf is.
     fn partial_write(&mut self, leaf: u64, at: u64, data: &[u8]) -> Pending {
         let p = self.layout.piece();
@@ -364,10 +380,18 @@ impl DigestIndex {
         let end = at + data.len() as u64;
         for k in (at / p)..end.div_ceil(p) {
             let (ps, pe) = (k * p, ((k + 1) * p).min(leaf_len));
+            let zero = self.layout.hash.zero_digest((pe - ps) as usize);
             if at <= ps && end >= pe {
                 let slice = &data[(ps - at) as usize..(pe - at) as usize];
                 pieces[k as usize] = self.layout.hash.digest(slice);
                 update.dirty.remove(&(k as usize));
+            } else if pieces[k as usize] == zero && !update.dirty.contains(&(k as usize)) {
+                // The rest of the piece is known to be zero: its new content is known.
+                let mut whole = vec![0u8; (pe - ps) as usize];
+                let (from, to) = (at.max(ps), end.min(pe));
+                whole[(from - ps) as usize..(to - ps) as usize]
+                    .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+                pieces[k as usize] = self.layout.hash.digest(&whole);
             } else {
                 update.dirty.insert(k as usize);
             }

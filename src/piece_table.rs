@@ -126,6 +126,18 @@ impl PieceTable {
         self.kind(i) == ZERO
     }
 
+    /// True if the pieces `first..first + count` of leaf `i` are all known to be zero.
+    pub fn pieces_zero(&self, i: u64, first: u64, count: u64) -> bool {
+        match self.kind(i) {
+            ZERO => true,
+            UNKNOWN => false,
+            _ => {
+                let n = self.layout.pieces_of(i);
+                first + count <= n && ones(&self.zero, i * self.per_leaf + first, count) == count
+            }
+        }
+    }
+
     /// Leaf `i`'s piece digests, if known (a digest that cannot be read back from its
     /// file is unknown: the leaf is then read from the device).
     pub fn get(&self, i: u64) -> Option<Vec<Digest>> {

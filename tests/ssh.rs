@@ -851,6 +851,49 @@ fn scattered_small_changes_over_ssh_read_only_the_receivers_differing_pieces() {
     assert_same(&local, dev.path());
 }
 
+/// Refining a change written where the receiver held zeros read the receiver's zero
+/// 16 KiB pieces (to digest their 4 KiB parts), though its fresh state says they are
+/// zero: with one 4 KiB write into the zero half of every 2 MiB block, 2 MiB of a
+/// 256 MiB receiver were read for nothing. Now a piece known to be zero is not read.
+#[test]
+fn refining_a_change_over_zeros_does_not_read_the_receivers_zero_pieces() {
+    let Some(sshd) = Sshd::start() else { return };
+    let size = 256 * MIB;
+    let mut data = random_data(35, size);
+    for block in data.chunks_mut(2 * MIB) {
+        block[MIB..].fill(0);
+    }
+    let (local, img) = (sshd.local("src.img"), sshd.remote("rcv.img"));
+    write(&local, &data);
+    write(&img, &data);
+    let Some(dev) = loop_dev(&img) else { return };
+    let remote_state = sshd.state_dir().join(format!("test-{}-zrcv.basyn-state", std::process::id()));
+    let _cleanup = RemoveOnDrop(remote_state.clone());
+    let args =
+        over_ssh(&local, dev.path(), &["-a", "push", "-m", "sync", "--stat", "--remote-state", s(&remote_state)]);
+    sshd.basyn(&args).ok();
+    let blocks = (size / (2 * MIB)) as u64;
+    for b in 0..blocks {
+        poke(&local, b * 2 * MIB as u64 + MIB as u64 + (b * 97 % 256) * 4096, &random_data(b + 1000, 4096));
+    }
+    flushbufs(dev.path());
+    let read_before = loop_stat(&dev, 2);
+    let r = sshd.basyn(&args);
+    r.ok();
+    let read = (loop_stat(&dev, 2) - read_before) * 512;
+    assert!(read < blocks * 16384 / 4, "the receiver's zero pieces were read: {read} bytes{r:?}");
+    let wire = r.stat().both;
+    assert!(wire < 2 * MIB as u64, "{wire} bytes crossed the link for 512 KiB of change{r:?}");
+    flushbufs(dev.path());
+    assert_same(&local, dev.path());
+    // The receiver's state took the digests of the pieces written over zeros without
+    // reading them back: a source hashed anew finds nothing that differs.
+    std::fs::remove_file(state_of(&local)).unwrap();
+    let again = sshd.basyn(&args);
+    again.ok();
+    assert_eq!(again.stat().differing, 0, "the receiver's state holds wrong digests{again:?}");
+}
+
 /// A backup key limited by a forced command in `authorized_keys`
 /// (`command="basyn serve --restrict DEVICE",restrict ...`) hung the client: the forced
 /// command replaced basyn's starting script, which never said how basyn started. Now

@@ -195,7 +195,20 @@ pub(super) fn digest_range(
     }
     // Anything else is read and hashed as asked; leaf-sized pieces follow the leaf rule,
     // so that a range cut short (a recheck over the synced length of a larger device)
-    // still compares with the other side's leaves.
+    // still compares with the other side's leaves. A range known to be zero (pieces the
+    // state holds as zero, or a hole) is not read: a change written where the receiver
+    // had zeros is refined against them for nothing.
+    let digest = |piece: &[u8]| if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
+    if index.known_zero(offset, len) || device.is_hole(offset, len) {
+        let mut at = offset;
+        while at < end {
+            let n = block.min(end - at);
+            let d = if block == b { zero_leaf_digest(&l, n).0 } else { l.hash.zero_digest(n as usize) };
+            out.extend_from_slice(d.as_bytes());
+            at += n;
+        }
+        return Ok(out);
+    }
     let step = block * ((4u64 << 20) / block).max(1);
     let mut at = offset;
     while at < end {
@@ -203,8 +216,7 @@ pub(super) fn digest_range(
         buf.resize(n, 0);
         device.read_at(at, buf)?;
         for piece in buf.chunks(block as usize) {
-            let d = if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
-            out.extend_from_slice(d.as_bytes());
+            out.extend_from_slice(digest(piece).as_bytes());
         }
         at += n as u64;
     }
