@@ -50,14 +50,22 @@ const PSEUDO: [&str; 16] = [
     "hugetlbfs",
 ];
 
-/// The type of the pseudo file system `path`'s directory is on, if it is on one. `/dev`
-/// itself counts as one whatever it is mounted as.
+/// The type of the pseudo file system `path`'s directory is on, if it is on one. `/dev`'s
+/// own mount counts as one whatever it is mounted as (a container's `/dev` may be a
+/// plain tmpfs); a file system mounted under it, such as `/dev/shm`, does not.
 pub fn pseudo_file_system(path: &Path) -> Option<String> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let dir = fs::canonicalize(parent).ok()?;
-    let fs = sysfs::fs_type(fs::metadata(&dir).ok()?.dev()).unwrap_or_default();
-    if PSEUDO.contains(&fs.as_str()) || dir.starts_with("/dev") {
-        return Some(if fs.is_empty() { "a pseudo file system".into() } else { fs });
+    let dev = fs::metadata(&dir).ok()?.dev();
+    let fs = sysfs::fs_type(dev).unwrap_or_default();
+    let on_dev = dir.starts_with("/dev") && fs::metadata("/dev").is_ok_and(|m| m.dev() == dev);
+    if PSEUDO.contains(&fs.as_str()) || on_dev {
+        let fs = if fs.is_empty() { "a pseudo file system".to_string() } else { fs };
+        return Some(if on_dev && !PSEUDO.contains(&fs.as_str()) {
+            format!("{fs}, the file system of /dev")
+        } else {
+            fs
+        });
     }
     None
 }

@@ -654,6 +654,25 @@ fn a_mistyped_receiver_under_dev_is_not_created() {
     }
 }
 
+/// `/dev/shm` (a tmpfs mounted under `/dev`) was taken for `/dev` itself: a COPY into a
+/// new image there was refused as "no such device", naming a file system that was not
+/// a pseudo one.
+#[test]
+fn a_new_receiver_on_a_file_system_mounted_under_dev_is_created() {
+    use std::os::unix::fs::MetadataExt;
+    let shm = Path::new("/dev/shm");
+    let separate = fs::metadata(shm).ok().zip(fs::metadata("/dev").ok()).is_some_and(|(a, b)| a.dev() != b.dev());
+    if !require(separate, "/dev/shm mounted apart from /dev") {
+        return;
+    }
+    let t = tempfile::tempdir_in(shm).unwrap();
+    let a = t.path().join("a.img");
+    let data = random_image(&a, 84, MIB);
+    let b = t.path().join("new.img");
+    basyn(&sv(&["-l", s(&a), "-r", s(&b), "-a", "push", "-m", "copy", "--no-state"])).ok();
+    assert_content(&b, &data, "a copy into /dev/shm");
+}
+
 /// Under a file size limit (`ulimit -f`), creating a receiver killed the endpoint with
 /// SIGXFSZ and left a 0-byte file that every later run refused ("size 0 differs").
 #[test]
