@@ -139,7 +139,7 @@ impl BlockFrame {
             ),
         };
         let bad_check = || BlockError::BadCheck { offset, len, digests: self.check.len() };
-        let block = VerifiedBlock { offset, data };
+        let block = VerifiedBlock { offset, data, pieces: Vec::new() };
         match &self.check {
             Check::None => {}
             Check::Leaves(digests) => {
@@ -175,6 +175,9 @@ enum Data {
 pub struct VerifiedBlock {
     offset: u64,
     data: Data,
+    /// Digests of pieces it covers whole, worked out ahead ([`VerifiedBlock::digest_pieces`]):
+    /// (start, end, digest), in order.
+    pieces: Vec<(u64, u64, Digest)>,
 }
 
 impl VerifiedBlock {
@@ -226,6 +229,48 @@ impl VerifiedBlock {
         }
     }
 
+    /// Works out the digests of the pieces of `layout`'s leaves that the block covers
+    /// whole, so that whoever records the write does not hash the data again: a worker
+    /// does this, not the thread that writes the device in order. A run of zeros takes
+    /// the digest of zeros without hashing.
+    pub fn digest_pieces(&mut self, layout: &Layout) {
+        let (b, p) = (layout.buffer, layout.piece());
+        if self.is_empty() || b == 0 || p == 0 || matches!(self.data, Data::Zero(_)) {
+            return;
+        }
+        let (start, end) = (self.offset, self.end());
+        let mut pieces = Vec::new();
+        for leaf in start / b..=(end - 1) / b {
+            let (leaf_start, leaf_len) = layout.leaf_span(leaf);
+            let leaf_end = leaf_start + leaf_len;
+            let first = start.max(leaf_start).saturating_sub(leaf_start).div_ceil(p);
+            let mut ps = leaf_start + first * p;
+            while ps < leaf_end {
+                let pe = (ps + p).min(leaf_end);
+                if pe > end {
+                    break;
+                }
+                pieces.push((ps, pe, self.piece_digest(layout, ps, pe)));
+                ps = pe;
+            }
+        }
+        self.pieces = pieces;
+    }
+
+    /// The digest (`layout`'s piece digest) of the block's bytes `[start, end)`, device
+    /// offsets inside the block: worked out ahead if it was, else now.
+    pub fn piece_digest(&self, layout: &Layout, start: u64, end: u64) -> Digest {
+        if let Ok(i) = self.pieces.binary_search_by_key(&start, |&(s, _, _)| s)
+            && self.pieces[i].1 == end
+        {
+            return self.pieces[i].2;
+        }
+        match &self.data {
+            Data::Bytes(b) => layout.hash.digest(&b[(start - self.offset) as usize..(end - self.offset) as usize]),
+            Data::Zero(_) => layout.hash.zero_digest((end - start) as usize),
+        }
+    }
+
     /// Checks each `unit`-sized piece against its digest, with `digest` for bytes and
     /// `zero` for a run of zeros of a length; `None` if the counts do not fit.
     fn check_each(
@@ -261,6 +306,28 @@ mod tests {
 
     fn layout(size: u64) -> Layout {
         Layout { hash: HashAlgo::Blake3, buffer: 8192, chunk: None, fanout: 4, device_size: size }
+    }
+
+    #[test]
+    fn the_pieces_a_block_covers_whole_are_digested_ahead_and_the_rest_on_demand() {
+        let l = Layout { chunk: Some(1024), ..layout(20000) };
+        let data: Vec<u8> = (0..10000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let mut block = BlockFrame::encode(1500, &data, Codec::None, Check::None).verify(20000, &l).unwrap();
+        block.digest_pieces(&l);
+        let starts: Vec<u64> = block.pieces.iter().map(|&(s, _, _)| s).collect();
+        // Pieces lie on 1 KiB boundaries within each 8 KiB leaf; [1500, 11500) covers
+        // 2048..11264 whole.
+        assert_eq!(starts, (2..11).map(|k| k * 1024).collect::<Vec<u64>>());
+        for &(s, e, d) in &block.pieces {
+            assert_eq!(e - s, 1024);
+            assert_eq!(d, l.hash.digest(&data[(s - 1500) as usize..(e - 1500) as usize]));
+        }
+        // A range not worked out ahead is hashed when asked for.
+        assert_eq!(block.piece_digest(&l, 1500, 2048), l.hash.digest(&data[..548]));
+        let mut zeros = BlockFrame::zeros(8192, 8192, Check::None).verify(20000, &l).unwrap();
+        zeros.digest_pieces(&l);
+        assert!(zeros.pieces.is_empty(), "zeros are never hashed");
+        assert_eq!(zeros.piece_digest(&l, 8192, 9216), l.hash.zero_digest(1024));
     }
 
     #[test]

@@ -321,7 +321,7 @@ impl DigestIndex {
     /// onto zeros are not written): the touched leaves are unknown until
     /// [`DigestIndex::durable`], then take the digests of what was written.
     pub fn wrote(&mut self, block: &VerifiedBlock, issued: u64) {
-        let (offset, data) = (block.offset(), block.data());
+        let offset = block.offset();
         let b = self.layout.buffer;
         let end = block.end();
         self.on_disk = None;
@@ -348,12 +348,17 @@ impl DigestIndex {
             let (leaf_start, leaf_len) = self.layout.leaf_span(leaf);
             let leaf_end = leaf_start + leaf_len;
             let (from, to) = (offset.max(leaf_start), end.min(leaf_end));
-            let piece = &data[(from - offset) as usize..(to - offset) as usize];
             let update = if from == leaf_start && to == leaf_end {
-                let (_, pieces) = leaf_digest(&self.layout, piece);
+                let p = self.layout.piece();
+                let pieces = (0..self.layout.pieces_of(leaf))
+                    .map(|k| {
+                        let ps = leaf_start + k * p;
+                        block.piece_digest(&self.layout, ps, (ps + p).min(leaf_end))
+                    })
+                    .collect();
                 Pending { pieces: Some(pieces), dirty: Default::default() }
             } else {
-                self.partial_write(leaf, from - leaf_start, piece)
+                self.partial_write(leaf, block, from, to)
             };
             self.known[leaf as usize] = false;
             self.pieces.forget(leaf);
@@ -366,7 +371,9 @@ impl DigestIndex {
     /// data, and so do pieces it covers in part where the rest was known to be zero;
     /// other pieces it covers in part are dirty, read back once durable. If the leaf's
     /// pieces were not known, the whole leaf is.
-    fn partial_write(&mut self, leaf: u64, at: u64, data: &[u8]) -> Pending {
+    fn partial_write(&mut self, leaf: u64, block: &VerifiedBlock, from: u64, to: u64) -> Pending {
+        let leaf_start = leaf * self.layout.buffer;
+        let (at, end) = (from - leaf_start, to - leaf_start);
         let p = self.layout.piece();
         let count = self.layout.pieces_of(leaf) as usize;
         let leaf_len = self.layout.leaf_len(leaf);
@@ -377,21 +384,23 @@ impl DigestIndex {
         let Some(pieces) = update.pieces.as_mut().filter(|v| v.len() == count) else {
             return Pending { pieces: None, dirty: Default::default() };
         };
-        let end = at + data.len() as u64;
         for k in (at / p)..end.div_ceil(p) {
             let (ps, pe) = (k * p, ((k + 1) * p).min(leaf_len));
             let zero = self.layout.hash.zero_digest((pe - ps) as usize);
             if at <= ps && end >= pe {
-                let slice = &data[(ps - at) as usize..(pe - at) as usize];
-                pieces[k as usize] = self.layout.hash.digest(slice);
+                pieces[k as usize] = block.piece_digest(&self.layout, leaf_start + ps, leaf_start + pe);
                 update.dirty.remove(&(k as usize));
             } else if pieces[k as usize] == zero && !update.dirty.contains(&(k as usize)) {
-                // The rest of the piece is known to be zero: its new content is known.
-                let mut whole = vec![0u8; (pe - ps) as usize];
-                let (from, to) = (at.max(ps), end.min(pe));
-                whole[(from - ps) as usize..(to - ps) as usize]
-                    .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
-                pieces[k as usize] = self.layout.hash.digest(&whole);
+                // The rest of the piece is known to be zero: its new content is known
+                // (zeros written over it leave it zero).
+                if let Some(data) = block.bytes() {
+                    let mut whole = vec![0u8; (pe - ps) as usize];
+                    let (from, to) = (at.max(ps), end.min(pe));
+                    let skip = block.offset() - leaf_start;
+                    whole[(from - ps) as usize..(to - ps) as usize]
+                        .copy_from_slice(&data[(from - skip) as usize..(to - skip) as usize]);
+                    pieces[k as usize] = self.layout.hash.digest(&whole);
+                }
             } else {
                 update.dirty.insert(k as usize);
             }
@@ -652,7 +661,9 @@ mod tests {
 
     #[test]
     fn writes_become_known_only_when_durable_and_match_a_fresh_read() {
-        for chunk in [None, Some(1024)] {
+        // With the piece digests worked out ahead (as the serving side's workers do) or
+        // not, the same digests are recorded.
+        for (chunk, ahead) in [(None, false), (Some(1024), false), (None, true), (Some(1024), true)] {
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("d.img");
             std::fs::write(&p, vec![3u8; 30000]).unwrap();
@@ -665,11 +676,18 @@ mod tests {
                 ledger.read_leaf(&dev, leaf, &mut buf).unwrap();
             }
             // A whole-leaf write, a chunk write and an unaligned write.
-            let writes: [(u64, Vec<u8>); 3] =
-                [(8192, vec![9u8; 8192]), (16384 + 2048, vec![7u8; 1024]), (100, vec![1u8; 10])];
+            let writes: [(u64, Vec<u8>); 4] = [
+                (8192, vec![9u8; 8192]),
+                (16384 + 2048, vec![7u8; 1024]),
+                (100, vec![1u8; 10]),
+                (24576 - 1500, (0..3000u32).map(|i| (i % 251) as u8).collect()),
+            ];
             let mut image = std::fs::read(&p).unwrap();
             for (off, data) in &writes {
-                let block = BlockFrame::encode(*off, data, Codec::None, Check::None).verify(30000, &l).unwrap();
+                let mut block = BlockFrame::encode(*off, data, Codec::None, Check::None).verify(30000, &l).unwrap();
+                if ahead {
+                    block.digest_pieces(&l);
+                }
                 ledger.wrote(&block, block.len() as u64);
                 image[*off as usize..*off as usize + data.len()].copy_from_slice(data);
             }

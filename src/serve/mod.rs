@@ -129,6 +129,11 @@ fn keep_alive<W: Write>(w: &Mutex<FrameWriter<W>>, stop: mpsc::Receiver<()>) {
     }
 }
 
+/// Blocks of at most this many bytes are checked by the thread that writes them, when no
+/// block is ahead of them on the workers: a scattered change's 16 KiB pieces cost less to
+/// hash (a few µs) than to hand to a worker and take back.
+const INLINE_CHECK: usize = 64 << 10;
+
 fn session<R: Read, W: Write + Send>(
     config: &Config,
     r: &mut FrameReader<R>,
@@ -161,8 +166,16 @@ fn session<R: Read, W: Write + Send>(
             // The client went away: keep nothing a state file could misread.
             let Some(frame) = r.recv()? else { return server.write_checked(&mut checking, 0) };
             let frame = match (frame, server.receiving()) {
-                (Frame::Block(block), Some((limit, layout))) => {
-                    checking.give((block, limit, layout));
+                // A small block is checked here when nothing is ahead of it: handing
+                // it to a worker and back costs more than checking it.
+                (Frame::Block(block), Some((limit, layout, _)))
+                    if block.raw_len as usize <= INLINE_CHECK && checking.outstanding() == 0 =>
+                {
+                    server.write_verified(check_block((block, limit, layout, false)))?;
+                    continue;
+                }
+                (Frame::Block(block), Some((limit, layout, track))) => {
+                    checking.give((block, limit, layout, track));
                     server.write_checked(&mut checking, workers)?;
                     continue;
                 }
@@ -235,9 +248,10 @@ impl Server<'_> {
         Ok(Some(reply))
     }
 
-    /// The bounds and layout blocks are checked against, while a receiver is open.
-    fn receiving(&self) -> Option<(u64, Layout)> {
-        self.open.as_ref().filter(|o| o.role == Role::Receiver).map(|o| (o.limit, *o.index.layout()))
+    /// The bounds and layout blocks are checked against while a receiver is open, and
+    /// whether its state records what is written.
+    fn receiving(&self) -> Option<(u64, Layout, bool)> {
+        self.open.as_ref().filter(|o| o.role == Role::Receiver).map(|o| (o.limit, *o.index.layout(), o.index.enabled()))
     }
 
     /// A `Read` of the open device, checked, to be done on a worker; `None` when no
@@ -260,14 +274,19 @@ impl Server<'_> {
     fn write_checked(&mut self, checking: &mut Checking, keep: usize) -> Result<(), Abort> {
         while checking.outstanding() > keep {
             let Some(checked) = checking.take() else { break };
-            let o = self.open.as_mut().ok_or(invalid("a data block".into(), "no device is open"))?;
-            let block = checked
-                .map_err(|()| invalid("a data block".into(), "checking it (a worker failed)"))?
-                .map_err(|e| o.refused_block(e))?;
-            o.write(&block)?;
-            if let Some(buf) = block.into_bytes() {
-                leaf_reader::recycle(buf);
-            }
+            let checked = checked.map_err(|()| invalid("a data block".into(), "checking it (a worker failed)"))?;
+            self.write_verified(checked)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a block as its check found it: a refused block fails the session.
+    fn write_verified(&mut self, checked: Result<VerifiedBlock, crate::block::BlockError>) -> Result<(), Abort> {
+        let o = self.open.as_mut().ok_or(invalid("a data block".into(), "no device is open"))?;
+        let block = checked.map_err(|e| o.refused_block(e))?;
+        o.write(&block)?;
+        if let Some(buf) = block.into_bytes() {
+            leaf_reader::recycle(buf);
         }
         Ok(())
     }
@@ -377,11 +396,11 @@ impl Served {
     }
 }
 
-/// Refuses parameters no basyn client sends: they would divide by zero, allocate without
-/// bound, or write state files outside basyn's own.
 /// The smallest block or chunk an `Open` may ask for, in bytes.
 const MIN_PIECE: u64 = 1024;
 
+/// Refuses parameters no basyn client sends: they would divide by zero, allocate without
+/// bound, or write state files outside basyn's own.
 fn check_request(req: &OpenRequest) -> Result<(), Abort> {
     let doing = "checking the Open request";
     // The client's own command line takes both in whole KiB: a smaller piece would only

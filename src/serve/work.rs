@@ -16,13 +16,21 @@ use crate::ordered::{Ordered, Taker};
 use crate::protocol::{Check, Frame, FrameWriter};
 use crate::tree::{Layout, leaf_digest, zero_leaf_digest};
 
-/// Checks a block for a device of `limit` bytes under `layout` (on a worker).
-pub(super) fn check_block((frame, limit, layout): (BlockFrame, u64, Layout)) -> Result<VerifiedBlock, BlockError> {
-    frame.verify(limit, &layout)
+/// A block to check, for a device of `limit` bytes under `layout`; `track`: the
+/// receiver's state records what is written, so the block's piece digests are wanted.
+pub(super) type ToCheck = (BlockFrame, u64, Layout, bool);
+
+/// Checks a block (on a worker), and works out the piece digests its write will record.
+pub(super) fn check_block((frame, limit, layout, track): ToCheck) -> Result<VerifiedBlock, BlockError> {
+    let mut block = frame.verify(limit, &layout)?;
+    if track {
+        block.digest_pieces(&layout);
+    }
+    Ok(block)
 }
 
 /// Blocks given to be checked, not yet written.
-pub(super) type Checking = Ordered<(BlockFrame, u64, Layout), Result<VerifiedBlock, crate::block::BlockError>>;
+pub(super) type Checking = Ordered<ToCheck, Result<VerifiedBlock, crate::block::BlockError>>;
 
 /// A read of a source device's range, done on a worker: its reply, and the digests of
 /// the whole leaves it covers (for the source's state).
