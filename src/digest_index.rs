@@ -396,9 +396,11 @@ impl DigestIndex {
                 if let Some(data) = block.bytes() {
                     let mut whole = vec![0u8; (pe - ps) as usize];
                     let (from, to) = (at.max(ps), end.min(pe));
-                    let skip = block.offset() - leaf_start;
+                    // Leaf offsets as offsets into the block (which may start in an
+                    // earlier leaf).
+                    let at_block = |x: u64| (leaf_start + x - block.offset()) as usize;
                     whole[(from - ps) as usize..(to - ps) as usize]
-                        .copy_from_slice(&data[(from - skip) as usize..(to - skip) as usize]);
+                        .copy_from_slice(&data[at_block(from)..at_block(to)]);
                     pieces[k as usize] = self.layout.hash.digest(&whole);
                 }
             } else {
@@ -657,6 +659,39 @@ mod tests {
 
     fn layout(size: u64, chunk: Option<u64>) -> Layout {
         Layout { hash: HashAlgo::Blake3, buffer: 8192, chunk, fanout: 4, device_size: size }
+    }
+
+    /// A block across a leaf boundary, covering pieces on both sides in part where they
+    /// were known zero: the second leaf's piece was composed with an offset taken from
+    /// the wrong leaf (an underflow, a panic in a debug build).
+    #[test]
+    fn a_write_across_a_leaf_boundary_over_known_zeros_is_composed_from_the_block() {
+        for chunk in [None, Some(1024)] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("z.img");
+            std::fs::write(&p, vec![0u8; 30000]).unwrap();
+            let dev = Device::open_read(&p, Side::Local).unwrap();
+            let l = layout(30000, chunk);
+            let mut ledger =
+                DigestIndex::open(&dev, l, &StateOptions { mode: StateMode::Default, trust: false }).unwrap();
+            let mut buf = Vec::new();
+            for leaf in 0..l.leaf_count() {
+                ledger.read_leaf(&dev, leaf, &mut buf).unwrap();
+            }
+            let data: Vec<u8> = (1..=300u32).map(|i| i as u8).collect();
+            let block = BlockFrame::encode(8000, &data, Codec::None, Check::None).verify(30000, &l).unwrap();
+            ledger.wrote(&block, block.len() as u64);
+            let mut image = vec![0u8; 30000];
+            image[8000..8300].copy_from_slice(&data);
+            // Not written to the file: the digests must come from the block and the
+            // known zeros, not from a read-back.
+            ledger.durable(&dev).unwrap();
+            for leaf in 0..l.leaf_count() {
+                let s = (leaf * 8192) as usize;
+                let expect = leaf_digest(&l, &image[s..(s + 8192).min(image.len())]).0;
+                assert_eq!(ledger.leaf(leaf), Some(expect), "chunk {chunk:?}, leaf {leaf}");
+            }
+        }
     }
 
     #[test]
