@@ -139,7 +139,7 @@ impl BlockFrame {
             ),
         };
         let bad_check = || BlockError::BadCheck { offset, len, digests: self.check.len() };
-        let block = VerifiedBlock { offset, data, pieces: Vec::new() };
+        let mut block = VerifiedBlock { offset, data, pieces: Vec::new() };
         match &self.check {
             Check::None => {}
             Check::Leaves(digests) => {
@@ -155,6 +155,15 @@ impl BlockFrame {
                 let piece = |piece: &[u8]| layout.hash.digest(piece);
                 let zero = |n: usize| layout.hash.zero_digest(n);
                 block.check_each(unit, digests, piece, zero).ok_or_else(bad_check)??;
+                // The data hashes to these: whoever records the write need not hash it
+                // again (a range off the layout's piece grid is simply never asked for).
+                if unit as u64 == layout.piece() {
+                    let end = block.end();
+                    block.pieces = (0u64..)
+                        .zip(digests)
+                        .map(|(k, d)| (offset + k * unit as u64, (offset + (k + 1) * unit as u64).min(end), *d))
+                        .collect();
+                }
             }
         }
         Ok(block)
@@ -322,6 +331,20 @@ mod tests {
             assert_eq!(e - s, 1024);
             assert_eq!(d, l.hash.digest(&data[(s - 1500) as usize..(e - 1500) as usize]));
         }
+        // Digests a check proved are kept as they are.
+        let unit = 1024;
+        let digests = l.hash.digest_pieces(&data[548..548 + 4096], unit);
+        let checked = BlockFrame::encode(
+            2048,
+            &data[548..548 + 4096],
+            Codec::None,
+            Check::Pieces { unit: unit as u32, digests: digests.clone() },
+        )
+        .verify(20000, &l)
+        .unwrap();
+        let kept: Vec<(u64, u64, Digest)> =
+            (0..4).map(|k| (2048 + k * 1024, 3072 + k * 1024, digests[k as usize])).collect();
+        assert_eq!(checked.pieces, kept);
         // A range not worked out ahead is hashed when asked for.
         assert_eq!(block.piece_digest(&l, 1500, 2048), l.hash.digest(&data[..548]));
         let mut zeros = BlockFrame::zeros(8192, 8192, Check::None).verify(20000, &l).unwrap();

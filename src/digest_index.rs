@@ -661,23 +661,29 @@ mod tests {
         Layout { hash: HashAlgo::Blake3, buffer: 8192, chunk, fanout: 4, device_size: size }
     }
 
+    /// A 30000-byte image of `fill` bytes in a directory of its own, and its index with
+    /// every leaf read (8 KiB leaves, `chunk` pieces).
+    fn indexed(fill: u8, chunk: Option<u64>) -> (tempfile::TempDir, Device, Layout, DigestIndex) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![fill; 30000]).unwrap();
+        let dev = Device::open_read(&p, Side::Local).unwrap();
+        let l = layout(30000, chunk);
+        let mut ledger = DigestIndex::open(&dev, l, &StateOptions { mode: StateMode::Default, trust: false }).unwrap();
+        let mut buf = Vec::new();
+        for leaf in 0..l.leaf_count() {
+            ledger.read_leaf(&dev, leaf, &mut buf).unwrap();
+        }
+        (dir, dev, l, ledger)
+    }
+
     /// A block across a leaf boundary, covering pieces on both sides in part where they
     /// were known zero: the second leaf's piece was composed with an offset taken from
     /// the wrong leaf (an underflow, a panic in a debug build).
     #[test]
     fn a_write_across_a_leaf_boundary_over_known_zeros_is_composed_from_the_block() {
         for chunk in [None, Some(1024)] {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("z.img");
-            std::fs::write(&p, vec![0u8; 30000]).unwrap();
-            let dev = Device::open_read(&p, Side::Local).unwrap();
-            let l = layout(30000, chunk);
-            let mut ledger =
-                DigestIndex::open(&dev, l, &StateOptions { mode: StateMode::Default, trust: false }).unwrap();
-            let mut buf = Vec::new();
-            for leaf in 0..l.leaf_count() {
-                ledger.read_leaf(&dev, leaf, &mut buf).unwrap();
-            }
+            let (_dir, dev, l, mut ledger) = indexed(0, chunk);
             let data: Vec<u8> = (1..=300u32).map(|i| i as u8).collect();
             let block = BlockFrame::encode(8000, &data, Codec::None, Check::None).verify(30000, &l).unwrap();
             ledger.wrote(&block, block.len() as u64);
@@ -699,17 +705,8 @@ mod tests {
         // With the piece digests worked out ahead (as the serving side's workers do) or
         // not, the same digests are recorded.
         for (chunk, ahead) in [(None, false), (Some(1024), false), (None, true), (Some(1024), true)] {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("d.img");
-            std::fs::write(&p, vec![3u8; 30000]).unwrap();
-            let dev = Device::open_read(&p, Side::Local).unwrap();
-            let l = layout(30000, chunk);
-            let mut ledger =
-                DigestIndex::open(&dev, l, &StateOptions { mode: StateMode::Default, trust: false }).unwrap();
-            let mut buf = Vec::new();
-            for leaf in 0..l.leaf_count() {
-                ledger.read_leaf(&dev, leaf, &mut buf).unwrap();
-            }
+            let (_dir, dev, l, mut ledger) = indexed(3, chunk);
+            let p = dev.path().to_path_buf();
             // A whole-leaf write, a chunk write and an unaligned write.
             let writes: [(u64, Vec<u8>); 4] = [
                 (8192, vec![9u8; 8192]),
