@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A/B of two basyn binaries on the local path: the same scenarios as bench/engine.sh's
-# local place, on the same kind of data, with A and B taking turns run by run (A B A B
-# ...), so that a machine whose speed drifts during the call moves both alike. Prints a
+# local place, on the same kind of data, with A and B taking turns run by run in a
+# balanced order (A B B A A B ...), so that a machine whose speed drifts during the call,
+# or whose second run of two is the slower, moves both alike. Prints a
 # Markdown table of medians (min-max) for docs/benchmarks.md.
 #
 #   bench/ab.sh A_BINARY B_BINARY [SIZE=2G]
@@ -109,7 +110,8 @@ for scen in $SCENARIOS; do
   read -r -a argv <<< "$(args "$scen")"
   ta=() tb=() ra=() rb=() ratios=()
   for ((i = 0; i < PAIRS; i++)); do
-    for who in A B; do
+    order="A B"; ((i % 2)) && order="B A"  # A B B A ...: the second of two runs is often slower
+    for who in $order; do
       bin=$A; [ "$who" = B ] && bin=$B
       prep "$scen" "$bin"
       read -r wall rss < <(timed "$bin" "${argv[@]}")

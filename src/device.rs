@@ -538,10 +538,7 @@ impl Device {
         let mut written = 0;
         for (start, end) in runs {
             let at = offset + start as u64;
-            for (k, piece) in data[start..end].chunks(WRITE_CALL).enumerate() {
-                let piece_at = at + (k * WRITE_CALL) as u64;
-                self.file.write_all_at(piece, piece_at).map_err(|e| self.error("write", e))?;
-            }
+            self.file.write_all_at(&data[start..end], at).map_err(|e| self.error("write", e))?;
             self.known_zero.wrote(at, offset + end as u64);
             self.start_write_back(at, (end - start) as u64)?;
             written += (end - start) as u64;
@@ -586,14 +583,6 @@ impl Device {
         self.file.sync_data().map_err(|e| self.error("flush (fdatasync)", e))
     }
 }
-
-/// The most bytes one `pwrite` hands to the kernel. The page cache gives a write
-/// folios of about its own size: a 2 MiB write takes 2 MiB folios, which on a VM that
-/// hands freed memory back to its host (free page reporting, in 2 MiB blocks) are
-/// exactly the blocks the host must fault in again. Writing a 2 GiB image (holes as
-/// zeros) into ext4 took a median of 3.0 s in 2 MiB calls and 0.9 s in 64 KiB calls
-/// (6 runs each, in turns, same buffer, 2026-12-02, `docs/benchmarks.md`).
-const WRITE_CALL: usize = 64 << 10;
 
 /// Takes the advisory lock a writing basyn holds for the whole run.
 fn lock(file: &File) -> Result<(), Problem> {
