@@ -144,51 +144,10 @@ pub(super) fn digest_range(
 ) -> Result<Vec<u8>, DeviceError> {
     let l = *index.layout();
     let b = l.buffer;
-    let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize * l.hash.digest_len());
     let end = offset + len;
     let leaf_aligned = offset.is_multiple_of(b) && (end.is_multiple_of(b) || end == l.device_size);
     if block == b && leaf_aligned && end <= l.device_size {
-        // The leaves not known are read and hashed on every core.
-        let leaves = offset / b..end.div_ceil(b);
-        let skip: Vec<bool> = leaves.clone().map(|leaf| index.leaf(leaf).is_some()).collect();
-        // Workers only pay when there is data to read: a batch of known leaves and holes
-        // (most of a sparse image) is answered here.
-        let data = |leaf: u64| {
-            let (o, n) = l.leaf_span(leaf);
-            !device.is_hole(o, n)
-        };
-        if leaves.clone().zip(&skip).filter(|&(leaf, known)| !*known && data(leaf)).count() < 2 {
-            for leaf in leaves {
-                let d = match index.leaf(leaf) {
-                    Some(d) => d,
-                    None => index.read_leaf(device, leaf, buf)?.0,
-                };
-                out.extend_from_slice(d.as_bytes());
-            }
-            return Ok(out);
-        }
-        return std::thread::scope(|scope| {
-            let read = leaf_reader::spawn(scope, device, l, leaves, skip, move |offset, data| match data {
-                Data::Skipped => None,
-                Data::Zero => Some(zero_leaf_digest(&l, l.leaf_len(offset / b))),
-                Data::Read(bytes) => Some(leaf_digest(&l, &bytes)),
-            });
-            for leaf in read {
-                let leaf = leaf?;
-                let d = match leaf.value {
-                    Some((d, pieces)) => {
-                        index.learn(leaf.index, &d, &pieces);
-                        d
-                    }
-                    None => {
-                        let forgotten = || device.error("hash", std::io::Error::other("a known leaf was forgotten"));
-                        index.leaf(leaf.index).ok_or_else(forgotten)?
-                    }
-                };
-                out.extend_from_slice(d.as_bytes());
-            }
-            Ok(out)
-        });
+        return leaf_digests(index, device, offset / b..end.div_ceil(b), buf);
     }
     let leaf = offset / b;
     if l.piece() == block && offset.is_multiple_of(b) && len == l.leaf_len(leaf) {
@@ -196,17 +155,79 @@ pub(super) fn digest_range(
             Some(p) => p,
             None => index.read_leaf(device, leaf, buf)?.1,
         };
-        for p in pieces {
-            out.extend_from_slice(p.as_bytes());
+        return Ok(pieces.iter().flat_map(|p| p.as_bytes().iter().copied()).collect());
+    }
+    range_digests(index, device, offset, len, block, buf)
+}
+
+/// The digests of `leaves`, through the index: the leaves not known are read and hashed
+/// on every core, and learned.
+fn leaf_digests(
+    index: &mut DigestIndex,
+    device: &Device,
+    leaves: std::ops::Range<u64>,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<u8>, DeviceError> {
+    let l = *index.layout();
+    let mut out = Vec::with_capacity((leaves.end - leaves.start) as usize * l.hash.digest_len());
+    let skip: Vec<bool> = leaves.clone().map(|leaf| index.leaf(leaf).is_some()).collect();
+    // Workers only pay when there is data to read: a batch of known leaves and holes
+    // (most of a sparse image) is answered here.
+    let data = |leaf: u64| {
+        let (o, n) = l.leaf_span(leaf);
+        !device.is_hole(o, n)
+    };
+    if leaves.clone().zip(&skip).filter(|&(leaf, known)| !*known && data(leaf)).count() < 2 {
+        for leaf in leaves {
+            let d = match index.leaf(leaf) {
+                Some(d) => d,
+                None => index.read_leaf(device, leaf, buf)?.0,
+            };
+            out.extend_from_slice(d.as_bytes());
         }
         return Ok(out);
     }
-    // Anything else is read and hashed as asked; leaf-sized pieces follow the leaf rule,
-    // so that a range cut short (a recheck over the synced length of a larger device)
-    // still compares with the other side's leaves. A range known to be zero (pieces the
-    // state holds as zero, or a hole) is not read: a change written where the receiver
-    // had zeros is refined against them for nothing.
-    let digest = |piece: &[u8]| if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
+    std::thread::scope(|scope| {
+        let read = leaf_reader::spawn(scope, device, l, leaves, skip, move |offset, data| match data {
+            Data::Skipped => None,
+            Data::Zero => Some(zero_leaf_digest(&l, l.leaf_len(offset / l.buffer))),
+            Data::Read(bytes) => Some(leaf_digest(&l, &bytes)),
+        });
+        for leaf in read {
+            let leaf = leaf?;
+            let d = match leaf.value {
+                Some((d, pieces)) => {
+                    index.learn(leaf.index, &d, &pieces);
+                    d
+                }
+                None => {
+                    let forgotten = || device.error("hash", std::io::Error::other("a known leaf was forgotten"));
+                    index.leaf(leaf.index).ok_or_else(forgotten)?
+                }
+            };
+            out.extend_from_slice(d.as_bytes());
+        }
+        Ok(out)
+    })
+}
+
+/// Any other range, read and hashed as asked; leaf-sized pieces follow the leaf rule, so
+/// that a range cut short (a recheck over the synced length of a larger device) still
+/// compares with the other side's leaves. A range known to be zero (pieces the state
+/// holds as zero, or a hole) is not read: a change written where the receiver had zeros
+/// is refined against them for nothing.
+fn range_digests(
+    index: &DigestIndex,
+    device: &Device,
+    offset: u64,
+    len: u64,
+    block: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<u8>, DeviceError> {
+    let l = *index.layout();
+    let b = l.buffer;
+    let end = offset + len;
+    let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize * l.hash.digest_len());
     if index.known_zero(offset, len) || device.is_hole(offset, len) {
         let mut at = offset;
         while at < end {
@@ -217,6 +238,7 @@ pub(super) fn digest_range(
         }
         return Ok(out);
     }
+    let digest = |piece: &[u8]| if block == b { leaf_digest(&l, piece).0 } else { l.hash.digest(piece) };
     let step = block * ((4u64 << 20) / block).max(1);
     let mut at = offset;
     while at < end {
