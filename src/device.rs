@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::block::VerifiedBlock;
+use crate::direct::Direct;
 use crate::lease::{BackingWatch, Lease, Taken, Unwatched};
 use crate::occupancy;
 use crate::sparse::{self, Extents, KnownZero};
@@ -205,6 +206,8 @@ pub struct Device {
     lease: Lease,
     /// A loop-device receiver's watch on its backing file, for the same.
     backing_watch: Option<BackingWatch>,
+    /// A receiver's large writes, past the page cache.
+    direct: Direct,
 }
 
 impl Device {
@@ -250,6 +253,7 @@ impl Device {
         })?;
         advise_random(&file);
         let mut dev = Device::finish_open(file, path, side, kind, false)?;
+        dev.write_direct();
         if spec.known_zero {
             dev.known_zero = KnownZero::from(0);
         }
@@ -325,6 +329,7 @@ impl Device {
             return Err(err(Problem::Io("size the new file (it was removed: nothing was kept)", e)));
         }
         let mut dev = Device::finish_open(file, path, side, Kind::File, false)?;
+        dev.write_direct();
         if let Err(problem) = dev.lease_receiver(spec.force) {
             let _ = fs::remove_file(path);
             return Err(err(problem));
@@ -333,6 +338,13 @@ impl Device {
         dev.created = true;
         dev.known_zero = KnownZero::from(0);
         Ok(dev)
+    }
+
+    /// Large writes go past the page cache ([`crate::direct`]), aligned to the device's
+    /// logical blocks.
+    fn write_direct(&mut self) {
+        let logical = if self.kind == Kind::Block { logical_block_size(&self.file).unwrap_or(0) } else { 0 };
+        self.direct = Direct::new(logical);
     }
 
     /// Takes the write lease of a regular-file receiver, so that another process opening
@@ -406,6 +418,7 @@ impl Device {
             extents: Extents::default(),
             lease: Lease::default(),
             backing_watch: None,
+            direct: Direct::off(),
         })
     }
 
@@ -496,6 +509,7 @@ impl Device {
     /// Reads exactly `buf.len()` bytes at `offset`. The holes of a regular file are not
     /// read (they read as zeros) and not counted in [`Device::bytes_read`].
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let io = self.direct.io();
         let read = match self.kind {
             Kind::File => sparse::read_skipping_holes(&self.file, &self.extents, offset, buf),
             Kind::Block => self.file.read_exact_at(buf, offset).map(|()| buf.len() as u64),
@@ -511,6 +525,7 @@ impl Device {
             };
             self.error("read", e)
         })?;
+        drop(io);
         self.bytes_read.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -530,6 +545,7 @@ impl Device {
             if on_zeros {
                 return Ok(0);
             }
+            let _io = self.direct.io();
             sparse::zero_range(&self.file, self.kind == Kind::Block, offset, len).map_err(|e| self.error("zero", e))?;
             self.extents.forget();
             return Ok(len);
@@ -538,7 +554,7 @@ impl Device {
         let mut written = 0;
         for (start, end) in runs {
             let at = offset + start as u64;
-            self.file.write_all_at(&data[start..end], at).map_err(|e| self.error("write", e))?;
+            self.direct.write_all_at(&self.file, &data[start..end], at).map_err(|e| self.error("write", e))?;
             self.known_zero.wrote(at, offset + end as u64);
             self.start_write_back(at, (end - start) as u64)?;
             written += (end - start) as u64;
@@ -624,6 +640,20 @@ fn block_size(file: &File) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(size)
+}
+
+/// `BLKSSZGET`: `_IO(0x12, 104)`.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+fn logical_block_size(file: &File) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut size as *mut libc::c_int) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(size).unwrap_or(0))
 }
 
 /// `BLKROGET`: `_IO(0x12, 94)`.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod compress;
 pub mod device;
 pub mod digest_index;
+pub mod direct;
 pub mod endpoint;
 pub mod engine;
 pub mod hash;
