@@ -270,6 +270,27 @@ fn a_write_failing_part_way_leaves_no_state_claiming_the_old_data() {
     }
 }
 
+/// A receiver on a file system that refuses direct I/O where its writes are made (EINVAL
+/// for a write with `O_DIRECT` set): basyn's large receiver writes bypass the page cache
+/// where they can, so the first refusal must turn that off for the rest of the run and
+/// write the block through the page cache instead, losing nothing and failing nothing.
+#[test]
+fn a_receiver_refusing_direct_writes_gets_them_buffered_and_loses_nothing() {
+    for dir in [Dir::Push, Dir::Pull] {
+        let t = tmp();
+        let backing = t.path().join("backing.img");
+        zeros_image(&backing, SIZE);
+        let Some(dst) = mount_in(t.path(), &backing) else { return };
+        let src = t.path().join("src.img");
+        let data = random_image(&src, 12, SIZE);
+        dst.set(Fault::RefuseDirect);
+        let what = format!("{} COPY onto a receiver refusing direct writes", dir.word());
+        basyn(&run_args(dir, "COPY", &src, &dst.path(), &States::in_dir(t.path()))).ok();
+        assert_eq!(dst.hits(), 1, "{what}: direct writes were never tried, or tried again after a refusal");
+        assert_content(&backing, &data, &what);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 3. The source answers short
 // ---------------------------------------------------------------------------

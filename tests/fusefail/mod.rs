@@ -64,6 +64,10 @@ pub enum Fault {
     /// A read touching the range returns the bytes before the range, a read starting in
     /// it none at all, as if the file ended there, though its size says it goes on.
     EmptyReads(Range<u64>),
+    /// A write made with `O_DIRECT` set (the kernel passes the file's flags on with each
+    /// write) fails with EINVAL, writing nothing, as a file system without direct I/O
+    /// refuses it.
+    RefuseDirect,
 }
 
 /// What the test and the file system share.
@@ -256,10 +260,14 @@ impl Filesystem for FaultFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if self.control.fault() == Fault::RefuseDirect && flags.0 & libc::O_DIRECT != 0 {
+            self.control.hit();
+            return reply.error(Errno::EINVAL);
+        }
         if let Fault::WriteEio(r) = self.control.fault()
             && touches(&r, offset, data.len() as u64)
         {
