@@ -358,6 +358,31 @@ fn a_full_file_system_fails_with_exit_2_naming_the_receiver() {
     }
 }
 
+/// A receiver's large writes bypass the page cache (`direct.rs`): a backup must not fill
+/// the backup host's cache with data nobody reads back. The receiver is a new file on an
+/// ext4 file system on a loop device (a temp directory may be tmpfs, which is all page
+/// cache); a COPY of 32 MiB into it must leave at most a few pages of it cached (written
+/// the buffered way it was all of it), and the data on the device.
+#[test]
+fn a_copy_into_a_file_leaves_its_data_out_of_the_page_cache() {
+    let t = tmp();
+    let src = t.path().join("src.img");
+    let source = random_image(&src, 31, 32 * MIB);
+    let Some((_img, dev)) = loop_image(t.path(), "fs.img", &vec![0u8; 64 * MIB]) else { return };
+    let Some(mount) = mount_ext4(dev.path(), &t.path().join("mnt")) else { return };
+    for dir in DIRS {
+        let rcv = mount.dir.join("rcv.img");
+        basyn(&action(dir, "copy", &src, &rcv, &[])).ok();
+        let cached = resident_bytes(&rcv);
+        assert!(
+            cached <= 16 * 4096,
+            "{dir:?} COPY into a new file: {cached} bytes of it are in the page cache afterwards"
+        );
+        assert_content(&rcv, &source, &format!("{dir:?} COPY into a new file"));
+        std::fs::remove_file(&rcv).unwrap();
+    }
+}
+
 // ===========================================================================
 // Checks without an action
 // ===========================================================================

@@ -569,6 +569,30 @@ pub fn size_of(path: &Path) -> u64 {
     f.seek(SeekFrom::End(0)).unwrap_or_else(|e| panic!("cannot seek {}: {e}", path.display()))
 }
 
+/// Bytes of a file or block device that are in the page cache now (`mincore` over a
+/// mapping, which reads nothing in).
+pub fn resident_bytes(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let len = size_of(path) as usize;
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: a fresh read-only shared mapping of the whole device, only passed to
+    // mincore and unmapped here; nothing reads through it.
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+    assert!(map != libc::MAP_FAILED, "cannot map {}: {}", path.display(), std::io::Error::last_os_error());
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `vec` has one byte per page of the mapping, which is live.
+    let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping made above, of this length.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(rc, 0, "mincore of {}: {err}", path.display());
+    vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64
+}
+
 /// Overwrites bytes in place (no truncation; works on block devices).
 pub fn poke(path: &Path, offset: u64, bytes: &[u8]) {
     let f = OpenOptions::new().write(true).open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
