@@ -66,9 +66,10 @@ impl Direct {
     }
 
     /// Held by anything using the descriptor other than [`Direct::write_all_at`]: while
-    /// it is held, `O_DIRECT` is not set.
-    pub fn io(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    /// it is held, `O_DIRECT` is not set. Once direct writes are off they never come
+    /// back on, so there is nothing to hold (a source's reads take no lock).
+    pub fn io(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        self.on().then(|| self.gate.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Writes all of `data` at `offset`: its aligned middle directly when it is large
@@ -116,46 +117,58 @@ impl Direct {
         // SAFETY: as above, setting them.
         if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } != 0 {
             let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EINVAL) { self.refused() } else { Err(e) };
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+            self.refuse();
+            return Ok(0);
         }
-        let written = self.write_chunks(file, data, offset);
+        let written = write_chunks(file, data, offset, self.align);
         // SAFETY: as above, restoring them.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } != 0 {
+        let restored = unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+        // The write's own error first; a flag left set would fail every buffered write.
+        let (written, refused) = written?;
+        if restored != 0 {
             return Err(io::Error::last_os_error());
         }
-        written
-    }
-
-    fn write_chunks(&self, file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
-        let mut done = 0;
-        while done < data.len() {
-            let n = (data.len() - done).min(CHUNK);
-            let at = offset + done as u64;
-            let wrote = if (data[done..].as_ptr() as usize).is_multiple_of(self.align) {
-                write_once(file, &data[done..done + n], at)
-            } else {
-                BOUNCE.with_borrow_mut(|bounce| {
-                    let buf = bounce.get_or_insert_with(Bounce::new).slice(n)?;
-                    buf.copy_from_slice(&data[done..done + n]);
-                    write_once(file, buf, at)
-                })
-            };
-            match wrote {
-                // A short direct write leaves an unaligned rest: buffered, by the caller.
-                Ok(k) if k == n => done += k,
-                Ok(k) => return Ok(done + k),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return self.refused().map(|_| done),
-                Err(e) => return Err(e),
-            }
+        // Only now that the flag is cleared: reads stop taking the lock once it is off.
+        if refused {
+            self.refuse();
         }
-        Ok(done)
+        Ok(written)
     }
 
     /// The file system refused `O_DIRECT`: buffered from now on.
-    fn refused(&self) -> io::Result<usize> {
+    fn refuse(&self) {
         self.usable.store(false, Ordering::Relaxed);
-        Ok(0)
     }
+}
+
+/// Writes aligned `data` at `offset` on a descriptor with `O_DIRECT` set, in calls of at
+/// most [`CHUNK`]. Returns the bytes written, and whether the file system refused a write
+/// (`EINVAL`), which ends it early; so does a short write, whose rest is unaligned.
+fn write_chunks(file: &File, data: &[u8], offset: u64, align: usize) -> io::Result<(usize, bool)> {
+    let mut done = 0;
+    while done < data.len() {
+        let n = (data.len() - done).min(CHUNK);
+        let at = offset + done as u64;
+        let wrote = if (data[done..].as_ptr() as usize).is_multiple_of(align) {
+            write_once(file, &data[done..done + n], at)
+        } else {
+            BOUNCE.with_borrow_mut(|bounce| {
+                let buf = bounce.get_or_insert_with(Bounce::new).slice(n);
+                buf.copy_from_slice(&data[done..done + n]);
+                write_once(file, buf, at)
+            })
+        };
+        match wrote {
+            Ok(k) if k == n => done += k,
+            Ok(k) => return Ok((done + k, false)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok((done, true)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((done, false))
 }
 
 /// One `pwrite`, retried when interrupted.
@@ -193,14 +206,11 @@ impl Bounce {
         Bounce { ptr }
     }
 
-    /// The first `n` bytes (`n` ≤ [`CHUNK`]).
-    fn slice(&mut self, n: usize) -> io::Result<&mut [u8]> {
-        if n > CHUNK {
-            return Err(io::Error::other("a direct write larger than the bounce buffer"));
-        }
+    /// The first `n` bytes, at most [`CHUNK`] (every direct write call is).
+    fn slice(&mut self, n: usize) -> &mut [u8] {
         // SAFETY: the allocation holds CHUNK bytes, owned by this value and borrowed
         // mutably through it; u8 has no invalid values, and the caller overwrites them.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), n) })
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), n.min(CHUNK)) }
     }
 }
 

@@ -47,6 +47,14 @@ fn loop_image(dir: &Path, name: &str, data: &[u8]) -> Option<(PathBuf, LoopDev)>
     Some((img, dev))
 }
 
+/// An ext4 file system of `len` bytes on a loop device over `dir/fs.img`, mounted at
+/// `dir/mnt`. Dropping the pair unmounts before the loop device goes.
+fn ext4_on_loop(dir: &Path, len: usize) -> Option<(Mount, LoopDev)> {
+    let (_img, dev) = loop_image(dir, "fs.img", &vec![0u8; len])?;
+    let mount = mount_ext4(dev.path(), &dir.join("mnt"))?;
+    Some((mount, dev))
+}
+
 /// Asserts that no 4 KiB block of `device` equals the block of `source` at the same
 /// offset: with random source data, proof that nothing of the source was written.
 #[track_caller]
@@ -244,8 +252,7 @@ fn a_mounted_loop_device_is_refused_as_receiver() {
     let t = tmp();
     let src = t.path().join("src.img");
     write(&src, &source);
-    let Some((_img, dev)) = loop_image(t.path(), "fs.img", &vec![0u8; size]) else { return };
-    let Some(_mount) = mount_ext4(dev.path(), &t.path().join("mnt")) else { return };
+    let Some((_mount, dev)) = ext4_on_loop(t.path(), size) else { return };
     for dir in DIRS {
         for mode in MODES {
             let (rside, _) = dir.sides();
@@ -343,8 +350,7 @@ fn a_full_file_system_fails_with_exit_2_naming_the_receiver() {
     let t = tmp();
     let src = t.path().join("src.img");
     let source = random_image(&src, 21, 32 * MIB);
-    let Some((_img, dev)) = loop_image(t.path(), "fs.img", &vec![0u8; 16 * MIB]) else { return };
-    let Some(mount) = mount_ext4(dev.path(), &t.path().join("mnt")) else { return };
+    let Some((mount, _dev)) = ext4_on_loop(t.path(), 16 * MIB) else { return };
     for dir in DIRS {
         for mode in MODES {
             let rcv = mount.dir.join("rcv.img");
@@ -368,8 +374,7 @@ fn a_copy_into_a_file_leaves_its_data_out_of_the_page_cache() {
     let t = tmp();
     let src = t.path().join("src.img");
     let source = random_image(&src, 31, 32 * MIB);
-    let Some((_img, dev)) = loop_image(t.path(), "fs.img", &vec![0u8; 64 * MIB]) else { return };
-    let Some(mount) = mount_ext4(dev.path(), &t.path().join("mnt")) else { return };
+    let Some((mount, _dev)) = ext4_on_loop(t.path(), 64 * MIB) else { return };
     for dir in DIRS {
         let rcv = mount.dir.join("rcv.img");
         basyn(&action(dir, "copy", &src, &rcv, &[])).ok();

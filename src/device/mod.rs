@@ -1,7 +1,6 @@
 //! Devices: open, size, read and write regular files and block devices, their identity,
 //! and the safety checks made before anything is written.
 
-use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -14,162 +13,13 @@ use crate::occupancy;
 use crate::sparse::{self, Extents, KnownZero};
 use crate::sysfs;
 
-/// Which end of the transfer a device is on, as the user named it (`--local`/`--remote`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// The `--local` device.
-    Local,
-    /// The `--remote` device.
-    Remote,
-}
+mod identity;
+mod kernel;
+mod problem;
 
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Side::Local => "local",
-            Side::Remote => "remote",
-        })
-    }
-}
-
-/// What kind of thing a device path names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Kind {
-    /// A regular file (a disk image).
-    File,
-    /// A block device.
-    Block,
-}
-
-/// Who a device is, precisely enough to tell whether two paths name the same storage.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Identity {
-    /// The kernel's boot id: identities from different boots or hosts never match.
-    pub boot_id: String,
-    /// File or block device.
-    pub kind: Kind,
-    /// `st_dev` and `st_ino` of the path itself.
-    pub dev: u64,
-    /// Inode number.
-    pub ino: u64,
-    /// Device number of a block device (`st_rdev`), 0 for files.
-    pub rdev: u64,
-    /// For a loop device, `st_dev`/`st_ino` of its backing file.
-    pub backing: Option<(u64, u64)>,
-}
-
-impl Identity {
-    /// True when both identities certainly name the same storage on the same running host.
-    pub fn same_storage(&self, other: &Identity) -> bool {
-        if self.boot_id.is_empty() || self.boot_id != other.boot_id {
-            return false;
-        }
-        let key = |i: &Identity| match i.kind {
-            Kind::File => (0, i.dev, i.ino),
-            Kind::Block => (1, i.rdev, 0),
-        };
-        let file_key = |i: &Identity| (i.kind == Kind::File).then_some((i.dev, i.ino));
-        key(self) == key(other)
-            || (self.backing.is_some() && self.backing == file_key(other))
-            || (other.backing.is_some() && other.backing == file_key(self))
-            // Two loop devices over one file.
-            || (self.backing.is_some() && self.backing == other.backing)
-    }
-}
-
-/// Why a device cannot be used.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Problem {
-    /// The path does not exist.
-    Missing,
-    /// The receiver does not exist, and its directory is on a pseudo file system (a
-    /// mistyped `/dev/...` path), where no image may be created.
-    NoSuchDevice(String),
-    /// The path exists but is neither a regular file nor a block device.
-    WrongKind(&'static str),
-    /// Opening or querying failed.
-    Io(&'static str, io::Error),
-    /// The source has no data.
-    Empty,
-    /// The receiver (on side `receiver`) is smaller than the source: refused, unless
-    /// `--force` may grow it (a regular file).
-    TooSmall {
-        /// The receiver's size.
-        size: u64,
-        /// The source's size.
-        source: u64,
-        /// The receiver's side, which names the action (remote: PUSH, local: PULL).
-        receiver: Side,
-        /// The receiver is a regular file, which `--force` grows.
-        file: bool,
-    },
-    /// Source and receiver are the same storage.
-    SameDevice(String),
-    /// The receiver is mounted, held or backs a loop device.
-    InUse(String),
-    /// The receiver is a read-only block device.
-    ReadOnly,
-    /// Another basyn holds the device's lock.
-    Locked,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Problem::Missing => f.write_str("no such file or device"),
-            Problem::NoSuchDevice(fs) => write!(
-                f,
-                "no such device (a missing receiver is created only on a regular file system, and this directory is on {fs})"
-            ),
-            Problem::WrongKind(what) => write!(f, "is {what}, not a regular file or block device"),
-            Problem::Io(doing, e) => write!(f, "cannot {doing}: {}", describe_io(e)),
-            Problem::Empty => f.write_str("There is nothing to sync: the source is empty (size 0)"),
-            Problem::TooSmall { size, source, receiver, file } => {
-                // The original's words, which scripts match.
-                let (action, other) = match receiver {
-                    Side::Remote => ("PUSH", Side::Local),
-                    Side::Local => ("PULL", Side::Remote),
-                };
-                write!(
-                    f,
-                    "Cannot {action} because {receiver} device size ({size}) is smaller than {other} device size ({source})"
-                )?;
-                f.write_str(if *file { " (--force grows a regular file)" } else { "" })
-            }
-            Problem::SameDevice(other) => write!(f, "is the same device as the source {other} (use --force to allow)"),
-            Problem::InUse(why) => write!(f, "is in use: {why} (use --force to write anyway)"),
-            Problem::ReadOnly => f.write_str("is a read-only block device"),
-            Problem::Locked => f.write_str("is in use by another basyn (its lock is held)"),
-        }
-    }
-}
-
-/// A device that cannot be used, naming its side and path.
-#[derive(Debug, thiserror::Error)]
-#[error("{side} {path}: {problem}")]
-pub struct DeviceError {
-    /// Which end.
-    pub side: Side,
-    /// The path as the user gave it.
-    pub path: String,
-    /// What is wrong.
-    pub problem: Problem,
-}
-
-/// `strerror`-style text for an I/O error, without Rust's "(os error N)" suffix.
-pub fn describe_io(e: &io::Error) -> String {
-    let text = e.to_string();
-    let text = match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => text,
-    }
-}
+pub use identity::{Identity, Kind, Side};
+use kernel::{advise_random, advise_range, advise_sequential, block_read_only, block_size, logical_block_size};
+pub use problem::{DeviceError, Problem, describe_io};
 
 /// What the receiver must accept, learned from the source.
 #[derive(Clone, Debug)]
@@ -253,7 +103,7 @@ impl Device {
         })?;
         advise_random(&file);
         let mut dev = Device::finish_open(file, path, side, kind, false)?;
-        dev.write_direct();
+        dev.enable_direct_writes();
         if spec.known_zero {
             dev.known_zero = KnownZero::from(0);
         }
@@ -329,7 +179,7 @@ impl Device {
             return Err(err(Problem::Io("size the new file (it was removed: nothing was kept)", e)));
         }
         let mut dev = Device::finish_open(file, path, side, Kind::File, false)?;
-        dev.write_direct();
+        dev.enable_direct_writes();
         if let Err(problem) = dev.lease_receiver(spec.force) {
             let _ = fs::remove_file(path);
             return Err(err(problem));
@@ -342,7 +192,7 @@ impl Device {
 
     /// Large writes go past the page cache ([`crate::direct`]), aligned to the device's
     /// logical blocks.
-    fn write_direct(&mut self) {
+    fn enable_direct_writes(&mut self) {
         let logical = if self.kind == Kind::Block { logical_block_size(&self.file).unwrap_or(0) } else { 0 };
         self.direct = Direct::new(logical);
     }
@@ -625,70 +475,6 @@ fn kind_of(meta: &fs::Metadata) -> Result<Kind, Problem> {
         Err(Problem::WrongKind("a character device"))
     } else {
         Err(Problem::WrongKind("a special file"))
-    }
-}
-
-/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-
-fn block_size(file: &File) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size)
-}
-
-/// `BLKSSZGET`: `_IO(0x12, 104)`.
-const BLKSSZGET: libc::c_ulong = 0x1268;
-
-fn logical_block_size(file: &File) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut size: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut size as *mut libc::c_int) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::try_from(size).unwrap_or(0))
-}
-
-/// `BLKROGET`: `_IO(0x12, 94)`.
-const BLKROGET: libc::c_ulong = 0x125e;
-
-fn block_read_only(file: &File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let mut ro: libc::c_int = 0;
-    // SAFETY: BLKROGET writes one int through the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut ro as *mut libc::c_int) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(ro != 0)
-}
-
-fn advise_sequential(file: &File) {
-    advise(file, libc::POSIX_FADV_SEQUENTIAL);
-}
-
-/// A receiver is read, if at all, only where it differs (small pieces, to refine them):
-/// no read-ahead, which would read a window around each of them.
-fn advise_random(file: &File) {
-    advise(file, libc::POSIX_FADV_RANDOM);
-}
-
-fn advise(file: &File, how: libc::c_int) {
-    advise_range(file, 0, 0, how);
-}
-
-fn advise_range(file: &File, offset: u64, len: u64, how: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain advisory syscall on a valid descriptor; failure is harmless.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), offset as libc::off_t, len as libc::off_t, how);
     }
 }
 
