@@ -1025,3 +1025,52 @@ fn a_link_that_goes_down_ends_the_run_within_its_timeout_and_a_rerun_after_it_re
         assert_same(&local, &remote);
     }
 }
+
+/// True if /proc/cpuinfo lists the instructions basyn looks for before preferring AES-GCM.
+fn cpu_has_aes() -> bool {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let words: Vec<&str> = info
+        .lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .flat_map(|l| l.split_whitespace())
+        .collect();
+    words.contains(&"aes") && (words.contains(&"pclmulqdq") || words.contains(&"pmull"))
+}
+
+/// The ciphers sshd logged for the connections so far (`kex: client->server cipher: X`).
+fn negotiated(sshd: &Sshd) -> Vec<String> {
+    let log = sshd.log();
+    log.lines()
+        .filter_map(|l| l.split("kex: client->server cipher: ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// OpenSSH's default prefers ChaCha20-Poly1305, about three times AES-GCM's CPU where
+/// the processor has AES instructions: there basyn's connection uses AES-GCM, and says
+/// so. A `Ciphers` line in the user's config is obeyed as it is.
+#[test]
+fn the_connection_prefers_aes_gcm_unless_the_config_names_its_ciphers() {
+    let Some(sshd) = Sshd::start_with(Options { debug_log: true, ..Default::default() }) else { return };
+    let (local, remote) = (sshd.local("a.img"), sshd.remote("b.img"));
+    random_image(&local, 13, MIB);
+    let run = sshd.basyn(&over_ssh(&local, &remote, &["-a", "PUSH", "-m", "COPY", "--verbose"]));
+    run.ok();
+    assert_same(&local, &remote);
+    let aes = cpu_has_aes();
+    let want = if aes { "aes128-gcm@openssh.com" } else { "chacha20-poly1305@openssh.com" };
+    assert!(poll(Duration::from_secs(5), || !negotiated(&sshd).is_empty()), "sshd logged no cipher:\n{}", sshd.log());
+    assert_eq!(negotiated(&sshd), [want], "one master connection, with {want}");
+    assert_eq!(run.stdout.contains("ssh cipher order: aes128-gcm@openssh.com,"), aes, "{run:?}");
+
+    let own = ssh_config_for(ALIAS, Some(sshd.port), Some("root"), s(&sshd.user_key()), s(&sshd.known_hosts()))
+        + "  Ciphers chacha20-poly1305@openssh.com,aes128-gcm@openssh.com\n";
+    let config = sshd.write_file("ssh_config_ciphers", &own);
+    flip(&local, 4096, 1);
+    let run = sshd.basyn_with(&config, &over_ssh(&local, &remote, &["-a", "PUSH", "-m", "SYNC", "--verbose"]));
+    run.ok();
+    assert_same(&local, &remote);
+    assert!(poll(Duration::from_secs(5), || negotiated(&sshd).len() == 2), "sshd log:\n{}", sshd.log());
+    assert_eq!(negotiated(&sshd)[1], "chacha20-poly1305@openssh.com", "the config's own order");
+    assert!(!run.stdout.contains("ssh cipher order"), "{run:?}");
+}

@@ -55,6 +55,8 @@ pub struct Options {
     pub bin_on_path: bool,
     /// Leave `XDG_CACHE_HOME` unset, so uploads go to `$HOME/.cache`.
     pub no_xdg_cache: bool,
+    /// Log at `DEBUG1`, which names the ciphers each connection negotiated.
+    pub debug_log: bool,
     /// Run sshd inside this network namespace, listening on its address, instead of on
     /// 127.0.0.1.
     pub netns: Option<(String, String)>,
@@ -152,8 +154,9 @@ impl Sshd {
              UsePAM no\n\
              StrictModes no\n\
              PidFile {pid}\n\
-             LogLevel VERBOSE\n\
+             LogLevel {level}\n\
              SetEnv {env}\n",
+            level = if opts.debug_log { "DEBUG1" } else { "VERBOSE" },
             hostkey = p("hostkey"),
             auth = p("authorized_keys/%u"),
             pid = p("sshd.pid"),
@@ -164,6 +167,11 @@ impl Sshd {
         let config = ssh_config_for(ALIAS, Some(port), Some("root"), &p("userkey"), &p("known_hosts"));
         fs::write(d.join("ssh_config"), config.replace("HostName 127.0.0.1", &format!("HostName {addr}")))
             .expect("cannot write ssh_config");
+    }
+
+    /// What sshd has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
     /// The temp dir holding everything of this sshd.

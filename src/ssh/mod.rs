@@ -14,10 +14,12 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{Session, Stdio};
 use tokio::sync::oneshot;
 
 use crate::link::{Link, LinkError, Process};
+
+mod master;
 use crate::protocol::VERSION;
 
 /// Environment variable naming an ssh config file to use instead of `~/.ssh/config`
@@ -294,8 +296,14 @@ impl Keeper {
         // needs its digests, the connection does not.
         let t = target.clone();
         let exe = tokio::task::spawn_blocking(move || Executable::running(&t));
-        let session = match open_session(&target).await {
-            Ok(s) => s,
+        let session = match master::open(&target).await {
+            Ok(master) => {
+                if let Some(order) = master.ciphers {
+                    let note = "this CPU has AES instructions and the ssh config leaves Ciphers at OpenSSH's default";
+                    let _ = events.send(Event::Log(format!("ssh cipher order: {order} ({note})")));
+                }
+                master.session
+            }
             Err(e) => return fail(e),
         };
         let exe = match exe.await {
@@ -346,82 +354,6 @@ fn exit_problem(st: std::process::ExitStatus) -> Option<String> {
         Some(c) => format!("exited with status {c}"),
         None => "was killed".to_string(),
     })
-}
-
-/// Opens the multiplexed master connection that every remote command of this run shares.
-async fn open_session(target: &Target) -> Result<Session, LinkError> {
-    let mut b = SessionBuilder::default();
-    b.known_hosts_check(known_hosts_policy(target))
-        .connect_timeout(Duration::from_secs(10))
-        .server_alive_interval(Duration::from_secs(3))
-        .control_directory(control_dir())
-        // If basyn itself is killed, the master goes away on its own once idle.
-        .control_persist(ControlPersist::IdleFor(std::num::NonZeroUsize::MIN.saturating_add(4)));
-    if let Some(p) = target.port {
-        b.port(p);
-    }
-    if let Some(u) = &target.user {
-        b.user(u.clone());
-    }
-    if let Some(cfg) = std::env::var_os(CONFIG_ENV) {
-        b.config_file(cfg);
-    }
-    b.connect(&target.host).await.map_err(|e| refused(target, format!("cannot connect: {}", ssh_error(&e))))
-}
-
-/// `StrictHostKeyChecking` as the user's ssh config resolves it for this host (`ssh -G`),
-/// because the crate always passes the option explicitly.
-fn known_hosts_policy(target: &Target) -> KnownHosts {
-    match ssh_g(target, std::env::var_os(CONFIG_ENV)).output() {
-        Ok(out) => policy_in(&String::from_utf8_lossy(&out.stdout)),
-        Err(_) => KnownHosts::Strict,
-    }
-}
-
-/// `ssh -G`: prints the configuration ssh would use for the target, without connecting.
-fn ssh_g(target: &Target, config: Option<OsString>) -> std::process::Command {
-    let mut cmd = std::process::Command::new("ssh");
-    if let Some(cfg) = config {
-        cmd.arg("-F").arg(cfg);
-    }
-    if let Some(p) = target.port {
-        cmd.arg("-p").arg(p.to_string());
-    }
-    if let Some(u) = &target.user {
-        cmd.arg("-l").arg(u);
-    }
-    cmd.arg("-G").arg(&target.host).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    cmd
-}
-
-/// The host key policy that the `stricthostkeychecking` line of `ssh -G` output asks for.
-fn policy_in(ssh_g_output: &str) -> KnownHosts {
-    let value = ssh_g_output
-        .lines()
-        .find_map(|l| l.strip_prefix("stricthostkeychecking ").map(|v| v.trim().to_ascii_lowercase()));
-    match value.as_deref() {
-        Some("accept-new") => KnownHosts::Add,
-        Some("no" | "false" | "off") => KnownHosts::Accept,
-        // "yes", "ask" (which BatchMode turns into a refusal) and anything unknown: strict.
-        _ => KnownHosts::Strict,
-    }
-}
-
-/// Where the master connection's socket goes: the temp dir, unless its path is so long
-/// that the socket path would pass the 108-byte limit of Unix sockets.
-fn control_dir() -> PathBuf {
-    control_dir_in(std::env::temp_dir(), std::env::var_os("XDG_RUNTIME_DIR"))
-}
-
-/// [`control_dir`] for a given temp dir and `XDG_RUNTIME_DIR`.
-fn control_dir_in(tmp: PathBuf, runtime_dir: Option<OsString>) -> PathBuf {
-    if tmp.as_os_str().len() <= 48 {
-        return tmp;
-    }
-    match runtime_dir.map(PathBuf::from) {
-        Some(run) if run.as_os_str().len() <= 48 && run.is_dir() => run,
-        _ => PathBuf::from("/tmp"),
-    }
 }
 
 /// The ssh error with its cause: the crate's top-level text alone is vague, and ssh's
@@ -818,7 +750,7 @@ mod tests {
     ];
 
     /// A target with only a host name.
-    fn host(name: &str) -> Target {
+    pub(super) fn host(name: &str) -> Target {
         Target { host: name.to_string(), port: None, user: None, remote_path: None }
     }
 
@@ -837,17 +769,8 @@ mod tests {
         out.stdout
     }
 
-    /// The name of a host key policy, since `KnownHosts` has no `PartialEq`.
-    fn policy_name(k: &KnownHosts) -> &'static str {
-        match k {
-            KnownHosts::Strict => "strict",
-            KnownHosts::Add => "add",
-            KnownHosts::Accept => "accept",
-        }
-    }
-
     /// Whether `program` runs here; without it a test is skipped, except in CI where it must be there.
-    fn have(program: &str) -> bool {
+    pub(super) fn have(program: &str) -> bool {
         let there = Command::new(program).arg("-V").output().is_ok();
         assert!(there || std::env::var_os("CI").is_none(), "{program} is missing (CI is set, so this is a failure)");
         there
@@ -1343,120 +1266,6 @@ mod tests {
             Some("lost its ssh connection (ssh exited with status 255)")
         );
         assert_eq!(exit_problem(std::process::ExitStatus::from_raw(libc::SIGKILL)).as_deref(), Some("was killed"));
-    }
-
-    // --- host keys ----------------------------------------------------------------------
-
-    /// Each `StrictHostKeyChecking` value maps to the crate's policy; unknown ones are strict.
-    #[test]
-    fn policy_in_maps_each_value() {
-        let cases = [
-            ("accept-new", "add"),
-            ("no", "accept"),
-            ("false", "accept"),
-            ("off", "accept"),
-            ("NO", "accept"),
-            ("yes", "strict"),
-            ("true", "strict"),
-            ("ask", "strict"),
-            ("maybe", "strict"),
-        ];
-        for (value, want) in cases {
-            let out = format!("user root\nstricthostkeychecking {value}\nport 22\n");
-            assert_eq!(policy_name(&policy_in(&out)), want, "{value}");
-        }
-        assert_eq!(policy_name(&policy_in("")), "strict");
-        assert_eq!(policy_name(&policy_in("xstricthostkeychecking no\n")), "strict");
-    }
-
-    /// `ssh -G` gets the config file, port and user exactly when given.
-    #[test]
-    fn ssh_g_passes_config_port_and_user_only_when_given() {
-        let args = |cmd: std::process::Command| -> Vec<String> {
-            assert_eq!(cmd.get_program(), "ssh");
-            cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
-        };
-        assert_eq!(args(ssh_g(&host("h"), None)), ["-G", "h"]);
-        let t = Target { port: Some(2222), user: Some("alice".into()), ..host("h") };
-        assert_eq!(
-            args(ssh_g(&t, Some("/etc/cfg".into()))),
-            ["-F", "/etc/cfg", "-p", "2222", "-l", "alice", "-G", "h"]
-        );
-    }
-
-    /// The real `ssh -G` spells the values its own way (`no` becomes `false`); the mapping must follow.
-    #[test]
-    fn known_hosts_policy_follows_the_real_ssh_config() {
-        if !have("ssh") {
-            return;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = dir.path().join("config");
-        fs::write(
-            &cfg,
-            "Host add\n  StrictHostKeyChecking accept-new\nHost off\n  StrictHostKeyChecking no\n\
-             Host on\n  StrictHostKeyChecking yes\nHost ask\n  StrictHostKeyChecking ask\n",
-        )
-        .expect("write config");
-        for (alias, want) in
-            [("add", "add"), ("off", "accept"), ("on", "strict"), ("ask", "strict"), ("other", "strict")]
-        {
-            let out = ssh_g(&host(alias), Some(cfg.clone().into())).output().expect("ssh -G");
-            assert!(out.status.success(), "{out:?}");
-            assert_eq!(policy_name(&policy_in(&String::from_utf8_lossy(&out.stdout))), want, "{alias}");
-        }
-    }
-
-    // --- the control socket's directory -------------------------------------------------------
-
-    /// A temp dir short enough for a socket path is used; otherwise a short runtime dir, else /tmp.
-    #[test]
-    fn control_dir_in_keeps_socket_paths_short() {
-        let run = tempfile::tempdir().expect("tempdir");
-        let long_run = run.path().join("r".repeat(60));
-        fs::create_dir(&long_run).expect("mkdir");
-        let tmp48 = PathBuf::from(format!("/{}", "t".repeat(47)));
-        let tmp49 = PathBuf::from(format!("/{}", "t".repeat(48)));
-        let xdg = |p: &Path| Some(p.as_os_str().to_os_string());
-        assert_eq!(control_dir_in(tmp48.clone(), None), tmp48);
-        assert_eq!(control_dir_in(tmp49.clone(), xdg(run.path())), run.path());
-        assert_eq!(control_dir_in(tmp49.clone(), None), Path::new("/tmp"));
-        assert_eq!(control_dir_in(tmp49.clone(), xdg(&run.path().join("absent"))), Path::new("/tmp"));
-        assert_eq!(control_dir_in(tmp49, xdg(&long_run)), Path::new("/tmp"));
-    }
-
-    /// Set for a child run of this test binary, which then only prints `control_dir()`.
-    const PRINT_CONTROL_DIR: &str = "BASYN_TEST_PRINT_CONTROL_DIR";
-
-    /// `control_dir` reads `TMPDIR` and `XDG_RUNTIME_DIR`: checked in child processes, since
-    /// changing this process's environment would race with the other tests.
-    #[test]
-    fn control_dir_follows_tmpdir_and_xdg_runtime_dir() {
-        if std::env::var_os(PRINT_CONTROL_DIR).is_some() {
-            println!("control-dir={}", control_dir().display());
-            return;
-        }
-        let run = tempfile::tempdir().expect("tempdir");
-        let long = format!("/{}", "t".repeat(60));
-        let child = |tmpdir: &str, runtime_dir: Option<&Path>| -> String {
-            let exe = std::env::current_exe().expect("test binary");
-            let mut cmd = Command::new(exe);
-            cmd.args(["--exact", "ssh::tests::control_dir_follows_tmpdir_and_xdg_runtime_dir", "--nocapture"])
-                .env(PRINT_CONTROL_DIR, "1")
-                .env("TMPDIR", tmpdir)
-                .env_remove("XDG_RUNTIME_DIR");
-            if let Some(r) = runtime_dir {
-                cmd.env("XDG_RUNTIME_DIR", r);
-            }
-            let out = cmd.output().expect("run the test binary");
-            assert!(out.status.success(), "{out:?}");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let found = stdout.lines().find_map(|l| l.strip_prefix("control-dir="));
-            found.unwrap_or_else(|| panic!("no control-dir line in {stdout}")).to_string()
-        };
-        assert_eq!(child("/short/tmp", Some(run.path())), "/short/tmp");
-        assert_eq!(child(&long, Some(run.path())), run.path().display().to_string());
-        assert_eq!(child(&long, None), "/tmp");
     }
 
     // --- this executable and its upload ----------------------------------------------------
